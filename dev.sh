@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# The project's commands. Each sets itself up: creates .venv and installs when missing or when
+# pyproject.toml changed; a no-op (seconds) when already done.
+#   ./dev.sh train [hydra overrides...]   the main job (scripts/train.py)
+#   ./dev.sh test  [pytest args...]       lint (ruff check, ruff format --check) and the whole test suite
+#   ./dev.sh bench [benchmark names...]   write benchmarks/RESULTS.md
+#   ./dev.sh env                          only set up
+set -euo pipefail
+cd "$(dirname "$0")"
+
+VENV=.venv
+PY="$VENV/bin/python"
+
+ensure_env() {
+  if [ ! -x "$PY" ]; then
+    local base
+    base=$(command -v python3.11 || command -v python3)
+    "$base" -m venv "$VENV"
+  fi
+  local stamp="$VENV/.installed-$(sha1sum pyproject.toml | cut -c1-16)"
+  if [ ! -f "$stamp" ]; then
+    echo "[dev.sh] installing lightning_compress and its dependencies into $VENV (first run: ~3 min)" >&2
+    "$PY" -m pip install --quiet --disable-pip-version-check -e ".[dev]"
+    rm -f "$VENV"/.installed-*
+    touch "$stamp"
+  fi
+}
+
+cmd=${1:-}
+[ $# -gt 0 ] && shift
+case "$cmd" in
+  env)   ensure_env ;;
+  train) ensure_env; exec "$PY" scripts/train.py "$@" ;;
+  test)
+    ensure_env
+    "$VENV/bin/ruff" check .
+    "$VENV/bin/ruff" format --check .
+    exec "$PY" -m pytest "$@" ;;
+  bench) ensure_env; exec "$PY" -m benchmarks "$@" ;;
+  *) echo "usage: ./dev.sh {train|test|bench|env} [args...]" >&2; exit 2 ;;
+esac

@@ -1,0 +1,69 @@
+"""Layer selection shared by every callback: ``targets`` / ``ignore`` regexes over ``named_modules()``."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+from torch import nn
+
+# Layers a compression callback acts on unless the user says otherwise.
+DEFAULT_LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def compile_patterns(patterns: str | Sequence[str] | None, name: str) -> list[re.Pattern[str]]:
+    """Compile regexes given as one string or a list; raises ValueError naming ``name`` on a bad regex."""
+    if patterns is None:
+        return []
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    compiled = []
+    for p in patterns:
+        if not isinstance(p, str):
+            raise TypeError(f"{name} must be a regex string or a list of them, got {p!r}")
+        try:
+            compiled.append(re.compile(p))
+        except re.error as err:
+            raise ValueError(f"{name} holds an invalid regex {p!r}: {err}") from None
+    return compiled
+
+
+def select_layers(
+    model: nn.Module,
+    targets: str | Sequence[str] | None = None,
+    ignore: str | Sequence[str] | None = None,
+    layer_types: tuple[type[nn.Module], ...] = DEFAULT_LAYER_TYPES,
+) -> dict[str, nn.Module]:
+    """Pick the layers a callback compresses, by name.
+
+    A layer is selected when it is an instance of ``layer_types``, its qualified name (as in
+    ``model.named_modules()``) fully matches one of ``targets`` (every such layer when ``targets`` is None),
+    and it matches none of ``ignore`` (``re.fullmatch``, so ``"fc.*"`` means names starting with "fc").
+
+    Args:
+        model: the model to search.
+        targets: regex or list of regexes; None means every layer of ``layer_types``.
+        ignore: regex or list of regexes to exclude.
+        layer_types: module types that can be selected.
+
+    Returns:
+        ``{name: module}`` in ``named_modules()`` order.
+
+    Raises:
+        ValueError: the selection is empty (naming the patterns and the candidate layers).
+    """
+    wanted = compile_patterns(targets, "targets")
+    unwanted = compile_patterns(ignore, "ignore")
+    candidates = {n: m for n, m in model.named_modules() if n and isinstance(m, layer_types)}
+    chosen = {
+        n: m
+        for n, m in candidates.items()
+        if (not wanted or any(p.fullmatch(n) for p in wanted)) and not any(p.fullmatch(n) for p in unwanted)
+    }
+    if not chosen:
+        kinds = ", ".join(t.__name__ for t in layer_types)
+        raise ValueError(
+            f"targets={targets!r} with ignore={ignore!r} match no layer; allowed: regexes over the names of "
+            f"the model's {kinds} layers: {sorted(candidates) or 'none'}"
+        )
+    return chosen

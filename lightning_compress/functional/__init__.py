@@ -1,0 +1,1 @@
+"""Pure tensor math (imports torch only): quantization, masks, schedules, size accounting."""

@@ -1,0 +1,247 @@
+"""Linear (affine) quantization: quantization parameters, quantize, dequantize, fake-quantize.
+
+A real value r and its integer code q are related by ``r = S * (q - Z)`` with scale ``S`` and zero-point ``Z``.
+Codes are signed N-bit integers in ``[qmin, qmax] = [-2^(N-1), 2^(N-1) - 1]``, N in 2..8, stored as int8.
+
+Granularity is one code path: the scale and zero-point have the same number of dimensions as the tensor,
+and along each dimension either one value (shared), one value per index, or one value per block of
+``size // params_size`` consecutive indices. Per-tensor, per-channel (any axis) and per-group are three
+block shapes of that one rule (see :func:`block_size`). Tensors with more than two dimensions quantized per
+group are grouped along their flattened input dimension ``prod(shape[1:])`` (a conv weight as ``(out, in*kh*kw)``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+MIN_BITS = 2
+MAX_BITS = 8
+# Smallest scale we ever produce: a constant or all-zero block gets this instead of 0, so r / S stays finite.
+MIN_SCALE = 1e-12
+
+
+class QParams(NamedTuple):
+    """Scale and zero-point of a linear quantizer, in block shape (same ndim as the tensor, or 2-D per group)."""
+
+    scale: Tensor
+    zero_point: Tensor
+
+
+def check_bits(bits: int, name: str = "bits") -> int:
+    """Validate a bit width.
+
+    Args:
+        bits: number of bits, an ``int`` in ``[2, 8]``.
+        name: the parameter name used in the error message.
+
+    Returns:
+        ``bits`` unchanged.
+
+    Raises:
+        TypeError: ``bits`` is not an int. ValueError: outside ``[2, 8]``.
+    """
+    if isinstance(bits, bool) or not isinstance(bits, int):
+        raise TypeError(f"{name} must be an int in [{MIN_BITS}, {MAX_BITS}], got {bits!r}")
+    if not MIN_BITS <= bits <= MAX_BITS:
+        raise ValueError(f"{name} must be in [{MIN_BITS}, {MAX_BITS}], got {bits}")
+    return bits
+
+
+def quant_range(bits: int) -> tuple[int, int]:
+    """Signed integer range of an N-bit code: ``(-2^(N-1), 2^(N-1) - 1)``; e.g. 8 -> (-128, 127)."""
+    check_bits(bits)
+    return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+
+
+def block_size(
+    shape: tuple[int, ...] | torch.Size, axis: int | None = None, group_size: int | None = None
+) -> tuple[int, ...]:
+    """Block shape that one scale covers, for a tensor of ``shape``.
+
+    Args:
+        shape: the tensor's shape.
+        axis: ``None`` for per-tensor; an axis (negative allowed) for one scale per index along it.
+        group_size: one scale per ``group_size`` consecutive inputs of each output row (per-group); the tensor is
+            viewed as ``(shape[0], prod(shape[1:]))``, so the returned block is 2-D. Exclusive with ``axis``.
+
+    Returns:
+        Per-tensor ``shape``; per-channel ``shape`` with 1 at ``axis``; per-group ``(1, group_size)``.
+
+    Raises:
+        ValueError: an axis out of range, both options given, or a group size that does not divide the input
+            dimension.
+    """
+    shape = tuple(shape)
+    if axis is not None and group_size is not None:
+        raise ValueError(f"give axis or group_size, not both (axis={axis}, group_size={group_size})")
+    if group_size is not None:
+        if len(shape) < 2:
+            raise ValueError(f"group_size needs a tensor of at least 2 dims, got shape {shape}")
+        in_features = math.prod(shape[1:])
+        if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+            raise ValueError(f"group_size must be a positive int, got {group_size!r}")
+        if in_features % group_size:
+            raise ValueError(
+                f"group_size={group_size} does not divide the input dimension {in_features} of shape {shape}; "
+                f"allowed: a divisor of {in_features}"
+            )
+        return (1, group_size)
+    if axis is None:
+        return shape
+    if not -len(shape) <= axis < len(shape):
+        raise ValueError(f"axis={axis} is out of range for a tensor of shape {shape}")
+    axis %= len(shape)
+    return tuple(1 if d == axis else s for d, s in enumerate(shape))
+
+
+def _blocked(x: Tensor, block: tuple[int, ...]) -> Tensor:
+    """View ``x`` as ``(n0, b0, n1, b1, ...)`` so that reducing the odd dims reduces each block."""
+    if len(block) == 2 and x.dim() != 2:
+        x = x.reshape(x.shape[0], -1)
+    dims: list[int] = []
+    for size, b in zip(x.shape, block, strict=True):
+        dims += [size // b, b]
+    return x.reshape(dims)
+
+
+def expand_params(p: Tensor, shape: tuple[int, ...] | torch.Size) -> Tensor:
+    """Broadcast block-shaped parameters ``p`` to a tensor of ``shape``.
+
+    Along each dimension ``p`` has size 1 (broadcast), the full size (no copy), or ``size / block`` (repeated
+    ``block`` times). A 2-D ``p`` for a tensor of more dims addresses its flattened ``(shape[0], -1)`` view.
+    """
+    shape = tuple(shape)
+    flat = p.dim() == 2 and len(shape) > 2
+    target = (shape[0], math.prod(shape[1:])) if flat else shape
+    if p.dim() != len(target):
+        raise ValueError(f"parameters of shape {tuple(p.shape)} do not fit a tensor of shape {shape}")
+    for d, (ps, ts) in enumerate(zip(p.shape, target, strict=True)):
+        if ps not in (1, ts):
+            if ts % ps:
+                raise ValueError(f"parameters of shape {tuple(p.shape)} do not tile a tensor of shape {shape}")
+            p = p.repeat_interleave(ts // ps, dim=d)
+    return p.reshape(shape) if flat else p
+
+
+def qparams_from_range(rmin: Tensor, rmax: Tensor, bits: int, symmetric: bool = True) -> QParams:
+    """Scale and zero-point that map ``[rmin, rmax]`` onto the signed N-bit range.
+
+    Symmetric: ``Z = 0, S = max(|rmin|, |rmax|) / qmax``. Asymmetric: the range is first widened to contain 0
+    (so that 0 is exactly representable: padding, ReLU zeros and pruned weights stay exact), then
+    ``S = (rmax - rmin) / (qmax - qmin)``, ``Z = round(qmin - rmin / S)``.
+    A zero-width range (a constant or all-zero block) gets ``S = MIN_SCALE`` instead of 0: finite, never NaN.
+
+    Args:
+        rmin, rmax: per-block minima and maxima, any (equal) shape.
+        bits: code width in ``[2, 8]``.
+        symmetric: symmetric (``Z = 0``) or asymmetric.
+
+    Returns:
+        ``QParams(scale, zero_point)`` float32 tensors of the shape of ``rmin``; ``zero_point`` holds integers.
+    """
+    qmin, qmax = quant_range(bits)
+    rmin = rmin.float().clamp(max=0.0)
+    rmax = rmax.float().clamp(min=0.0)
+    if symmetric:
+        scale = (torch.maximum(-rmin, rmax) / qmax).clamp(min=MIN_SCALE)
+        return QParams(scale, torch.zeros_like(scale))
+    scale = ((rmax - rmin) / (qmax - qmin)).clamp(min=MIN_SCALE)
+    zero_point = torch.round(qmin - rmin / scale).clamp(qmin, qmax)
+    return QParams(scale, zero_point)
+
+
+def compute_qparams(
+    x: Tensor, bits: int, symmetric: bool = True, axis: int | None = None, group_size: int | None = None
+) -> QParams:
+    """Min-max quantization parameters of ``x`` at the chosen granularity.
+
+    Args:
+        x: the tensor to quantize, any shape (a weight is ``(out, in, ...)``).
+        bits: code width in ``[2, 8]``.
+        symmetric: symmetric (``Z = 0``) or asymmetric (see :func:`qparams_from_range`).
+        axis: ``None`` per-tensor, else one scale per index along ``axis`` (0 = per output channel).
+        group_size: one scale per ``group_size`` consecutive inputs of each output row.
+
+    Returns:
+        ``QParams`` in block shape: per-tensor ``(1,)*ndim``; per-channel ``shape`` with 1 everywhere but ``axis``;
+        per-group ``(out, in / group_size)``.
+    """
+    block = block_size(x.shape, axis, group_size)
+    blocks = _blocked(x.detach(), block)
+    reduce_dims = tuple(range(1, blocks.dim(), 2))
+    rmin = blocks.amin(dim=reduce_dims)
+    rmax = blocks.amax(dim=reduce_dims)
+    return qparams_from_range(rmin, rmax, bits, symmetric)
+
+
+def _codes(x: Tensor, scale: Tensor, zero_point: Tensor, bits: int) -> Tensor:
+    """Float codes ``clamp(round(x / S + Z), qmin, qmax)`` with params already broadcast to ``x``."""
+    qmin, qmax = quant_range(bits)
+    return torch.clamp(torch.round(x / scale + zero_point), qmin, qmax)
+
+
+def quantize(x: Tensor, scale: Tensor, zero_point: Tensor, bits: int) -> Tensor:
+    """Quantize: ``q = clamp(round(r / S + Z), qmin, qmax)`` as int8.
+
+    Args:
+        x: float tensor, any shape.
+        scale, zero_point: block-shaped parameters (see :func:`compute_qparams`).
+        bits: code width in ``[2, 8]``.
+
+    Returns:
+        int8 tensor of ``x``'s shape.
+    """
+    s = expand_params(scale, x.shape)
+    z = expand_params(zero_point, x.shape)
+    return _codes(x.float(), s, z, bits).to(torch.int8)
+
+
+def dequantize(q: Tensor, scale: Tensor, zero_point: Tensor) -> Tensor:
+    """Dequantize: ``r = S * (q - Z)`` as float32, ``q`` an integer tensor and block-shaped parameters."""
+    s = expand_params(scale, q.shape)
+    z = expand_params(zero_point, q.shape)
+    return (q.float() - z) * s
+
+
+class _FakeQuantizeSTE(torch.autograd.Function):
+    """Quantize-dequantize forward; straight-through backward, zeroed where the code was clipped."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, scale: Tensor, zero_point: Tensor, bits: int) -> Tensor:  # type: ignore[override]
+        qmin, qmax = quant_range(bits)
+        unclipped = torch.round(x.float() / scale + zero_point)
+        ctx.save_for_backward((unclipped >= qmin) & (unclipped <= qmax))
+        codes = unclipped.clamp(qmin, qmax)
+        return ((codes - zero_point) * scale).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, None, None, None]:  # type: ignore[override]
+        (inside,) = ctx.saved_tensors
+        return grad * inside, None, None, None
+
+
+def fake_quantize(x: Tensor, scale: Tensor, zero_point: Tensor, bits: int) -> Tensor:
+    """Quantize then dequantize in one op, differentiable by the straight-through estimator (STE).
+
+    Forward: ``S * (clamp(round(x / S + Z), qmin, qmax) - Z)``, bit-for-bit equal to
+    ``dequantize(quantize(x))`` (in float32; cast back to ``x.dtype``).
+    Backward: ``dL/dx = dL/dy`` where the code was inside ``[qmin, qmax]`` and **0 where it was clipped**
+    (the clipped STE of Bengio et al. 2013 / Jacob et al. 2018, as torch's FakeQuantize): values outside the
+    representable range get no gradient that would push them further out. No gradient flows to the scale or
+    zero-point here (learned scales are LSQ, a separate estimator).
+
+    Args:
+        x: float tensor, any shape.
+        scale, zero_point: block-shaped parameters (see :func:`compute_qparams`).
+        bits: code width in ``[2, 8]``.
+
+    Returns:
+        Tensor of ``x``'s shape and dtype whose values lie on the quantization grid.
+    """
+    s = expand_params(scale, x.shape).detach()
+    z = expand_params(zero_point, x.shape).detach()
+    return _FakeQuantizeSTE.apply(x, s, z, bits)

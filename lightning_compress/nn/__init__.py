@@ -1,0 +1,1 @@
+"""Modules built on :mod:`lightning_compress.functional` (fake-quant, observers, export layers)."""

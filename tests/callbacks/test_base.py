@@ -1,0 +1,31 @@
+import pytest
+from torch import nn
+
+from lightning_compress.callbacks.base import select_layers
+from lightning_compress.models import SmallCNN
+
+
+def test_default_selects_every_linear_and_conv():
+    assert list(select_layers(SmallCNN())) == ["0", "2", "6", "8"]
+
+
+def test_targets_and_ignore_are_fullmatch_regexes():
+    model = nn.ModuleDict({"encoder": nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4)), "head": nn.Linear(4, 2)})
+    assert list(select_layers(model, targets="encoder\\..*")) == ["encoder.0", "encoder.1"]
+    assert list(select_layers(model, ignore=["head"])) == ["encoder.0", "encoder.1"]
+    assert list(select_layers(model, targets=["head", "encoder.1"])) == ["encoder.1", "head"]
+    with pytest.raises(ValueError):  # fullmatch: "encoder" names the container, not a Linear
+        select_layers(model, targets="encoder")
+
+
+def test_selection_matching_nothing_raises_naming_the_candidates():
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    with pytest.raises(ValueError, match=r"targets='fc.\*' with ignore=None match no layer.*\['0', '2'\]"):
+        select_layers(model, targets="fc.*")
+    with pytest.raises(ValueError, match="match no layer"):
+        select_layers(model, ignore=".*")
+
+
+def test_invalid_regex_names_the_parameter():
+    with pytest.raises(ValueError, match="ignore holds an invalid regex"):
+        select_layers(nn.Linear(2, 2), ignore="(")

@@ -1,0 +1,171 @@
+import itertools
+
+import pytest
+import torch
+
+from lightning_compress.functional.quant import (
+    MIN_SCALE,
+    block_size,
+    compute_qparams,
+    dequantize,
+    expand_params,
+    fake_quantize,
+    qparams_from_range,
+    quant_range,
+    quantize,
+)
+from tests.conftest import sqnr_db
+
+BITS = range(2, 9)
+# (axis, group_size) combinations: per-tensor, per-channel on each axis, per-group.
+GRANULARITIES = [(None, None), (0, None), (1, None), (None, 16)]
+
+
+def test_worked_example_int8_asymmetric():
+    scale, zero_point = qparams_from_range(torch.tensor(-1.0), torch.tensor(2.0), bits=8, symmetric=False)
+    assert scale.item() == pytest.approx(3 / 255, rel=1e-7)
+    assert zero_point.item() == -43
+    q = quantize(torch.tensor(0.5), scale, zero_point, 8)
+    assert q.item() == 0 and q.dtype == torch.int8
+    assert dequantize(torch.tensor(0, dtype=torch.int8), scale, zero_point).item() == pytest.approx(
+        0.50588235, abs=1e-7
+    )
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_quant_range_is_signed_n_bit(bits):
+    assert quant_range(bits) == (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
+
+
+@pytest.mark.parametrize("bits", [1, 9, 0, -3])
+def test_bits_out_of_range_raise(bits):
+    with pytest.raises(ValueError, match=r"bits must be in \[2, 8\], got"):
+        quant_range(bits)
+
+
+def test_bits_must_be_int():
+    with pytest.raises(TypeError, match="bits"):
+        quant_range(4.0)
+
+
+@pytest.mark.parametrize(("bits", "symmetric", "gran"), list(itertools.product(BITS, [True, False], GRANULARITIES)))
+def test_roundtrip_error_bounded_by_half_step(bits, symmetric, gran):
+    torch.manual_seed(bits)
+    x = torch.randn(8, 32)
+    axis, group = gran
+    scale, zp = compute_qparams(x, bits, symmetric, axis=axis, group_size=group)
+    q = quantize(x, scale, zp, bits)
+    qmin, qmax = quant_range(bits)
+    assert q.dtype == torch.int8 and int(q.min()) >= qmin and int(q.max()) <= qmax
+    err = (dequantize(q, scale, zp) - x).abs()
+    # min-max ranges never clip, so every value is within half a step of its code
+    assert torch.all(err <= expand_params(scale, x.shape) / 2 + 1e-6)
+
+
+@pytest.mark.parametrize(("bits", "symmetric", "gran"), list(itertools.product(BITS, [True, False], GRANULARITIES)))
+def test_fake_quantize_equals_dequantize_quantize_exactly(bits, symmetric, gran):
+    torch.manual_seed(0)
+    x = torch.randn(8, 32) * 3
+    scale, zp = compute_qparams(x, bits, symmetric, *gran)
+    # shrink the scale so some values clip: equality must also hold on the clipped ends
+    scale = scale * 0.7
+    assert torch.equal(fake_quantize(x, scale, zp, bits), dequantize(quantize(x, scale, zp, bits), scale, zp))
+
+
+def test_param_shapes_per_granularity():
+    x = torch.randn(6, 12)
+    assert compute_qparams(x, 8).scale.shape == (1, 1)
+    assert compute_qparams(x, 8, axis=0).scale.shape == (6, 1)
+    assert compute_qparams(x, 8, axis=1).scale.shape == (1, 12)
+    assert compute_qparams(x, 8, axis=-1).scale.shape == (1, 12)
+    assert compute_qparams(x, 8, group_size=4).scale.shape == (6, 3)
+
+
+def test_per_channel_scale_is_row_absmax_over_qmax():
+    x = torch.tensor([[1.0, -4.0, 2.0], [0.5, 0.25, -0.125]])
+    scale, zp = compute_qparams(x, 4, symmetric=True, axis=0)
+    assert torch.equal(scale, torch.tensor([[4.0 / 7], [0.5 / 7]]))
+    assert torch.equal(zp, torch.zeros(2, 1))
+
+
+def test_group_scales_are_each_groups_absmax():
+    x = torch.arange(1.0, 17.0).reshape(2, 8)
+    scale, _ = compute_qparams(x, 8, group_size=4)
+    expected = torch.tensor([[4.0, 8.0], [12.0, 16.0]]) / 127
+    assert torch.equal(scale, expected)
+
+
+def test_conv_weight_grouped_along_flattened_input():
+    torch.manual_seed(0)
+    w = torch.randn(4, 8, 3, 3)
+    scale, zp = compute_qparams(w, 4, group_size=24)
+    assert scale.shape == (4, 3)
+    flat = w.reshape(4, 3, 24).abs().amax(dim=2) / 7
+    assert torch.equal(scale, flat)
+    out = fake_quantize(w, scale, zp, 4)
+    assert out.shape == w.shape
+    assert torch.equal(out, dequantize(quantize(w, scale, zp, 4), scale, zp))
+
+
+def test_per_channel_conv_axis():
+    w = torch.randn(4, 3, 2, 2)
+    scale, zp = compute_qparams(w, 8, axis=0)
+    assert scale.shape == (4, 1, 1, 1)
+    assert sqnr_db(w, fake_quantize(w, scale, zp, 8)) > 35
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("bits", BITS)
+def test_zero_and_constant_channels_give_finite_scales(bits, symmetric):
+    x = torch.randn(4, 16)
+    x[1] = 0.0
+    x[2] = 0.37
+    scale, zp = compute_qparams(x, bits, symmetric, axis=0)
+    assert torch.isfinite(scale).all() and (scale > 0).all()
+    assert scale[1].item() == torch.tensor(MIN_SCALE).item()
+    out = fake_quantize(x, scale, zp, bits)
+    assert torch.isfinite(out).all()
+    assert torch.equal(out[1], torch.zeros(16))
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_zero_is_exactly_representable_asymmetric(bits):
+    x = torch.tensor([[0.3, 1.7, 0.0, 2.9]])  # all >= 0: the range is widened to include 0
+    scale, zp = compute_qparams(x, bits, symmetric=False)
+    out = fake_quantize(x, scale, zp, bits)
+    assert out[0, 2].item() == 0.0
+
+
+def test_sqnr_grows_about_6db_per_bit():
+    torch.manual_seed(0)
+    x = torch.randn(64, 256)
+    sq = []
+    for bits in (4, 6, 8):
+        scale, zp = compute_qparams(x, bits, axis=0)
+        sq.append(sqnr_db(x, fake_quantize(x, scale, zp, bits)))
+    assert sq[0] > 15 and sq[2] > 38
+    assert sq[1] - sq[0] == pytest.approx(12.0, abs=1.5)
+    assert sq[2] - sq[1] == pytest.approx(12.0, abs=1.5)
+
+
+def test_ste_passes_gradient_inside_and_zeroes_it_where_clipped():
+    x = torch.tensor([-3.0, -0.5, 0.0, 0.5, 3.0], requires_grad=True)
+    scale = torch.tensor([1.0 / 7])  # 4-bit symmetric range [-8/7, 1]
+    y = fake_quantize(x, scale, torch.zeros(1), 4)
+    y.backward(torch.arange(1.0, 6.0))
+    assert torch.equal(x.grad, torch.tensor([0.0, 2.0, 3.0, 4.0, 0.0]))
+
+
+def test_fake_quantize_keeps_dtype_bf16():
+    x = torch.randn(4, 8).bfloat16()
+    scale, zp = compute_qparams(x, 8, axis=0)
+    assert fake_quantize(x, scale, zp, 8).dtype == torch.bfloat16
+
+
+def test_bad_granularity_raises():
+    with pytest.raises(ValueError, match="group_size=5 does not divide the input dimension 12"):
+        block_size((6, 12), group_size=5)
+    with pytest.raises(ValueError, match="axis=2 is out of range"):
+        block_size((6, 12), axis=2)
+    with pytest.raises(ValueError, match="not both"):
+        block_size((6, 12), axis=0, group_size=4)

@@ -1,0 +1,36 @@
+import pytest
+import torch
+from torch import nn
+
+from lightning_compress.functional.size import TensorFormat
+from lightning_compress.summary import compression_summary
+
+
+def test_dense_fp32_model_is_ratio_one_and_counts_every_parameter():
+    model = nn.Sequential(nn.Linear(8, 4), nn.LayerNorm(4), nn.Linear(4, 2, bias=False))
+    s = compression_summary(model)
+    assert [r.name for r in s.rows] == ["0", "1", "2"]
+    assert s.params == sum(p.numel() for p in model.parameters()) == 36 + 8 + 8
+    assert s.bytes == s.fp32_bytes == 4 * s.params
+    assert s.ratio == 1.0
+
+
+def test_sparsity_is_counted_from_the_weights():
+    layer = nn.Linear(10, 10, bias=False)
+    with torch.no_grad():
+        layer.weight[:, :7] = 0
+    s = compression_summary(nn.Sequential(layer))
+    assert s.rows[0].nonzero == 30
+    assert s.sparsity == pytest.approx(0.7)
+    assert s.bytes == (30 * 32 + 100) / 8  # 30 FP32 values + a 100-bit mask
+
+
+def test_declared_weight_format_sets_bits_and_bytes():
+    layer = nn.Linear(16, 4)
+    layer.weight_format = TensorFormat(bits=4, n_scales=4)
+    s = compression_summary(nn.Sequential(layer))
+    row = s.rows[0]
+    assert row.bits == 4
+    assert row.bytes == (64 * 4 + 4 * 32 + 4 * 32) / 8  # int4 weight + 4 scales + FP32 bias
+    assert s.ratio == pytest.approx((68 * 32) / (64 * 4 + 4 * 32 + 4 * 32))
+    assert "**total**" in s.to_markdown()

@@ -1,0 +1,48 @@
+"""The main job end to end, as a user runs it."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lightning_compress.models import ImageClassifier, SmallCNN
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_train(tmp_path, *overrides):
+    cmd = [sys.executable, "scripts/train.py", f"hydra.run.dir={tmp_path}", "trainer.enable_progress_bar=false"]
+    return subprocess.run(cmd + list(overrides), cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_main_job_trains_reports_and_checkpoints(tmp_path):
+    proc = run_train(tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    acc = float(next(ln for ln in proc.stdout.splitlines() if ln.startswith("test/acc:")).split(":")[1])
+    assert acc >= 0.95
+    assert "| **total** |" in proc.stdout
+    summary = (tmp_path / "compression_summary.md").read_text()
+    assert "| net.6 | Linear | 64×512 | 32,832 |" in summary
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    ImageClassifier(SmallCNN()).load_state_dict(ckpt["state_dict"], strict=True)
+
+
+@pytest.mark.slow
+def test_resume_continues_from_checkpoint(tmp_path):
+    first = run_train(tmp_path / "a", "trainer.max_epochs=2", "test=false")
+    assert first.returncode == 0, first.stderr[-3000:]
+    last = tmp_path / "a" / "checkpoints" / "last.ckpt"
+    second = run_train(tmp_path / "b", "trainer.max_epochs=3", "test=false", f"ckpt_path={last}")
+    assert second.returncode == 0, second.stderr[-3000:]
+    resumed = torch.load(tmp_path / "b" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert resumed["epoch"] == 2
+    assert resumed["global_step"] == 3 * torch.load(last, weights_only=True)["global_step"] // 2
+
+
+def test_unknown_recipe_fails_with_a_clear_message(tmp_path):
+    proc = run_train(tmp_path, "+compress=nonexistent")
+    assert proc.returncode != 0
+    assert "Could not find 'compress/nonexistent'" in proc.stderr + proc.stdout
