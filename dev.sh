@@ -33,9 +33,10 @@ case "$cmd" in
   train) ensure_env; exec "$PY" scripts/train.py "$@" ;;
   test)
     ensure_env
+    bash scripts/setup_data.sh
     "$VENV/bin/ruff" check .
     "$VENV/bin/ruff" format --check .
     exec "$PY" -m pytest "$@" ;;
-  bench) ensure_env; exec "$PY" -m benchmarks "$@" ;;
+  bench) ensure_env; bash scripts/setup_data.sh; exec "$PY" -m benchmarks "$@" ;;
   *) echo "usage: ./dev.sh {train|test|bench|env} [args...]" >&2; exit 2 ;;
 esac

@@ -1,9 +1,12 @@
-"""Example models for the Hydra entry point: a small CNN and a generic image classifier LightningModule.
+"""Example models for the Hydra entry point: a small CNN, LeNet-300-100 and a generic image classifier LightningModule.
 
 The library works on any LightningModule; these exist so ``scripts/train.py`` has a default job.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from itertools import pairwise
 
 import lightning.pytorch as pl
 import torch
@@ -33,6 +36,21 @@ class SmallCNN(nn.Sequential):
             nn.ReLU(),
             nn.Linear(64, num_classes),
         )
+
+
+class LeNet300(nn.Sequential):
+    """LeNet-300-100 (LeCun et al. 1998), the MLP of the pruning literature (Han et al. 2015): 266,610 parameters.
+
+    Shapes: ``(B, ...) -> (B, num_classes)``, flattening to ``in_features`` (784 for 28×28 images); every Linear's
+    input width is divisible by 4 by default, so 2:4 sparsity applies to all three layers.
+    """
+
+    def __init__(self, num_classes: int = 10, in_features: int = 784, hidden: Sequence[int] = (300, 100)) -> None:
+        widths = [in_features, *hidden]
+        layers: list[nn.Module] = [nn.Flatten()]
+        for a, b in pairwise(widths):
+            layers += [nn.Linear(a, b), nn.ReLU()]
+        super().__init__(*layers, nn.Linear(widths[-1], num_classes))
 
 
 class ImageClassifier(pl.LightningModule):

@@ -7,11 +7,12 @@ weight in a compressed format tells how through a ``weight_format`` attribute (a
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
 
+from lightning_compress.functional.masks import sparsity_pattern
 from lightning_compress.functional.size import TensorFormat, ratio, tensor_bits
 
 
@@ -22,6 +23,7 @@ class LayerRow:
     name: str
     kind: str
     shape: tuple[int, ...]
+    pattern: str
     params: int
     nonzero: int
     bits: int
@@ -68,33 +70,50 @@ class CompressionSummary:
     def to_markdown(self) -> str:
         """The summary as a markdown table with a totals line."""
         lines = [
-            "| layer | type | shape | params | sparsity | bits | bytes | vs FP32 |",
-            "|---|---|---|---:|---:|---:|---:|---:|",
+            "| layer | type | shape | params | sparsity | pattern | bits | bytes | vs FP32 |",
+            "|---|---|---|---:|---:|---|---:|---:|---:|",
         ]
         for r in self.rows:
             shape = "×".join(map(str, r.shape))
             lines.append(
-                f"| {r.name} | {r.kind} | {shape} | {r.params:,} | {r.sparsity:.1%} | {r.bits} | "
+                f"| {r.name} | {r.kind} | {shape} | {r.params:,} | {r.sparsity:.1%} | {r.pattern} | {r.bits} | "
                 f"{r.bytes:,.0f} | {ratio(r.fp32_bytes, r.bytes):.2f}× |"
             )
         lines.append(
-            f"| **total** | | | {self.params:,} | {self.sparsity:.1%} | | {self.bytes:,.0f} | **{self.ratio:.2f}×** |"
+            f"| **total** | | | {self.params:,} | {self.sparsity:.1%} | | | {self.bytes:,.0f} | **{self.ratio:.2f}×** |"
         )
         return "\n".join(lines)
 
 
-def _format_of(module: nn.Module, param: torch.Tensor) -> TensorFormat:
+def weight_format(module: nn.Module, weight: torch.Tensor, pattern: str) -> TensorFormat:
+    """How ``weight`` is stored: the module's declared ``weight_format``, else dense at the dtype's bits; an N:M or
+    row pattern seen in its zeros (``pattern``, from :func:`sparsity_pattern`) is stored as such."""
     declared = getattr(module, "weight_format", None)
-    return declared if isinstance(declared, TensorFormat) else TensorFormat(bits=param.element_size() * 8)
+    fmt = declared if isinstance(declared, TensorFormat) else TensorFormat(bits=weight.element_size() * 8)
+    if fmt.nm is None and fmt.rows is None and pattern == "2:4":
+        return replace(fmt, nm=(2, 4))
+    if fmt.nm is None and fmt.rows is None and pattern == "rows":
+        return replace(fmt, rows=weight.shape[0])
+    return fmt
 
 
-def _param_bits(module: nn.Module, name: str, param: torch.Tensor) -> tuple[int, int]:
-    """``(nonzero, bits)`` of one parameter: a weight in its (possibly sparse / quantized) format, anything
-    else (biases, norms) dense at its dtype, zeros included."""
-    if name != "weight":
-        return param.numel(), param.numel() * param.element_size() * 8
-    nnz = int(torch.count_nonzero(param.detach()))
-    return nnz, tensor_bits(param.numel(), nnz, _format_of(module, param))
+def _layer_row(name: str, module: nn.Module, own: list[tuple[str, torch.Tensor]]) -> LayerRow:
+    """One row: the ``weight`` in its (possibly sparse / quantized) format, other parameters (biases, norms) dense
+    at their dtype, zeros included."""
+    params = sum(p.numel() for _, p in own)
+    other = [p for n, p in own if n != "weight"]
+    nonzero = sum(p.numel() for p in other)
+    bits = sum(p.numel() * p.element_size() * 8 for p in other)
+    weight = dict(own).get("weight")
+    pattern, wbits, shape = "dense", other[0].element_size() * 8 if other else 32, tuple(own[0][1].shape)
+    if weight is not None:
+        pattern, shape = sparsity_pattern(weight), tuple(weight.shape)
+        fmt = weight_format(module, weight, pattern)
+        nnz = int(torch.count_nonzero(weight.detach()))
+        nonzero, bits, wbits = nonzero + nnz, bits + tensor_bits(weight.numel(), nnz, fmt), fmt.bits
+    return LayerRow(
+        name or "(root)", type(module).__name__, shape, pattern, params, nonzero, wbits, params * 4.0, bits / 8
+    )
 
 
 def compression_summary(model: nn.Module) -> CompressionSummary:
@@ -111,21 +130,6 @@ def compression_summary(model: nn.Module) -> CompressionSummary:
     rows = []
     for name, module in model.named_modules():
         own = list(module.named_parameters(recurse=False))
-        if not own:
-            continue
-        counts = [_param_bits(module, pname, p) for pname, p in own]
-        weight = getattr(module, "weight", None)
-        first = weight if isinstance(weight, torch.Tensor) else own[0][1]
-        rows.append(
-            LayerRow(
-                name=name or "(root)",
-                kind=type(module).__name__,
-                shape=tuple(first.shape),
-                params=sum(p.numel() for _, p in own),
-                nonzero=sum(nnz for nnz, _ in counts),
-                bits=_format_of(module, first).bits,
-                fp32_bytes=sum(p.numel() for _, p in own) * 4.0,
-                bytes=sum(bits for _, bits in counts) / 8,
-            )
-        )
+        if own:
+            rows.append(_layer_row(name, module, own))
     return CompressionSummary(rows)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from torch import nn
 
@@ -28,23 +28,30 @@ def compile_patterns(patterns: str | Sequence[str] | None, name: str) -> list[re
     return compiled
 
 
+def is_default_layer(module: nn.Module) -> bool:
+    """Whether ``module`` is a Linear or Conv layer (the default selection)."""
+    return isinstance(module, DEFAULT_LAYER_TYPES)
+
+
 def select_layers(
     model: nn.Module,
     targets: str | Sequence[str] | None = None,
     ignore: str | Sequence[str] | None = None,
-    layer_types: tuple[type[nn.Module], ...] = DEFAULT_LAYER_TYPES,
+    accept: Callable[[nn.Module], bool] = is_default_layer,
+    kind: str = "Linear / Conv",
 ) -> dict[str, nn.Module]:
     """Pick the layers a callback compresses, by name.
 
-    A layer is selected when it is an instance of ``layer_types``, its qualified name (as in
+    A layer is selected when ``accept(module)`` holds (Linear and Conv by default), its qualified name (as in
     ``model.named_modules()``) fully matches one of ``targets`` (every such layer when ``targets`` is None),
     and it matches none of ``ignore`` (``re.fullmatch``, so ``"fc.*"`` means names starting with "fc").
 
     Args:
         model: the model to search.
-        targets: regex or list of regexes; None means every layer of ``layer_types``.
+        targets: regex or list of regexes; None means every accepted layer.
         ignore: regex or list of regexes to exclude.
-        layer_types: module types that can be selected.
+        accept: which modules can be selected at all.
+        kind: how to name those modules in the error message.
 
     Returns:
         ``{name: module}`` in ``named_modules()`` order.
@@ -54,16 +61,15 @@ def select_layers(
     """
     wanted = compile_patterns(targets, "targets")
     unwanted = compile_patterns(ignore, "ignore")
-    candidates = {n: m for n, m in model.named_modules() if n and isinstance(m, layer_types)}
+    candidates = {n: m for n, m in model.named_modules() if n and accept(m)}
     chosen = {
         n: m
         for n, m in candidates.items()
         if (not wanted or any(p.fullmatch(n) for p in wanted)) and not any(p.fullmatch(n) for p in unwanted)
     }
     if not chosen:
-        kinds = ", ".join(t.__name__ for t in layer_types)
         raise ValueError(
             f"targets={targets!r} with ignore={ignore!r} match no layer; allowed: regexes over the names of "
-            f"the model's {kinds} layers: {sorted(candidates) or 'none'}"
+            f"the model's {kind} layers: {sorted(candidates) or 'none'}"
         )
     return chosen

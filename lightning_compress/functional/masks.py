@@ -140,30 +140,75 @@ def row_mask(weight: Tensor, sparsity: float) -> Tensor:
     return keep_rows.view(-1, *([1] * (weight.dim() - 1))).expand_as(weight).clone()
 
 
-def head_mask(weight: Tensor, head_size: int, sparsity: float, dim: int = 0) -> Tensor:
-    """Structured mask removing whole attention heads with the smallest L1 norm.
+def group_head_masks(parts: list[tuple[Tensor, int]], head_size: int, sparsity: float) -> list[Tensor]:
+    """Masks removing the same attention heads from every projection of one attention block.
 
-    Heads are blocks of ``head_size`` consecutive indices along ``dim``: rows (``dim=0``) of a query / key /
-    value projection ``(heads * head_size, hidden)``, or columns (``dim=1``) of the output projection
-    ``(hidden, heads * head_size)``. Head score: ``sum |w|`` over the block.
+    Heads are blocks of ``head_size`` consecutive indices along a dim of each part: rows (``dim=0``) of the
+    query / key / value projections ``(heads * head_size, hidden)`` and of their biases, columns (``dim=1``) of
+    the output projection ``(hidden, heads * head_size)``. A head's score is its L1 norm summed over all parts,
+    so one decision removes the head everywhere (pruning q, k, v and the output columns alike).
+
+    Args:
+        parts: ``(tensor, dim)`` pairs; every ``tensor.shape[dim]`` must be the same multiple of ``head_size``.
+        head_size: features per head.
+        sparsity: fraction of heads to remove, in ``[0, 1)``; ``round(sparsity * heads)`` go.
+
+    Returns:
+        One bool mask per part, of that part's shape.
+    """
+    if not parts:
+        raise ValueError("parts must hold at least one (tensor, dim) pair")
+    sizes = {t.shape[d] if d < t.dim() else -1 for t, d in parts}
+    size = sizes.pop()
+    if sizes or size < 1:
+        raise ValueError(
+            f"every part must have the same size along its head dim, got {[tuple(t.shape) for t, _ in parts]}"
+        )
+    if isinstance(head_size, bool) or not isinstance(head_size, int) or head_size < 1 or size % head_size:
+        raise ValueError(f"head_size={head_size!r} must be a positive divisor of {size}, the heads' dimension")
+    heads = size // head_size
+    scores = sum(t.detach().abs().movedim(d, 0).reshape(heads, -1).sum(dim=1).float() for t, d in parts)
+    keep = topk_mask(scores, heads - n_pruned(heads, sparsity)).repeat_interleave(head_size)
+    masks = []
+    for t, d in parts:
+        shape = [1] * t.dim()
+        shape[d] = size
+        masks.append(keep.view(shape).expand_as(t).clone())
+    return masks
+
+
+def head_mask(weight: Tensor, head_size: int, sparsity: float, dim: int = 0) -> Tensor:
+    """Structured mask removing whole attention heads of one projection weight by L1 norm.
+
+    The one-part case of :func:`group_head_masks`: rows (``dim=0``, q / k / v) or columns (``dim=1``, output
+    projection) in blocks of ``head_size``.
 
     Args:
         weight: a 2-D projection weight.
         head_size: features per head; must divide ``weight.shape[dim]``.
         sparsity: fraction of heads to remove, in ``[0, 1)``.
-        dim: 0 for q/k/v (heads are output rows), 1 for the output projection (heads are input columns).
+        dim: 0 for q / k / v (heads are output rows), 1 for the output projection (heads are input columns).
 
     Returns:
         bool mask of ``weight``'s shape.
     """
     if weight.dim() != 2 or dim not in (0, 1):
         raise ValueError(f"head_mask needs a 2-D weight and dim 0 or 1, got shape {tuple(weight.shape)}, dim={dim}")
-    size = weight.shape[dim]
-    if not isinstance(head_size, int) or head_size < 1 or size % head_size:
-        raise ValueError(f"head_size={head_size!r} must be a positive divisor of {size} (dim {dim} of the weight)")
-    heads = size // head_size
-    blocks = weight.detach().abs().movedim(dim, 0).reshape(heads, -1)
-    keep_heads = topk_mask(blocks.sum(dim=1), heads - n_pruned(heads, sparsity))
-    keep = keep_heads.repeat_interleave(head_size)
-    shape = (-1, 1) if dim == 0 else (1, -1)
-    return keep.view(shape).expand_as(weight).clone()
+    return group_head_masks([(weight, dim)], head_size, sparsity)[0]
+
+
+def sparsity_pattern(weight: Tensor) -> str:
+    """Name the sparsity structure of a weight from its zeros: ``"dense"`` (no zeros), ``"rows"`` (every zero lies in
+    an all-zero output row / filter), ``"2:4"`` (at most 2 non-zeros in every 4 consecutive inputs), else
+    ``"unstructured"``."""
+    w = weight.detach()
+    nnz = int(torch.count_nonzero(w))
+    if nnz == w.numel():
+        return "dense"
+    if w.dim() >= 2:
+        rows_nnz = torch.count_nonzero(w.reshape(w.shape[0], -1), dim=1)
+        if int(rows_nnz.sum()) == int((rows_nnz > 0).sum()) * w[0].numel():
+            return "rows"
+        if w.shape[1] % 4 == 0 and bool((torch.count_nonzero(_inputs_last(w).reshape(-1, 4), dim=1) <= 2).all()):
+            return "2:4"
+    return "unstructured"

@@ -58,6 +58,8 @@ class TensorFormat:
         asymmetric: whether each block also stores an int8 zero-point.
         codebook_size: K for k-means weight sharing (values are ``ceil(log2 K)``-bit indices), else None.
         nm: ``(N, M)`` when the kept values follow an N:M pattern (stored with ``ceil(log2 M)``-bit positions).
+        rows: the number of output rows when whole rows are pruned: kept rows are stored densely, plus one bit
+            per row saying which were kept.
     """
 
     bits: int = 32
@@ -65,21 +67,24 @@ class TensorFormat:
     asymmetric: bool = False
     codebook_size: int | None = None
     nm: tuple[int, int] | None = None
+    rows: int | None = None
 
 
 def tensor_bits(numel: int, nnz: int, fmt: TensorFormat) -> int:
     """Storage bits of a tensor of ``numel`` entries with ``nnz`` non-zeros in ``fmt``, metadata included.
 
     Values: ``nnz`` values of ``fmt.bits`` (codebook: index bits). Sparsity metadata: N:M stores
-    ``ceil(log2 M)`` bits per kept value; unstructured sparsity pays for a ``numel``-bit mask only when that is
-    cheaper than storing the zeros densely. Quantization metadata: one float32 scale per block (+ int8 zero-point
-    when asymmetric); a codebook adds ``K * 32`` bits.
+    ``ceil(log2 M)`` bits per kept value; row pruning one bit per row; unstructured sparsity pays for a
+    ``numel``-bit mask only when that is cheaper than storing the zeros densely. Quantization metadata: one
+    float32 scale per block (+ int8 zero-point when asymmetric); a codebook adds ``K * 32`` bits.
     """
     value_bits = index_bits(fmt.codebook_size) if fmt.codebook_size else fmt.bits
     if fmt.nm is not None:
         n, m = fmt.nm
         kept = numel * n // m
         values = kept * (value_bits + index_bits(m))
+    elif fmt.rows is not None:
+        values = nnz * value_bits + fmt.rows
     else:
         values = min(numel * value_bits, nnz * value_bits + numel)
     meta = fmt.n_scales * (SCALE_BITS + (ZERO_POINT_BITS if fmt.asymmetric else 0))

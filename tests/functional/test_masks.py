@@ -3,6 +3,7 @@ import torch
 
 from lightning_compress.functional.masks import (
     global_magnitude_masks,
+    group_head_masks,
     head_mask,
     magnitude_mask,
     nm_mask,
@@ -103,3 +104,19 @@ def test_head_mask_rows_and_columns():
 def test_sparsity_out_of_range_raises(bad):
     with pytest.raises(ValueError, match=r"sparsity must be in \[0, 1\)"):
         magnitude_mask(torch.randn(4), bad)
+
+
+def test_group_head_masks_remove_the_same_head_everywhere():
+    torch.manual_seed(0)
+    q, k, v, o = (torch.randn(8, 8) for _ in range(4))
+    bias = torch.randn(8)
+    for t in (q, k, v):
+        t[4:6] *= 0.01  # head 2 (head size 2) is weak in q, k, v ...
+    o[:, 4:6] *= 0.01  # ... and in the output columns
+    masks = group_head_masks([(q, 0), (k, 0), (v, 0), (bias, 0), (o, 1)], head_size=2, sparsity=0.25)
+    for m in masks[:3]:
+        assert not m[4:6].any() and m[[0, 1, 2, 3, 6, 7]].all()
+    assert torch.equal(masks[3], torch.tensor([True] * 4 + [False] * 2 + [True] * 2))
+    assert not masks[4][:, 4:6].any() and masks[4][:, [0, 1, 2, 3, 6, 7]].all()
+    with pytest.raises(ValueError, match="same size"):
+        group_head_masks([(q, 0), (torch.randn(4, 8), 0)], 2, 0.5)

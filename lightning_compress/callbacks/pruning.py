@@ -1,0 +1,468 @@
+"""IterativePruning: magnitude, N:M and structured pruning on a schedule, exact across checkpoints and DDP."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import yaml
+from torch import Tensor, nn
+
+from lightning_compress.callbacks.base import select_layers
+from lightning_compress.functional.masks import (
+    check_sparsity,
+    global_magnitude_masks,
+    group_head_masks,
+    magnitude_mask,
+    nm_mask,
+    parse_nm,
+    row_mask,
+)
+from lightning_compress.functional.schedules import cubic_sparsity, geometric_rounds
+
+log = logging.getLogger(__name__)
+
+METHODS = ("magnitude", "nm", "rows", "heads")
+SCHEDULES = ("oneshot", "iterative", "cubic")
+SCOPES = ("layer", "global")
+
+
+@dataclass
+class _Part:
+    """One parameter of a pruning unit: ``view`` is the shape the mask is computed on, ``dim`` its head/row dim."""
+
+    name: str
+    param: nn.Parameter
+    view: tuple[int, ...]
+    dim: int
+
+
+@dataclass
+class _Unit:
+    """What one pruning decision covers: a layer's weight (and bias for rows), or an attention block's heads."""
+
+    name: str
+    parts: list[_Part]
+    head_size: int | None = None
+
+
+def _part(name: str, param: nn.Parameter, dim: int = 0, view: tuple[int, ...] | None = None) -> _Part:
+    return _Part(name, param, tuple(view or param.shape), dim)
+
+
+def _attention_parts(name: str, module: nn.Module, model: nn.Module) -> tuple[list[_Part], int] | None:
+    """The projections of an attention block and its head size, or None when ``module`` is not one.
+
+    Knows ``nn.MultiheadAttention`` (packed q/k/v ``in_proj_weight``) and Hugging Face BERT-style self-attention
+    (``query`` / ``key`` / ``value`` Linear children, ``attention_head_size``; the output projection is the
+    parent's ``output.dense``).
+    """
+    if isinstance(module, nn.MultiheadAttention):
+        if not module._qkv_same_embed_dim:
+            return None
+        e, hs = module.embed_dim, module.head_dim
+        parts = [_part(f"{name}.in_proj_weight", module.in_proj_weight, 1, (3, e, e))]
+        if module.in_proj_bias is not None:
+            parts.append(_part(f"{name}.in_proj_bias", module.in_proj_bias, 1, (3, e)))
+        parts.append(_part(f"{name}.out_proj.weight", module.out_proj.weight, 1))
+        return parts, hs
+    children = [getattr(module, k, None) for k in ("query", "key", "value")]
+    hs = getattr(module, "attention_head_size", None)
+    if not (all(isinstance(c, nn.Linear) for c in children) and isinstance(hs, int)):
+        return None
+    parts = []
+    for key, child in zip(("query", "key", "value"), children, strict=True):
+        parts.append(_part(f"{name}.{key}.weight", child.weight))
+        if child.bias is not None:
+            parts.append(_part(f"{name}.{key}.bias", child.bias))
+    parent_name = name.rpartition(".")[0]
+    dense = getattr(getattr(model.get_submodule(parent_name), "output", None), "dense", None)
+    if isinstance(dense, nn.Linear):
+        parts.append(_part(f"{parent_name}.output.dense.weight", dense.weight, 1))
+    return parts, hs
+
+
+def load_plan(plan: Mapping[str, float] | str | Path) -> dict[str, float]:
+    """Per-layer target sparsities from a dict or a YAML file (``layers: {name: sparsity}``, as
+    ``scripts/sensitivity.py`` writes it; a flat ``{name: sparsity}`` mapping also works)."""
+    if isinstance(plan, (str, Path)):
+        path = Path(plan)
+        if not path.is_file():
+            raise ValueError(f"plan={str(plan)!r} is not a file; allowed: a YAML plan file or a dict")
+        plan = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(plan, Mapping):
+        raise TypeError(f"plan must be a dict of layer -> sparsity or a YAML path, got {type(plan).__name__}")
+    layers = plan.get("layers", plan) if "layers" in plan else plan
+    return {str(k): check_sparsity(v, f"plan[{k!r}]") for k, v in dict(layers).items()}
+
+
+class IterativePruning(pl.Callback):
+    """Prune any LightningModule's layers on a schedule; masks hold through training, checkpoints and DDP.
+
+    Methods: ``"magnitude"`` (unstructured, per layer or ``scope="global"``), ``"nm"`` (``pattern="2:4"``, any
+    N < M, along the input dimension), ``"rows"`` (output rows / conv filters by L1 norm, with their bias),
+    ``"heads"`` (whole attention heads of ``nn.MultiheadAttention`` or BERT-style self-attention, q/k/v rows and
+    output columns together). Schedules: ``"oneshot"`` (at fit start), ``"iterative"`` (prune ``rate`` of what
+    remains at the end of every ``every_n_epochs`` epochs until the target, fine-tuning in between), ``"cubic"``
+    (Zhu & Gupta 2017, by optimizer step from ``begin_step`` to ``end_step``, every ``frequency`` steps).
+
+    Pruned weights are exactly zero after every optimizer step: gradients are masked before the step, weights
+    after it, and optimizer state (momentum, Adam moments) is zeroed where a mask prunes, so nothing grows back.
+    Weight keys never change: a checkpoint loads into the plain model with ``strict=True``. Masks, schedule
+    position and rewind weights are this callback's state, saved in the checkpoint and restored on resume.
+    Under DDP, rank 0's masks are broadcast so every rank holds the same.
+
+    YAML (``conf/compress/prune_magnitude.yaml``)::
+
+        # @package _global_
+        callbacks:
+          pruning:
+            _target_: lightning_compress.IterativePruning
+            sparsity: 0.9
+            schedule: iterative
+            rate: 0.5
+
+    Python::
+
+        trainer = L.Trainer(callbacks=[IterativePruning(sparsity=0.9, schedule="cubic")])
+        trainer = L.Trainer(callbacks=[IterativePruning(method="nm", pattern="2:4", ignore=["net.0"])])
+
+    Args:
+        sparsity: target fraction pruned per unit (weights, rows or heads), in ``[0, 1)``; N:M ignores it.
+        method: ``"magnitude"``, ``"nm"``, ``"rows"`` or ``"heads"``.
+        schedule: ``"oneshot"``, ``"iterative"`` or ``"cubic"`` (N:M is one-shot only).
+        pattern: the N:M pattern, e.g. ``"2:4"``.
+        scope: ``"layer"`` (each layer to its target) or ``"global"`` (one magnitude ranking over all layers).
+        targets, ignore: regexes over layer names (attention module names for ``"heads"``).
+        plan: per-layer targets, ``{layer: sparsity}`` or a YAML file from ``scripts/sensitivity.py``; layers
+            not in the plan use ``sparsity``.
+        rate: iterative: fraction of the remaining weights pruned per round, in ``(0, 1)``.
+        every_n_epochs: iterative: epochs between rounds.
+        begin_step, end_step, frequency: cubic: the ramp in optimizer steps; ``end_step=None`` ends at 3/4 of
+            the run's total steps.
+        initial_sparsity: cubic: ``s_i``.
+        rewind: lottery ticket (Frankle & Carbin 2019), iterative only: after each round reset surviving weights
+            to their values at the start of fit (``"init"``) or after optimizer step ``k`` (an int), and
+            clear their optimizer state.
+        log_sparsity: log per-unit and global sparsity at every epoch end.
+    """
+
+    def __init__(
+        self,
+        sparsity: float = 0.5,
+        method: str = "magnitude",
+        schedule: str = "oneshot",
+        pattern: str = "2:4",
+        scope: str = "layer",
+        targets: str | Sequence[str] | None = None,
+        ignore: str | Sequence[str] | None = None,
+        plan: Mapping[str, float] | str | None = None,
+        rate: float = 0.5,
+        every_n_epochs: int = 1,
+        begin_step: int = 0,
+        end_step: int | None = None,
+        frequency: int = 10,
+        initial_sparsity: float = 0.0,
+        rewind: str | int | None = None,
+        log_sparsity: bool = True,
+    ) -> None:
+        self.sparsity = check_sparsity(sparsity)
+        self.method = _choice("method", method, METHODS)
+        self.schedule = _choice("schedule", schedule, SCHEDULES)
+        self.scope = _choice("scope", scope, SCOPES)
+        self.nm = parse_nm(pattern) if method == "nm" else None
+        if method == "nm" and schedule != "oneshot":
+            raise ValueError(f"schedule={schedule!r} with method='nm': N:M sparsity is fixed, allowed: 'oneshot'")
+        if scope == "global" and (method != "magnitude" or plan is not None):
+            raise ValueError("scope='global' needs method='magnitude' and no per-layer plan")
+        self.plan = load_plan(plan) if plan is not None else {}
+        if not 0.0 < rate < 1.0:
+            raise ValueError(f"rate must be in (0, 1), got {rate}")
+        for name, value in (("every_n_epochs", every_n_epochs), ("frequency", frequency)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if begin_step < 0 or (end_step is not None and end_step <= begin_step):
+            raise ValueError(f"need 0 <= begin_step < end_step, got begin_step={begin_step}, end_step={end_step}")
+        self.initial_sparsity = check_sparsity(initial_sparsity, "initial_sparsity")
+        if rewind is not None and not (rewind == "init" or (isinstance(rewind, int) and rewind >= 0)):
+            raise ValueError(f"rewind must be None, 'init' or a step >= 0, got {rewind!r}")
+        if rewind is not None and schedule != "iterative":
+            raise ValueError(f"rewind={rewind!r} needs schedule='iterative' (rounds to rewind after)")
+        self.targets, self.ignore = targets, ignore
+        self.rate, self.every_n_epochs = float(rate), every_n_epochs
+        self.begin_step, self.end_step, self.frequency = begin_step, end_step, frequency
+        self.rewind = 0 if rewind == "init" else rewind
+        self.log_sparsity = log_sparsity
+        # state saved in checkpoints
+        self.masks: dict[str, Tensor] = {}
+        self.step = 0
+        self.round = 0
+        self.snapshot: dict[str, Tensor] = {}
+        # runtime
+        self._units: list[_Unit] = []
+        self._params: dict[str, nn.Parameter] = {}
+        self._hooks: list[Any] = []
+        self._masked_cache: tuple[Any, list[nn.Parameter], list[Tensor]] | None = None
+        self._trainer: pl.Trainer | None = None
+        self._end_step = end_step
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(method=self.method, schedule=self.schedule, targets=self.targets)
+
+    # ----------------------------------------------------------------------------------------- selection
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Resolve and validate the units before any weight is touched."""
+        self._units = self.units(pl_module)
+        self._params = {p.name: p.param for u in self._units for p in u.parts}
+
+    def units(self, model: nn.Module) -> list[_Unit]:
+        """The pruning units of ``model`` for this configuration; raises ValueError on anything invalid."""
+        if self.method == "heads":
+            found = select_layers(
+                model,
+                self.targets,
+                self.ignore,
+                accept=lambda m: _attention_parts("", m, model) is not None,
+                kind="attention (nn.MultiheadAttention or query/key/value)",
+            )
+            units = []
+            for name, module in found.items():
+                parts, head_size = _attention_parts(name, module, model)
+                units.append(_Unit(name, parts, head_size))
+        else:
+            layers = select_layers(model, self.targets, self.ignore)
+            units = [self._layer_unit(name, layer) for name, layer in layers.items()]
+        unknown = sorted(set(self.plan) - {u.name for u in units})
+        if unknown:
+            raise ValueError(f"plan names unknown layers {unknown}; allowed: {[u.name for u in units]}")
+        return units
+
+    def _layer_unit(self, name: str, layer: nn.Module) -> _Unit:
+        weight = layer.weight
+        if not weight.is_floating_point():
+            raise TypeError(f"layer {name!r} has a {weight.dtype} weight; pruning needs a float weight")
+        if self.nm is not None and weight.shape[1] % self.nm[1]:
+            raise ValueError(
+                f"layer {name!r}: input dimension {weight.shape[1]} is not divisible by M={self.nm[1]} "
+                f"(pattern {self.nm[0]}:{self.nm[1]}); add it to ignore"
+            )
+        parts = [_part(f"{name}.weight", weight)]
+        if self.method == "rows" and getattr(layer, "bias", None) is not None:
+            parts.append(_part(f"{name}.bias", layer.bias))
+        return _Unit(name, parts)
+
+    # ------------------------------------------------------------------------------------------ masks
+    def target(self, unit: _Unit) -> float:
+        """Final sparsity of ``unit``: its plan entry, else ``sparsity``."""
+        return self.plan.get(unit.name, self.sparsity)
+
+    def compute_masks(self, level: Callable[[_Unit], float]) -> dict[str, Tensor]:
+        """New masks with each unit at ``level(unit)``, ranking surviving weights only (pruned stay pruned)."""
+        if self.scope == "global":
+            units = self._units
+            weights = [self._survivors(u.parts[0]) for u in units]
+            masks = global_magnitude_masks(weights, level(units[0]))
+            return {u.parts[0].name: m for u, m in zip(units, masks, strict=True)}
+        masks: dict[str, Tensor] = {}
+        for unit in self._units:
+            s = level(unit)
+            if self.method == "heads":
+                parts = [(self._survivors(p).reshape(p.view), p.dim) for p in unit.parts]
+                found = group_head_masks(parts, unit.head_size, s)
+                masks.update({p.name: m.reshape(p.param.shape) for p, m in zip(unit.parts, found, strict=True)})
+                continue
+            weight = self._survivors(unit.parts[0])
+            if self.method == "nm":
+                mask = nm_mask(weight, *self.nm)
+            elif self.method == "rows":
+                mask = row_mask(weight, s)
+                for p in unit.parts[1:]:
+                    masks[p.name] = mask.reshape(mask.shape[0], -1)[:, 0].clone()
+            else:
+                mask = magnitude_mask(weight, s)
+            masks[unit.parts[0].name] = mask
+        return masks
+
+    def _survivors(self, part: _Part) -> Tensor:
+        w = part.param.detach()
+        old = self.masks.get(part.name)
+        return w if old is None else w * old
+
+    def prune_to(self, trainer: pl.Trainer | None, level: Callable[[_Unit], float]) -> None:
+        """Compute masks at ``level``, make every rank agree, and apply them to weights and optimizer state."""
+        masks = self.compute_masks(level)
+        if trainer is not None and trainer.world_size > 1:
+            masks = trainer.strategy.broadcast(masks, src=0)
+        self.masks = {k: m.to(self._params[k].device) for k, m in masks.items()}
+        self.apply_masks(trainer)
+        log.info("pruned to global sparsity %.4f", self.global_sparsity())
+
+    @torch.no_grad()
+    def apply_masks(self, trainer: pl.Trainer | None = None) -> None:
+        """Zero pruned weights and, when a trainer is given, their optimizer state (momenta, Adam moments)."""
+        self._remask()
+        for name, mask in self.masks.items():
+            for state in _optimizer_state(trainer, self._params[name]):
+                state.mul_(mask.to(state.dtype))
+
+    def global_sparsity(self) -> float:
+        """Fraction of zeros over every pruned parameter, counted from the weights."""
+        total = sum(p.numel() for p in self._params.values())
+        zeros = sum(p.numel() - int(torch.count_nonzero(p.detach())) for p in self._params.values())
+        return zeros / total if total else 0.0
+
+    # ------------------------------------------------------------------------------------------ hooks
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._trainer = trainer
+        if self.schedule == "cubic" and self.end_step is None:
+            total = int(trainer.estimated_stepping_batches)
+            self._end_step = self.begin_step + max(1, int(0.75 * (total - self.begin_step)))
+        fresh = not self.masks
+        if fresh and self.rewind == 0:
+            self.snapshot = {n: p.detach().clone() for n, p in self._params.items()}
+        if fresh and self.schedule == "oneshot":
+            self.prune_to(trainer, self.target)
+        elif not fresh:
+            self.masks = {k: m.to(self._params[k].device) for k, m in self.masks.items()}
+            self.apply_masks()
+        self._register_hooks(trainer)
+
+    def _register_hooks(self, trainer: pl.Trainer) -> None:
+        self._remove_hooks()
+        for i, optimizer in enumerate(trainer.optimizers):
+            self._hooks.append(optimizer.register_step_post_hook(self._after_step if i == 0 else self._remask))
+
+    def _remove_hooks(self) -> None:
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
+
+    @torch.no_grad()
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        """Zero the gradients of pruned weights (runs after backward, before the update), so momenta and Adam
+        moments of pruned positions stay zero and the update leaves them at exactly zero."""
+        params, masks = self._masked
+        grads = [p.grad for p in params]
+        if params and all(g is not None for g in grads):
+            torch._foreach_mul_(grads, masks)
+        else:
+            for g, m in zip(grads, masks, strict=True):
+                if g is not None:
+                    g.mul_(m)
+
+    @torch.no_grad()
+    def _remask(self, *hook_args: Any) -> None:
+        """Multiply every masked parameter by its mask (one fused foreach call); also an optimizer post-hook."""
+        params, masks = self._masked
+        if params:
+            torch._foreach_mul_(params, masks)
+
+    @property
+    def _masked(self) -> tuple[list[nn.Parameter], list[Tensor]]:
+        """The masked parameters and their masks in each parameter's dtype, cached until the masks change (the
+        per-step hooks then cost two fused multiplies and no allocation)."""
+        cache = self._masked_cache
+        params = [self._params[n] for n in self.masks]
+        if (
+            cache is None
+            or cache[0] is not self.masks
+            or any(p.dtype != m.dtype or p.device != m.device for p, m in zip(params, cache[2], strict=True))
+        ):
+            masks = [m.to(device=p.device, dtype=p.dtype) for m, p in zip(self.masks.values(), params, strict=True)]
+            cache = self._masked_cache = (self.masks, params, masks)
+        return cache[1], cache[2]
+
+    def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        self._remask()
+        self.step += 1
+        if self.rewind is not None and self.rewind > 0 and self.step == self.rewind and not self.snapshot:
+            self.snapshot = {n: p.detach().clone() for n, p in self._params.items()}
+        if self.schedule != "cubic" or not self.begin_step <= self.step <= self._end_step:
+            return
+        if (self.step - self.begin_step) % self.frequency == 0:
+            self.prune_to(self._trainer, self._cubic_level)
+
+    def _cubic_level(self, unit: _Unit) -> float:
+        n = max(1, (self._end_step - self.begin_step) // self.frequency)
+        final = self.target(unit)
+        initial = min(self.initial_sparsity, final)
+        return cubic_sparsity(self.step, final, n, initial, self.begin_step, self.frequency)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.schedule == "iterative" and (trainer.current_epoch + 1) % self.every_n_epochs == 0:
+            levels = {u.name: geometric_rounds(self.target(u), self.rate) for u in self._units}
+            if self.round < max(map(len, levels.values()), default=0):
+                r = self.round
+                self.prune_to(
+                    trainer, lambda u: levels[u.name][min(r, len(levels[u.name]) - 1)] if levels[u.name] else 0.0
+                )
+                self.round += 1
+                self._rewind(trainer)
+        if self.log_sparsity:
+            pl_module.log_dict(self.sparsity_metrics(), on_step=False, on_epoch=True)
+
+    @torch.no_grad()
+    def _rewind(self, trainer: pl.Trainer) -> None:
+        if self.rewind is None or not self.snapshot:
+            return
+        for name, param in self._params.items():
+            param.copy_(self.snapshot[name].to(param.device))
+            for state in _optimizer_state(trainer, param):
+                state.zero_()
+        self._remask()
+
+    def sparsity_metrics(self) -> dict[str, float]:
+        """``sparsity/<unit>`` (zeros in the unit's parameters) and ``sparsity/global``, from the weights."""
+        metrics = {}
+        for unit in self._units:
+            numel = sum(p.param.numel() for p in unit.parts)
+            nnz = sum(int(torch.count_nonzero(p.param.detach())) for p in unit.parts)
+            metrics[f"sparsity/{unit.name}"] = 1.0 - nnz / numel
+        metrics["sparsity/global"] = self.global_sparsity()
+        return metrics
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._remove_hooks()
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._remove_hooks()
+
+    # ------------------------------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "masks": {k: v.cpu() for k, v in self.masks.items()},
+            "step": self.step,
+            "round": self.round,
+            "snapshot": {k: v.cpu() for k, v in self.snapshot.items()},
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.masks = dict(state_dict["masks"])
+        self.step = int(state_dict["step"])
+        self.round = int(state_dict["round"])
+        self.snapshot = dict(state_dict["snapshot"])
+
+
+def _optimizer_state(trainer: pl.Trainer | None, param: nn.Parameter) -> list[Tensor]:
+    """The optimizer state tensors shaped like ``param`` (momentum buffers, Adam moments) in ``trainer``."""
+    optimizers = trainer.optimizers if trainer is not None else []
+    return [
+        v
+        for opt in optimizers
+        for v in opt.state.get(param, {}).values()
+        if isinstance(v, Tensor) and v.shape == param.shape
+    ]
+
+
+def _choice(name: str, value: str, allowed: tuple[str, ...]) -> str:
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is not supported; allowed: {list(allowed)}")
+    return value
