@@ -29,7 +29,35 @@ def seeded_split(n: int, fractions: tuple[float, float], seed: int) -> tuple[tor
     return perm[n_val + n_test :], perm[:n_val], perm[n_val : n_val + n_test]
 
 
-class DigitsDataModule(pl.LightningDataModule):
+class InMemoryDataModule(pl.LightningDataModule):
+    """Base for datasets held in memory: ``setup`` fills ``self.splits`` with "train", "val" and "test"; this class
+    serves them (train shuffled; predict uses the test split)."""
+
+    def __init__(self, batch_size: int, num_workers: int = 0) -> None:
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.splits: dict[str, TensorDataset] = {}
+
+    def _loader(self, split: str, shuffle: bool = False) -> DataLoader:
+        return DataLoader(self.splits[split], batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("test")
+
+
+class DigitsDataModule(InMemoryDataModule):
     """scikit-learn's 1,797 bundled 8×8 handwritten digits as ``(B, 1, 8, 8)`` float images in [0, 1], 10 classes.
 
     Args:
@@ -49,14 +77,9 @@ class DigitsDataModule(pl.LightningDataModule):
         seed: int = 0,
         num_workers: int = 0,
     ) -> None:
-        super().__init__()
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.batch_size = batch_size
+        super().__init__(batch_size, num_workers)
         self.fractions = (val_fraction, test_fraction)
         self.seed = seed
-        self.num_workers = num_workers
-        self.splits: dict[str, TensorDataset] = {}
 
     def setup(self, stage: str | None = None) -> None:
         if self.splits:
@@ -68,21 +91,6 @@ class DigitsDataModule(pl.LightningDataModule):
         y = torch.tensor(digits.target, dtype=torch.long)
         train, val, test = seeded_split(len(y), self.fractions, self.seed)
         self.splits = {k: TensorDataset(x[i], y[i]) for k, i in (("train", train), ("val", val), ("test", test))}
-
-    def _loader(self, split: str, shuffle: bool = False) -> DataLoader:
-        return DataLoader(self.splits[split], batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val")
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test")
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader("test")
 
 
 FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"  # where Debian's `dataset-fashion-mnist` puts the files
@@ -129,7 +137,7 @@ def find_fashion_mnist(roots: list[Path]) -> dict[str, Path] | None:
     return None
 
 
-class FashionMNISTDataModule(pl.LightningDataModule):
+class FashionMNISTDataModule(InMemoryDataModule):
     """Fashion-MNIST (Xiao et al. 2017) as normalised ``(B, 1, 28, 28)`` float32 images, 10 classes, all in memory.
 
     60,000 training images minus a seeded validation split of ``val_size`` taken from them, and the official 10,000
@@ -159,18 +167,13 @@ class FashionMNISTDataModule(pl.LightningDataModule):
         num_workers: int = 0,
         download: bool = False,
     ) -> None:
-        super().__init__()
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        super().__init__(batch_size, num_workers)
         if not 0 < val_size < 60000:
             raise ValueError(f"val_size must be in (0, 60000), got {val_size}")
         self.root = root
-        self.batch_size = batch_size
         self.val_size = val_size
         self.seed = seed
-        self.num_workers = num_workers
         self.download = download
-        self.splits: dict[str, TensorDataset] = {}
 
     def _roots(self) -> list[Path]:
         return [Path(self.root)] if self.root is not None else [Path(FASHION_MNIST_ROOT), FASHION_MNIST_CACHE]
@@ -211,18 +214,3 @@ class FashionMNISTDataModule(pl.LightningDataModule):
             "val": TensorDataset(x[val], y[val]),
             "test": TensorDataset(*data["test"]),
         }
-
-    def _loader(self, split: str, shuffle: bool = False) -> DataLoader:
-        return DataLoader(self.splits[split], batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val")
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test")
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader("test")

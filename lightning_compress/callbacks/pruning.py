@@ -320,7 +320,7 @@ class IterativePruning(pl.Callback):
     # ------------------------------------------------------------------------------------------ hooks
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._trainer = trainer
-        if self.schedule == "cubic" and self.end_step is None:
+        if self.schedule == "cubic" and self._end_step is None:
             total = int(trainer.estimated_stepping_batches)
             self._end_step = self.begin_step + max(1, int(0.75 * (total - self.begin_step)))
         fresh = not self.masks
@@ -442,6 +442,7 @@ class IterativePruning(pl.Callback):
             "step": self.step,
             "round": self.round,
             "snapshot": {k: v.cpu() for k, v in self.snapshot.items()},
+            "end_step": self._end_step,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -449,6 +450,7 @@ class IterativePruning(pl.Callback):
         self.step = int(state_dict["step"])
         self.round = int(state_dict["round"])
         self.snapshot = dict(state_dict["snapshot"])
+        self._end_step = state_dict.get("end_step", self.end_step)
 
 
 def _optimizer_state(trainer: pl.Trainer | None, param: nn.Parameter) -> list[Tensor]:

@@ -344,3 +344,14 @@ def test_bad_selection_fails_before_any_weight_is_touched(kwargs, match):
     with pytest.raises(ValueError, match=match):
         fit([IterativePruning(**kwargs)], max_epochs=1, model=model)
     assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
+
+
+def test_cubic_resume_keeps_the_ramp_it_started_with(tmp_path):
+    first = IterativePruning(sparsity=0.8, schedule="cubic", frequency=2)
+    fit([first, ModelCheckpoint(dirpath=tmp_path, save_last=True)], max_epochs=1)
+    end = first._end_step
+    assert end == int(0.75 * TRAIN_BATCHES)  # 3/4 of the first run's 20 steps
+    resumed = IterativePruning(sparsity=0.8, schedule="cubic", frequency=2)
+    fit([resumed], max_epochs=3, ckpt_path=tmp_path / "last.ckpt")  # a longer run must not stretch the ramp
+    assert resumed._end_step == end
+    assert resumed.global_sparsity() == pytest.approx(0.8, abs=2e-3)
