@@ -6,10 +6,15 @@ Benchmarks are not tests: nothing here is timed by the test suite.
 
 from __future__ import annotations
 
+import copy
+import functools
+import logging
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+import lightning.pytorch as pl
 import torch
 
 
@@ -67,3 +72,75 @@ def machine() -> str:
         pass
     gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
     return f"{cpu}, {torch.get_num_threads()} threads{gpu}, torch {torch.__version__}"
+
+
+def quiet() -> None:
+    """Silence Lightning's and torch's per-run chatter in benchmark output."""
+    warnings.filterwarnings("ignore")
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def trainer(epochs: int, callbacks: list[pl.Callback], **kwargs: object) -> pl.Trainer:
+    """A CPU Trainer with no logger, checkpoints, bars or summaries."""
+    return pl.Trainer(
+        accelerator="cpu",
+        max_epochs=epochs,
+        callbacks=callbacks,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        **kwargs,
+    )
+
+
+def test_accuracy(model: pl.LightningModule, dm: pl.LightningDataModule) -> float:
+    """``test/acc`` of ``model`` on ``dm``'s test split."""
+    return trainer(1, []).test(model, dm, verbose=False)[0]["test/acc"]
+
+
+class StepTimer(pl.Callback):
+    """Wall time from each batch's start to its end: forward, backward, every hook, the optimizer step."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self._t0 = 0.0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._t0 = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.times.append(time.perf_counter() - self._t0)
+
+
+PRETRAIN_EPOCHS = 10
+
+
+@functools.lru_cache(maxsize=1)
+def _fashion_dense() -> tuple[pl.LightningModule, pl.LightningDataModule, float]:
+    from lightning_compress.data import FashionMNISTDataModule
+    from lightning_compress.models import ImageClassifier, LeNet300
+
+    dm = FashionMNISTDataModule(batch_size=128)
+    pl.seed_everything(0)
+    model = ImageClassifier(LeNet300(), lr=1e-3)
+    trainer(PRETRAIN_EPOCHS, []).fit(model, dm)
+    return model, dm, test_accuracy(model, dm)
+
+
+def fashion_dense() -> tuple[pl.LightningModule, pl.LightningDataModule, float]:
+    """A copy of LeNet-300-100 trained densely for PRETRAIN_EPOCHS on Fashion-MNIST (trained once per process),
+    its datamodule and its test accuracy: the common starting point of the accuracy benchmarks."""
+    model, dm, acc = _fashion_dense()
+    return copy.deepcopy(model), dm, acc
+
+
+def finetune(
+    model: pl.LightningModule, dm: pl.LightningDataModule, epochs: int, callbacks: list[pl.Callback]
+) -> tuple[float, float]:
+    """Fine-tune ``model`` with ``callbacks`` (seeded alike for every method); returns (test accuracy, seconds)."""
+    pl.seed_everything(1)
+    t0 = time.perf_counter()
+    trainer(epochs, callbacks).fit(model, dm)
+    return test_accuracy(model, dm), time.perf_counter() - t0

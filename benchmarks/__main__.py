@@ -10,7 +10,7 @@ from pathlib import Path
 from benchmarks import machine
 
 # Module names under benchmarks/, in the order their tables appear.
-REGISTRY = ["size_accounting", "pruning", "physical_pruning"]
+REGISTRY = ["size_accounting", "pruning", "physical_pruning", "qat"]
 RESULTS = Path(__file__).with_name("RESULTS.md")
 
 

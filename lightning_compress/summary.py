@@ -12,8 +12,9 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import nn
 
+from lightning_compress.functional.kmeans import deep_compression_bits
 from lightning_compress.functional.masks import sparsity_pattern
-from lightning_compress.functional.size import TensorFormat, ratio, tensor_bits
+from lightning_compress.functional.size import TensorFormat, index_bits, ratio, tensor_bits
 
 
 @dataclass(frozen=True)
@@ -110,7 +111,8 @@ def _layer_row(name: str, module: nn.Module, own: list[tuple[str, torch.Tensor]]
         pattern, shape = sparsity_pattern(weight), tuple(weight.shape)
         fmt = weight_format(module, weight, pattern)
         nnz = int(torch.count_nonzero(weight.detach()))
-        nonzero, bits, wbits = nonzero + nnz, bits + tensor_bits(weight.numel(), nnz, fmt), fmt.bits
+        wbits = index_bits(fmt.codebook_size) if fmt.codebook_size else fmt.bits
+        nonzero, bits = nonzero + nnz, bits + tensor_bits(weight.numel(), nnz, fmt)
     return LayerRow(
         name or "(root)", type(module).__name__, shape, pattern, params, nonzero, wbits, params * 4.0, bits / 8
     )
@@ -119,7 +121,9 @@ def _layer_row(name: str, module: nn.Module, own: list[tuple[str, torch.Tensor]]
 def compression_summary(model: nn.Module) -> CompressionSummary:
     """Summarize every module that owns parameters: one row per module, weights and biases together.
 
-    Sparsity counts the exact zeros of each ``weight``; other parameters (biases, norms) count as dense.
+    Sparsity counts the exact zeros of each ``weight``; other parameters (biases, norms) count as dense. Only
+    parameters in the model's ``state_dict`` count: a quantizer's working state (learned scales, codebooks) is
+    part of its layer's declared ``weight_format``.
 
     Args:
         model: any ``nn.Module``.
@@ -128,8 +132,61 @@ def compression_summary(model: nn.Module) -> CompressionSummary:
         A :class:`CompressionSummary` whose totals cover every parameter of ``model``.
     """
     rows = []
-    for name, module in model.named_modules():
-        own = list(module.named_parameters(recurse=False))
-        if own:
-            rows.append(_layer_row(name, module, own))
+    for name, module, own in _stored_parameters(model):
+        rows.append(_layer_row(name, module, own))
     return CompressionSummary(rows)
+
+
+def _stored_parameters(model: nn.Module) -> list[tuple[str, nn.Module, list[tuple[str, torch.Tensor]]]]:
+    """``(module name, module, its own parameters)`` for every module whose parameters are in the state_dict."""
+    stored = {id(v) for v in model.state_dict(keep_vars=True).values()}
+    found = []
+    for name, module in model.named_modules():
+        own = [(n, p) for n, p in module.named_parameters(recurse=False) if id(p) in stored]
+        if own:
+            found.append((name, module, own))
+    return found
+
+
+# Relative-index widths of Deep Compression's sparse format (Han et al. 2016): 8 bits for conv, 5 for fc layers.
+CONV_INDEX_BITS, FC_INDEX_BITS = 8, 5
+STAGES = ("dense", "pruned", "kmeans", "huffman")
+
+
+def stage_sizes(model: nn.Module) -> dict[str, float]:
+    """Bytes of the whole model after each Deep Compression stage (Han et al. 2016), every parameter counted.
+
+    Each Linear / Conv weight is stored as in the paper: ``dense`` FP32; ``pruned``: non-zeros with relative
+    indices (8 bits for conv, 5 for fc; filler entries for longer gaps); ``kmeans``: values as indices into the
+    layer's codebook (its declared ``weight_format.codebook_size``; layers without one keep FP32 values);
+    ``huffman``: both index streams Huffman-coded (code tables excluded, as the paper). Other parameters
+    (biases, norms) count as FP32 in every stage.
+
+    Returns:
+        ``{stage: bytes}`` for ``dense``, ``pruned``, ``kmeans``, ``huffman``.
+    """
+    totals = dict.fromkeys(STAGES, 0.0)
+    for _, module, own in _stored_parameters(model):
+        for name, param in own:
+            weight = name == "weight" and isinstance(module, (nn.Linear, nn.modules.conv._ConvNd))
+            if not weight:
+                for stage in STAGES:
+                    totals[stage] += param.numel() * 4
+                continue
+            fmt = getattr(module, "weight_format", None)
+            k = getattr(fmt, "codebook_size", None)
+            index_bits = FC_INDEX_BITS if isinstance(module, nn.Linear) else CONV_INDEX_BITS
+            bits = deep_compression_bits(param.detach(), k=k, index_bits=index_bits)
+            bits.setdefault("kmeans", bits["pruned"])
+            for stage in STAGES:
+                totals[stage] += bits[stage] / 8
+    return totals
+
+
+def stage_markdown(sizes: dict[str, float]) -> str:
+    """The stage sizes as a markdown table with the ratio to dense FP32."""
+    lines = ["| stage | bytes | vs FP32 |", "|---|---:|---:|"]
+    labels = {"dense": "dense FP32", "pruned": "pruned (+ relative indices)", "kmeans": "+ k-means weight sharing"}
+    for stage, size in sizes.items():
+        lines.append(f"| {labels.get(stage, '+ Huffman coding')} | {size:,.0f} | {ratio(sizes['dense'], size):.2f}× |")
+    return "\n".join(lines)

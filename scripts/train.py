@@ -30,8 +30,7 @@ def main(cfg: DictConfig) -> dict[str, float]:
         for key, value in metrics.items():
             print(f"{key}: {value:.4f}")
         reports = [c for c in callbacks if isinstance(c, CompressionReport)]
-        summary = reports[0].summary if reports else compression_summary(model)
-        print(summary.to_markdown())
+        print(reports[0].to_markdown() if reports else compression_summary(model).to_markdown())
         if reports:
             print(f"summary written to {reports[0].path(trainer)}")
     return metrics

@@ -34,3 +34,38 @@ def test_declared_weight_format_sets_bits_and_bytes():
     assert row.bytes == (64 * 4 + 4 * 32 + 4 * 32) / 8  # int4 weight + 4 scales + FP32 bias
     assert s.ratio == pytest.approx((68 * 32) / (64 * 4 + 4 * 32 + 4 * 32))
     assert "**total**" in s.to_markdown()
+
+
+def _kmeans_model():
+    from lightning_compress.nn.fake_quant import FakeQuantLinear, WeightQuantizer
+
+    torch.manual_seed(0)
+    layer = nn.Linear(64, 16)
+    with torch.no_grad():
+        layer.weight[layer.weight.abs() < 0.08] = 0
+    fq = FakeQuantLinear.from_module(layer, WeightQuantizer(layer.weight, bits=4, scheme="kmeans"))
+    with torch.no_grad():
+        fq.weight_quantizer.convert(fq.weight)
+    return nn.Sequential(fq)
+
+
+def test_quantizer_state_is_not_counted_twice():
+    model = _kmeans_model()
+    s = compression_summary(model)
+    assert [r.name for r in s.rows] == ["0"]  # the codebook lives in the layer's format, not as a row
+    row = s.rows[0]
+    assert row.params == 64 * 16 + 16 and row.bits == 4
+    nnz = int(torch.count_nonzero(model[0].weight))
+    assert row.bytes == (min(1024 * 4, nnz * 4 + 1024) + 16 * 32 + 16 * 32) / 8
+
+
+def test_stage_sizes_follow_deep_compression_per_layer():
+    from lightning_compress.functional.kmeans import deep_compression_bits
+    from lightning_compress.summary import stage_sizes
+
+    model = _kmeans_model()
+    bits = deep_compression_bits(model[0].weight.detach(), k=16, index_bits=5)
+    sizes = stage_sizes(model)
+    bias = 16 * 4
+    assert sizes == {stage: bits[stage] / 8 + bias for stage in ("dense", "pruned", "kmeans", "huffman")}
+    assert sizes["dense"] > sizes["pruned"] > sizes["kmeans"] > sizes["huffman"]

@@ -8,7 +8,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_only
 
-from lightning_compress.summary import CompressionSummary, compression_summary
+from lightning_compress.summary import CompressionSummary, compression_summary, stage_markdown, stage_sizes
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,7 @@ class CompressionReport(pl.Callback):
         self.dirpath = dirpath
         self.filename = filename
         self.summary: CompressionSummary | None = None
+        self.stages: dict[str, float] | None = None
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._report(trainer, pl_module)
@@ -52,13 +53,22 @@ class CompressionReport(pl.Callback):
 
     def _report(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.summary = compression_summary(pl_module)
+        shared = any(getattr(getattr(m, "weight_format", None), "codebook_size", None) for m in pl_module.modules())
+        self.stages = stage_sizes(pl_module) if shared else None
         self._write(trainer, self.summary)
+
+    def to_markdown(self) -> str:
+        """The last report: the per-layer table, plus Deep Compression's stage sizes when weights share codebooks."""
+        text = self.summary.to_markdown() if self.summary is not None else ""
+        if self.stages is not None:
+            text += "\n\nSize after each Deep Compression stage:\n\n" + stage_markdown(self.stages)
+        return text
 
     @rank_zero_only
     def _write(self, trainer: pl.Trainer, summary: CompressionSummary) -> None:
         path = self.path(trainer)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("# Compression summary\n\n" + summary.to_markdown() + "\n")
+        path.write_text("# Compression summary\n\n" + self.to_markdown() + "\n")
         log.info("compression summary written to %s", path)
         if trainer.logger is not None:
             metrics = {"compression/ratio_vs_fp32": summary.ratio, "compression/sparsity": summary.sparsity}

@@ -113,7 +113,10 @@ def expand_params(p: Tensor, shape: tuple[int, ...] | torch.Size) -> Tensor:
 
     Along each dimension ``p`` has size 1 (broadcast), the full size (no copy), or ``size / block`` (repeated
     ``block`` times). A 2-D ``p`` for a tensor of more dims addresses its flattened ``(shape[0], -1)`` view.
+    A 0-dim ``p`` is per-tensor and broadcasts as it is.
     """
+    if p.dim() == 0:
+        return p
     shape = tuple(shape)
     flat = p.dim() == 2 and len(shape) > 2
     target = (shape[0], math.prod(shape[1:])) if flat else shape
@@ -245,3 +248,62 @@ def fake_quantize(x: Tensor, scale: Tensor, zero_point: Tensor, bits: int) -> Te
     s = expand_params(scale, x.shape).detach()
     z = expand_params(zero_point, x.shape).detach()
     return _FakeQuantizeSTE.apply(x, s, z, bits)
+
+
+def reduce_to_params(t: Tensor, params_shape: tuple[int, ...] | torch.Size) -> Tensor:
+    """Sum a tensor over each parameter block: the adjoint of :func:`expand_params` (gradients of block scales).
+
+    Args:
+        t: a tensor of the quantized tensor's shape.
+        params_shape: the block-shaped parameters' shape.
+
+    Returns:
+        Tensor of ``params_shape``: each entry the sum of ``t`` over its block.
+    """
+    flat = t.reshape(t.shape[0], -1) if len(params_shape) == 2 and t.dim() > 2 else t
+    block = tuple(s // p for s, p in zip(flat.shape, params_shape, strict=True))
+    return _blocked(flat, block).sum(dim=tuple(range(1, 2 * flat.dim(), 2)))
+
+
+class _LSQ(torch.autograd.Function):
+    """Symmetric fake-quantization with a learned step size; exact forward, LSQ backward."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, scale: Tensor, bits: int, grad_scale: float) -> Tensor:  # type: ignore[override]
+        qmin, qmax = quant_range(bits)
+        s = expand_params(scale, x.shape)
+        v = x.float() / s
+        codes = torch.clamp(torch.round(v), qmin, qmax)
+        ctx.save_for_backward(v, codes)
+        ctx.meta = (qmin, qmax, grad_scale, tuple(scale.shape))
+        return (codes * s).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, None, None]:  # type: ignore[override]
+        v, codes = ctx.saved_tensors
+        qmin, qmax, grad_scale, scale_shape = ctx.meta
+        inside = (v >= qmin) & (v <= qmax)
+        dscale = torch.where(inside, codes - v, codes)  # round(v) - v inside; qmin / qmax where clipped
+        grad_scale_t = reduce_to_params(grad.float() * dscale, scale_shape) * grad_scale
+        return grad * inside, grad_scale_t, None, None
+
+
+def lsq_fake_quantize(x: Tensor, scale: Tensor, bits: int) -> Tensor:
+    """Learned step size quantization (LSQ, Esser et al. 2020), symmetric.
+
+    Forward: ``S * clamp(round(x / S), qmin, qmax)``, bit-for-bit ``dequantize(quantize(x, S, 0))``.
+    Backward: ``dL/dx`` straight through inside the range (0 where clipped); ``dL/dS`` per block is
+    ``g * sum(dL/dy * (round(x/S) - x/S))`` inside and ``qmin`` / ``qmax`` in place of the bracket where clipped,
+    with the LSQ gradient scale ``g = 1 / sqrt(n * qmax)``, ``n`` the number of values per scale.
+
+    Args:
+        x: float tensor, any shape.
+        scale: learnable block-shaped scales (see :func:`compute_qparams`), positive.
+        bits: code width in ``[2, 8]``.
+
+    Returns:
+        Tensor of ``x``'s shape and dtype on the quantization grid.
+    """
+    _, qmax = quant_range(bits)
+    per_scale = x.numel() // scale.numel()
+    return _LSQ.apply(x, scale, bits, 1.0 / math.sqrt(per_scale * qmax))

@@ -74,19 +74,20 @@ def tensor_bits(numel: int, nnz: int, fmt: TensorFormat) -> int:
     """Storage bits of a tensor of ``numel`` entries with ``nnz`` non-zeros in ``fmt``, metadata included.
 
     Values: ``nnz`` values of ``fmt.bits`` (codebook: index bits). Sparsity metadata: N:M stores
-    ``ceil(log2 M)`` bits per kept value; row pruning one bit per row; unstructured sparsity pays for a
-    ``numel``-bit mask only when that is cheaper than storing the zeros densely. Quantization metadata: one
+    ``ceil(log2 M)`` bits per kept value (or the unstructured format when a sparser tensor makes that cheaper);
+    row pruning one bit per row; unstructured sparsity pays for a ``numel``-bit mask only when that is cheaper
+    than storing the zeros densely. Quantization metadata: one
     float32 scale per block (+ int8 zero-point when asymmetric); a codebook adds ``K * 32`` bits.
     """
     value_bits = index_bits(fmt.codebook_size) if fmt.codebook_size else fmt.bits
+    unstructured = min(numel * value_bits, nnz * value_bits + numel)
     if fmt.nm is not None:
         n, m = fmt.nm
-        kept = numel * n // m
-        values = kept * (value_bits + index_bits(m))
+        values = min(numel * n // m * (value_bits + index_bits(m)), unstructured)
     elif fmt.rows is not None:
         values = nnz * value_bits + fmt.rows
     else:
-        values = min(numel * value_bits, nnz * value_bits + numel)
+        values = unstructured
     meta = fmt.n_scales * (SCALE_BITS + (ZERO_POINT_BITS if fmt.asymmetric else 0))
     if fmt.codebook_size:
         meta += fmt.codebook_size * CENTROID_BITS

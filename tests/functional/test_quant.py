@@ -10,9 +10,11 @@ from lightning_compress.functional.quant import (
     dequantize,
     expand_params,
     fake_quantize,
+    lsq_fake_quantize,
     qparams_from_range,
     quant_range,
     quantize,
+    reduce_to_params,
 )
 from tests.conftest import sqnr_db
 
@@ -169,3 +171,32 @@ def test_bad_granularity_raises():
         block_size((6, 12), axis=2)
     with pytest.raises(ValueError, match="not both"):
         block_size((6, 12), axis=0, group_size=4)
+
+
+@pytest.mark.parametrize("gran", [(0, None), (None, 8)])
+def test_lsq_forward_is_exact_and_scale_gradient_matches_the_formula(gran):
+    torch.manual_seed(0)
+    x = torch.randn(6, 16, dtype=torch.float64).float().requires_grad_()
+    scale, _ = compute_qparams(x, 4, axis=gran[0], group_size=gran[1])
+    scale = (scale * 0.8).requires_grad_()  # some values clip
+    y = lsq_fake_quantize(x, scale, 4)
+    zp = torch.zeros_like(scale)
+    assert torch.equal(y, dequantize(quantize(x, scale, zp, 4), scale, zp))
+    upstream = torch.randn_like(y)
+    y.backward(upstream)
+    v = x.detach() / expand_params(scale.detach(), x.shape)
+    inside = (v >= -8) & (v <= 7)
+    bracket = torch.where(inside, v.round() - v, v.round().clamp(-8, 7))
+    g = 1 / (x.numel() / scale.numel() * 7) ** 0.5
+    expected = reduce_to_params(upstream * bracket, scale.shape) * g
+    assert torch.allclose(scale.grad, expected, atol=1e-6)
+    assert torch.equal(x.grad, upstream * inside)
+    assert (scale.grad != 0).all()
+
+
+def test_zero_dim_params_are_per_tensor():
+    x = torch.randn(3, 5)
+    scale, zp = torch.tensor(0.05), torch.tensor(3.0)
+    full = (torch.full((1, 1), 0.05), torch.full((1, 1), 3.0))
+    assert torch.equal(fake_quantize(x, scale, zp, 8), fake_quantize(x, *full, 8))
+    assert torch.equal(quantize(x, scale, zp, 8), quantize(x, *full, 8))

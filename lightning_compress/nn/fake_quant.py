@@ -1,0 +1,289 @@
+"""Fake-quantized Linear / Conv layers for quantization-aware training.
+
+``FakeQuantLinear.from_module(linear, ...)`` returns a module of the same class family that **reuses the same
+Parameter objects** (optimizer state and state-dict keys are unchanged) and fake-quantizes its weight (and
+optionally its input) in ``forward``. The quantizers keep their own state (learned scales, codebooks, observer
+ranges) out of the model's ``state_dict``, so a checkpoint loads into the plain model with ``strict=True``; the
+QAT callback saves that state itself. ``to_module()`` gives the plain layer back, again with the same Parameters.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lightning_compress.functional.kmeans import kmeans_1d
+from lightning_compress.functional.quant import (
+    QParams,
+    block_size,
+    check_bits,
+    compute_qparams,
+    dequantize,
+    fake_quantize,
+    lsq_fake_quantize,
+    quantize,
+)
+from lightning_compress.functional.size import TensorFormat
+from lightning_compress.nn.observers import Observer
+
+SCHEMES = ("linear", "kmeans")
+
+
+class _StatelessInStateDict(nn.Module):
+    """A module whose parameters and buffers never enter (or are expected in) the parent's ``state_dict``."""
+
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        return
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        return
+
+
+class WeightQuantizer(_StatelessInStateDict):
+    """Fake-quantizes a weight ``(out, in, ...)``.
+
+    ``scheme="linear"``: signed ``bits``-bit codes, per output channel (``group_size=None``) or per group of
+    ``group_size`` inputs, symmetric or asymmetric; min-max scales recomputed from the weight at every step, or
+    learned (``lsq=True``, symmetric, initialised from min-max). ``scheme="kmeans"``: ``2^bits`` shared centroids
+    (Han et al., Deep Compression); each weight is an index into the codebook, zeros (pruned weights) stay zero,
+    and each centroid's gradient is the sum of its members' gradients. After :meth:`convert` the scales are frozen
+    and the weight sits exactly on its grid.
+    """
+
+    def __init__(
+        self,
+        weight: Tensor,
+        bits: int = 8,
+        symmetric: bool = True,
+        group_size: int | None = None,
+        scheme: str = "linear",
+        lsq: bool = False,
+        kmeans_init: str = "linear",
+    ) -> None:
+        super().__init__()
+        check_bits(bits)
+        if scheme not in SCHEMES:
+            raise ValueError(f"scheme={scheme!r} is not supported; allowed: {list(SCHEMES)}")
+        if lsq and (not symmetric or scheme != "linear"):
+            raise ValueError("lsq=True needs scheme='linear' and symmetric=True (LSQ learns a symmetric step size)")
+        block_size(weight.shape, None if group_size else 0, group_size)  # validates group_size against the shape
+        self.bits, self.symmetric, self.group_size = bits, symmetric, group_size
+        self.scheme, self.lsq, self.kmeans_init = scheme, lsq, kmeans_init
+        self.frozen: QParams | None = None
+        self.scale: nn.Parameter | None = None
+        if lsq:
+            self.scale = nn.Parameter(self._minmax(weight).scale)
+        # k-means: the codebook exists from the start so the optimizer sees it; cluster() fills it in place
+        self.centroids = nn.Parameter(torch.zeros(2**bits, device=weight.device)) if scheme == "kmeans" else None
+        self.clustered = False
+        self.register_buffer("indices", None, persistent=False)
+        self.register_buffer("nonzero", None, persistent=False)
+
+    def _minmax(self, weight: Tensor) -> QParams:
+        axis = None if self.group_size else 0
+        return compute_qparams(weight.detach(), self.bits, self.symmetric, axis=axis, group_size=self.group_size)
+
+    def qparams(self, weight: Tensor) -> QParams:
+        """The scale and zero-point in use for ``weight`` (frozen, learned, or min-max of the current weight)."""
+        if self.frozen is not None:
+            return self.frozen
+        if self.scale is not None:
+            return QParams(self.scale.detach().abs(), torch.zeros_like(self.scale.detach()))
+        return self._minmax(weight)
+
+    @torch.no_grad()
+    def cluster(self, weight: Tensor) -> None:
+        """K-means: fit ``2^bits`` centroids to the non-zero weights and assign every weight to one."""
+        self.nonzero = weight != 0
+        values = weight.detach()[self.nonzero].float()
+        if values.numel() == 0:
+            raise ValueError("k-means needs at least one non-zero weight; the layer is entirely pruned")
+        centroids, idx = kmeans_1d(values, 2**self.bits, init=self.kmeans_init)
+        indices = torch.zeros(weight.shape, dtype=torch.long, device=weight.device)
+        indices[self.nonzero] = idx.to(weight.device)
+        self.indices = indices
+        self.centroids.copy_(centroids)
+        self.clustered = True
+
+    def forward(self, weight: Tensor) -> Tensor:
+        if self.scheme == "kmeans":
+            if not self.clustered:
+                self.cluster(weight)
+            return (self.centroids[self.indices] * self.nonzero).to(weight.dtype)
+        if self.scale is not None and self.frozen is None:
+            return lsq_fake_quantize(weight, self.scale.abs(), self.bits)
+        s, z = self.qparams(weight)
+        return fake_quantize(weight, s, z, self.bits)
+
+    @torch.no_grad()
+    def convert(self, weight: nn.Parameter) -> dict[str, Tensor]:
+        """Put ``weight`` exactly on its grid (in place) and freeze the quantization parameters.
+
+        Returns:
+            Linear: ``{"int_weight" (int8 codes), "scale", "zero_point"}``; k-means: ``{"indices" (int64),
+            "centroids", "nonzero"}``. ``dequantize(int_weight, scale, zero_point)`` equals the new weight.
+        """
+        if self.scheme == "kmeans":
+            weight.copy_(self.forward(weight))
+            return {
+                "indices": self.indices.clone(),
+                "centroids": self.centroids.detach().clone(),
+                "nonzero": self.nonzero,
+            }
+        s, z = self.qparams(weight)
+        codes = quantize(weight, s, z, self.bits)
+        weight.copy_(dequantize(codes, s, z).to(weight.dtype))
+        self.frozen = QParams(s.clone(), z.clone())
+        return {"int_weight": codes, "scale": s.clone(), "zero_point": z.clone()}
+
+    def quant_state(self) -> dict[str, Any]:
+        """Everything needed to resume: learned scales, codebook, frozen parameters."""
+        state: dict[str, Any] = {"frozen": None if self.frozen is None else tuple(t.cpu() for t in self.frozen)}
+        if self.scale is not None:
+            state["scale"] = self.scale.detach().cpu()
+        if self.clustered:
+            state.update(
+                centroids=self.centroids.detach().cpu(), indices=self.indices.cpu(), nonzero=self.nonzero.cpu()
+            )
+        return state
+
+    @torch.no_grad()
+    def load_quant_state(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`quant_state` (Parameters are updated in place so optimizer references stay valid)."""
+        device = self.scale.device if self.scale is not None else None
+        if state.get("frozen") is not None:
+            self.frozen = QParams(*(t.to(device) if device else t for t in state["frozen"]))
+        if "scale" in state and self.scale is not None:
+            self.scale.copy_(state["scale"])
+        if "centroids" in state:
+            self.centroids.copy_(state["centroids"])
+            self.indices, self.nonzero = state["indices"].clone(), state["nonzero"].clone()
+            self.clustered = True
+
+
+class ActQuantizer(_StatelessInStateDict):
+    """Fake-quantizes activations asymmetric per-tensor with ranges from an :class:`Observer`.
+
+    Until the observer has seen a batch (e.g. Lightning's sanity-check validation before training), inputs pass
+    through unquantized.
+    """
+
+    def __init__(self, observer: Observer, bits: int = 8) -> None:
+        super().__init__()
+        self.bits = check_bits(bits, "act_bits")
+        self.observer = observer
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.observer(x)
+        if int(self.observer.num_batches) == 0:
+            return x
+        s, z = self.observer.qparams(self.bits, symmetric=False)
+        return fake_quantize(x, s.to(x.device), z.to(x.device), self.bits)
+
+
+class _FakeQuantMixin:
+    """Shared by the fake-quant layer classes: swap in / out, reusing the wrapped layer's Parameters."""
+
+    weight_quantizer: WeightQuantizer
+    act_quantizer: ActQuantizer | None
+    _plain_class: type[nn.Module]
+    enabled: bool
+
+    @classmethod
+    def from_module(
+        cls, module: nn.Module, weight_quantizer: WeightQuantizer, act_quantizer: ActQuantizer | None = None
+    ) -> nn.Module:
+        """A fake-quant version of ``module`` sharing its Parameter objects and attributes."""
+        new = copy.copy(module)
+        for key, value in vars(module).items():
+            if isinstance(value, dict):  # _parameters, _buffers, _modules, hook dicts: own dicts, same values
+                object.__setattr__(new, key, type(value)(value))
+        object.__setattr__(new, "_plain_class", type(module))
+        new.__class__ = cls
+        new.weight_quantizer = weight_quantizer
+        new.act_quantizer = act_quantizer
+        new.enabled = True
+        return new
+
+    def to_module(self) -> nn.Module:
+        """The plain layer (its original class) with the same Parameters and no quantizers."""
+        plain = copy.copy(self)
+        for key, value in vars(self).items():
+            if isinstance(value, dict):
+                object.__setattr__(plain, key, type(value)(value))
+        for name in ("weight_quantizer", "act_quantizer"):
+            plain._modules.pop(name, None)
+        for name in ("_plain_class", "enabled"):
+            plain.__dict__.pop(name, None)
+        plain.__class__ = self._plain_class
+        return plain
+
+    @property
+    def weight_format(self) -> TensorFormat:
+        """How the weight is stored once converted (for the compression summary's byte count)."""
+        wq = self.weight_quantizer
+        if wq.scheme == "kmeans":
+            return TensorFormat(codebook_size=2**wq.bits)
+        n_scales = self.weight.shape[0] * (self.weight[0].numel() // wq.group_size if wq.group_size else 1)
+        return TensorFormat(bits=wq.bits, n_scales=n_scales, asymmetric=not wq.symmetric)
+
+    def quantized_weight(self) -> Tensor:
+        """The weight as the forward pass uses it."""
+        return self.weight_quantizer(self.weight) if self.enabled else self.weight
+
+    def quantized_input(self, x: Tensor) -> Tensor:
+        """The input as the forward pass uses it."""
+        return self.act_quantizer(x) if self.enabled and self.act_quantizer is not None else x
+
+
+class FakeQuantLinear(_FakeQuantMixin, nn.Linear):
+    """``nn.Linear`` with fake-quantized weight and (optionally) input. Shapes as ``nn.Linear``."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(self.quantized_input(x), self.quantized_weight(), self.bias)
+
+
+class FakeQuantConv1d(_FakeQuantMixin, nn.Conv1d):
+    """``nn.Conv1d`` with fake-quantized weight and (optionally) input."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._conv_forward(self.quantized_input(x), self.quantized_weight(), self.bias)
+
+
+class FakeQuantConv2d(_FakeQuantMixin, nn.Conv2d):
+    """``nn.Conv2d`` with fake-quantized weight and (optionally) input."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._conv_forward(self.quantized_input(x), self.quantized_weight(), self.bias)
+
+
+class FakeQuantConv3d(_FakeQuantMixin, nn.Conv3d):
+    """``nn.Conv3d`` with fake-quantized weight and (optionally) input."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._conv_forward(self.quantized_input(x), self.quantized_weight(), self.bias)
+
+
+FAKE_QUANT_CLASSES: dict[type[nn.Module], type[nn.Module]] = {
+    nn.Linear: FakeQuantLinear,
+    nn.Conv1d: FakeQuantConv1d,
+    nn.Conv2d: FakeQuantConv2d,
+    nn.Conv3d: FakeQuantConv3d,
+}
+
+
+def fake_quant_class(module: nn.Module) -> type[nn.Module]:
+    """The fake-quant class for ``module`` (a Linear or Conv, subclasses included); TypeError otherwise."""
+    for base, fq in FAKE_QUANT_CLASSES.items():
+        if isinstance(module, base):
+            return fq
+    raise TypeError(f"{type(module).__name__} has no fake-quant version; allowed: Linear, Conv1d, Conv2d, Conv3d")
+
+
+def is_fake_quant(module: nn.Module) -> bool:
+    """Whether ``module`` is one of the fake-quant layers."""
+    return isinstance(module, _FakeQuantMixin)
