@@ -23,15 +23,17 @@ def main() -> None:
         parser.error(f"unknown benchmarks {unknown}; available: {REGISTRY}")
     names = args.names or REGISTRY
     sections = []
+    stamp = datetime.date.today().isoformat()
+    header = (
+        f"# Benchmark results\n\nMeasured {stamp} on {machine()} with `python -m benchmarks {' '.join(args.names)}`.\n"
+    )
     for name in names:
         print(f"[benchmarks] running {name} ...", flush=True)
         for table in importlib.import_module(f"benchmarks.{name}").run():
             print(table.to_markdown() + "\n", flush=True)
             sections.append(table.to_markdown())
-    stamp = datetime.date.today().isoformat()
-    header = f"# Benchmark results\n\nMeasured {stamp} on {machine()} with `python -m benchmarks {' '.join(names)}`.\n"
-    RESULTS.write_text(header + "\n" + "\n\n".join(sections) + "\n")
-    print(f"[benchmarks] wrote {RESULTS}")
+        RESULTS.write_text(header + "\n" + "\n\n".join(sections) + "\n")  # after each module: nothing lost
+        print(f"[benchmarks] wrote {RESULTS}", flush=True)
 
 
 if __name__ == "__main__":

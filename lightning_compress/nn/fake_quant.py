@@ -117,7 +117,7 @@ class WeightQuantizer(_StatelessInStateDict):
         if self.scale is not None and self.frozen is None:
             return lsq_fake_quantize(weight, self.scale.abs(), self.bits)
         s, z = self.qparams(weight)
-        return fake_quantize(weight, s, z, self.bits)
+        return fake_quantize(weight, s, None if self.symmetric else z, self.bits)
 
     @torch.no_grad()
     def convert(self, weight: nn.Parameter) -> dict[str, Tensor]:

@@ -72,6 +72,8 @@ def test_fake_quantize_equals_dequantize_quantize_exactly(bits, symmetric, gran)
     # shrink the scale so some values clip: equality must also hold on the clipped ends
     scale = scale * 0.7
     assert torch.equal(fake_quantize(x, scale, zp, bits), dequantize(quantize(x, scale, zp, bits), scale, zp))
+    if symmetric:  # zero_point=None is the symmetric fast path, same values
+        assert torch.equal(fake_quantize(x, scale, None, bits), fake_quantize(x, scale, zp, bits))
 
 
 def test_param_shapes_per_granularity():
