@@ -36,18 +36,6 @@ class Table:
         return "\n".join(lines)
 
 
-def median_time(fn: Callable[[], object], repeats: int = 7, warmup: int = 2) -> float:
-    """Median wall time of ``fn()`` in seconds over ``repeats`` runs after ``warmup`` runs."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
-
-
 def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int = 7, warmup: int = 2) -> dict[str, float]:
     """Median seconds of each callable, timed A, B, C, A, B, C, ... so machine noise hits all alike."""
     for _ in range(warmup):
@@ -144,3 +132,21 @@ def finetune(
     t0 = time.perf_counter()
     trainer(epochs, callbacks).fit(model, dm)
     return test_accuracy(model, dm), time.perf_counter() - t0
+
+
+def median_step_seconds(
+    runs: dict[str, tuple[Callable[[], pl.LightningModule], Callable[[], list[pl.Callback]]]],
+    dm: pl.LightningDataModule,
+    repeats: int,
+    epochs: int,
+) -> dict[str, float]:
+    """Median seconds per training step of each ``name: (make_model, make_callbacks)``, fits interleaved
+    (A, B, C, A, B, C, ...), the first 5 steps of every fit skipped as warm-up."""
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    for _ in range(repeats):
+        for name, (make_model, make_callbacks) in runs.items():
+            pl.seed_everything(0)
+            timer = StepTimer()
+            trainer(epochs, [*make_callbacks(), timer], limit_val_batches=0).fit(make_model(), dm)
+            times[name] += timer.times[5:]
+    return {k: sorted(v)[len(v) // 2] for k, v in times.items()}

@@ -13,7 +13,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import ModelPruning
 
-from benchmarks import PRETRAIN_EPOCHS, StepTimer, Table, fashion_dense, finetune, quiet, trainer
+from benchmarks import PRETRAIN_EPOCHS, Table, fashion_dense, finetune, median_step_seconds, quiet
 from lightning_compress import IterativePruning
 from lightning_compress.data import DigitsDataModule
 from lightning_compress.models import ImageClassifier, SmallCNN
@@ -87,19 +87,15 @@ def accuracy_table() -> Table:
 
 def overhead_table(repeats: int = 7, epochs: int = 3) -> Table:
     """Median seconds per training step with and without mask enforcement, fits interleaved."""
-    dm = DigitsDataModule()
+
+    def model() -> pl.LightningModule:
+        return ImageClassifier(SmallCNN())
+
     runs = {
-        "plain": lambda: [],
-        "IterativePruning, 2:4 masks held": lambda: [IterativePruning(method="nm", ignore=["net\\.0"])],
+        "plain": (model, lambda: []),
+        "IterativePruning, 2:4 masks held": (model, lambda: [IterativePruning(method="nm", ignore=["net\\.0"])]),
     }
-    times: dict[str, list[float]] = {k: [] for k in runs}
-    for _ in range(repeats):
-        for name, callbacks in runs.items():
-            pl.seed_everything(0)
-            timer = StepTimer()
-            trainer(epochs, [*callbacks(), timer], limit_val_batches=0).fit(ImageClassifier(SmallCNN()), dm)
-            times[name] += timer.times[5:]  # skip warm-up steps
-    med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+    med = median_step_seconds(runs, DigitsDataModule(), repeats, epochs)
     table = Table(
         "Mask-enforcement overhead per training step (SmallCNN on digits, batch 64, interleaved fits)",
         ["run", "ms / step (median)", "vs plain"],

@@ -13,7 +13,13 @@ from torch import Tensor, nn
 
 from lightning_compress.callbacks.base import select_layers
 from lightning_compress.functional.quant import check_bits
-from lightning_compress.nn.fake_quant import ActQuantizer, WeightQuantizer, fake_quant_class, is_fake_quant
+from lightning_compress.nn.fake_quant import (
+    ActQuantizer,
+    WeightQuantizer,
+    check_weight_quant,
+    fake_quant_class,
+    is_fake_quant,
+)
 from lightning_compress.nn.observers import make_observer
 
 log = logging.getLogger(__name__)
@@ -83,18 +89,9 @@ class QATFakeQuant(pl.Callback):
         targets: str | Sequence[str] | None = None,
         ignore: str | Sequence[str] | None = None,
     ) -> None:
-        self.bits = check_bits(bits)
+        check_weight_quant(bits, symmetric, group_size, scheme, lsq, kmeans_init)
+        self.bits = bits
         self.act_bits = None if act_bits is None else check_bits(act_bits, "act_bits")
-        if group_size is not None and (
-            isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1
-        ):
-            raise ValueError(f"group_size must be a positive int or None, got {group_size!r}")
-        if scheme not in ("linear", "kmeans"):
-            raise ValueError(f"scheme={scheme!r} is not supported; allowed: ['linear', 'kmeans']")
-        if lsq and (not symmetric or scheme != "linear"):
-            raise ValueError("lsq=True needs scheme='linear' and symmetric=True")
-        if kmeans_init not in ("linear", "kmeans++", "density"):
-            raise ValueError(f"kmeans_init={kmeans_init!r}; allowed: ['linear', 'kmeans++', 'density']")
         self.observer_kwargs = dict(observer_kwargs or {})
         if act_bits is not None:
             make_observer(observer, **self._observer_args(observer))  # validates the name and arguments now

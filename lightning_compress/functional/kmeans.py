@@ -376,6 +376,8 @@ def deep_compression_bits(
     - ``huffman_table``: the two canonical code tables (:func:`huffman_table_bits`), reported separately and not
       included in ``huffman``.
 
+    A tensor with no zeros stores no index stream at all (positions are implicit), so ``b`` counts as 0 there.
+
     Args:
         weight: the pruned weight, any shape; zeros are pruned entries.
         k: codebook size (``>= 2``), or None to skip weight sharing.
@@ -390,9 +392,11 @@ def deep_compression_bits(
     w = weight.detach().reshape(-1)
     rel = relative_index_gaps(w, index_bits)
     entries = rel.gaps.numel()
+    sparse = entries < w.numel()  # nothing pruned: positions are implicit and no index stream is stored
+    index_bits = index_bits if sparse else 0
     bits = {"dense": w.numel() * value_bits, "pruned": entries * (value_bits + index_bits)}
-    gap_lengths = huffman_code_lengths(torch.bincount(rel.gaps, minlength=1))
-    table = huffman_table_bits(gap_lengths, index_bits)
+    gap_bits = huffman_bits(rel.gaps) if sparse else 0
+    table = huffman_table_bits(huffman_code_lengths(torch.bincount(rel.gaps, minlength=1)), index_bits) if sparse else 0
     if k is None:
         value_stream = entries * value_bits
     else:
@@ -400,6 +404,6 @@ def deep_compression_bits(
         bits["kmeans"] = codebook_bits(entries, k) + entries * index_bits
         value_stream = huffman_bits(codes) + k * CENTROID_BITS
         table += huffman_table_bits(huffman_code_lengths(torch.bincount(codes, minlength=1)), code_width(k))
-    bits["huffman"] = value_stream + huffman_bits(rel.gaps)
+    bits["huffman"] = value_stream + gap_bits
     bits["huffman_table"] = table
     return bits

@@ -147,11 +147,11 @@ def qparams_from_range(rmin: Tensor, rmax: Tensor, bits: int, symmetric: bool = 
         ``QParams(scale, zero_point)`` float32 tensors of the shape of ``rmin``; ``zero_point`` holds integers.
     """
     qmin, qmax = quant_range(bits)
+    if symmetric:  # max(|rmin|, |rmax|) needs no widening to 0
+        scale = torch.maximum(rmin.float().neg(), rmax.float()).div_(qmax).clamp_(min=MIN_SCALE)
+        return QParams(scale, torch.zeros_like(scale))
     rmin = rmin.float().clamp(max=0.0)
     rmax = rmax.float().clamp(min=0.0)
-    if symmetric:
-        scale = (torch.maximum(-rmin, rmax) / qmax).clamp(min=MIN_SCALE)
-        return QParams(scale, torch.zeros_like(scale))
     scale = ((rmax - rmin) / (qmax - qmin)).clamp(min=MIN_SCALE)
     zero_point = torch.round(qmin - rmin / scale).clamp(qmin, qmax)
     return QParams(scale, zero_point)

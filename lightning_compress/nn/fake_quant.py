@@ -31,6 +31,22 @@ from lightning_compress.functional.size import TensorFormat
 from lightning_compress.nn.observers import Observer
 
 SCHEMES = ("linear", "kmeans")
+KMEANS_INITS = ("linear", "kmeans++", "density")
+
+
+def check_weight_quant(
+    bits: int, symmetric: bool, group_size: int | None, scheme: str, lsq: bool, kmeans_init: str
+) -> None:
+    """Validate a weight-quantization configuration (shape-independent parts); raises ValueError / TypeError."""
+    check_bits(bits)
+    if group_size is not None and (isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1):
+        raise ValueError(f"group_size must be a positive int or None, got {group_size!r}")
+    if scheme not in SCHEMES:
+        raise ValueError(f"scheme={scheme!r} is not supported; allowed: {list(SCHEMES)}")
+    if lsq and (not symmetric or scheme != "linear"):
+        raise ValueError("lsq=True needs scheme='linear' and symmetric=True (LSQ learns a symmetric step size)")
+    if kmeans_init not in KMEANS_INITS:
+        raise ValueError(f"kmeans_init={kmeans_init!r} is not supported; allowed: {list(KMEANS_INITS)}")
 
 
 class _StatelessInStateDict(nn.Module):
@@ -65,11 +81,7 @@ class WeightQuantizer(_StatelessInStateDict):
         kmeans_init: str = "linear",
     ) -> None:
         super().__init__()
-        check_bits(bits)
-        if scheme not in SCHEMES:
-            raise ValueError(f"scheme={scheme!r} is not supported; allowed: {list(SCHEMES)}")
-        if lsq and (not symmetric or scheme != "linear"):
-            raise ValueError("lsq=True needs scheme='linear' and symmetric=True (LSQ learns a symmetric step size)")
+        check_weight_quant(bits, symmetric, group_size, scheme, lsq, kmeans_init)
         block_size(weight.shape, None if group_size else 0, group_size)  # validates group_size against the shape
         self.bits, self.symmetric, self.group_size = bits, symmetric, group_size
         self.scheme, self.lsq, self.kmeans_init = scheme, lsq, kmeans_init
@@ -247,25 +259,23 @@ class FakeQuantLinear(_FakeQuantMixin, nn.Linear):
         return F.linear(self.quantized_input(x), self.quantized_weight(), self.bias)
 
 
-class FakeQuantConv1d(_FakeQuantMixin, nn.Conv1d):
+class _FakeQuantConv(_FakeQuantMixin):
+    """The conv forward with fake-quantized weight and (optionally) input; shapes as the wrapped conv."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._conv_forward(self.quantized_input(x), self.quantized_weight(), self.bias)
+
+
+class FakeQuantConv1d(_FakeQuantConv, nn.Conv1d):
     """``nn.Conv1d`` with fake-quantized weight and (optionally) input."""
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self._conv_forward(self.quantized_input(x), self.quantized_weight(), self.bias)
 
-
-class FakeQuantConv2d(_FakeQuantMixin, nn.Conv2d):
+class FakeQuantConv2d(_FakeQuantConv, nn.Conv2d):
     """``nn.Conv2d`` with fake-quantized weight and (optionally) input."""
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self._conv_forward(self.quantized_input(x), self.quantized_weight(), self.bias)
 
-
-class FakeQuantConv3d(_FakeQuantMixin, nn.Conv3d):
+class FakeQuantConv3d(_FakeQuantConv, nn.Conv3d):
     """``nn.Conv3d`` with fake-quantized weight and (optionally) input."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self._conv_forward(self.quantized_input(x), self.quantized_weight(), self.bias)
 
 
 FAKE_QUANT_CLASSES: dict[type[nn.Module], type[nn.Module]] = {

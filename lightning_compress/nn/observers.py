@@ -20,6 +20,7 @@ that minimises the fake-quantization mean squared error.
 
 from __future__ import annotations
 
+import abc
 import math
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
@@ -34,7 +35,7 @@ from lightning_compress.functional.quant import QParams, check_bits, fake_quanti
 _MSE_CHUNK = 2**24
 
 
-class Observer(nn.Module):
+class Observer(nn.Module, abc.ABC):
     """Identity module that tracks a running ``[min_val, max_val]`` of its inputs; subclasses define the update.
 
     Attributes:
@@ -67,9 +68,9 @@ class Observer(nn.Module):
         """This batch's ``(low, high)`` estimate as 0-dim tensors: its min and max."""
         return torch.aminmax(x)
 
+    @abc.abstractmethod
     def _update(self, lo: Tensor, hi: Tensor) -> None:
         """Fold one batch's float32 ``(lo, hi)`` into ``min_val`` / ``max_val``."""
-        raise NotImplementedError
 
     def qparams(self, bits: int, symmetric: bool = False) -> QParams:
         """Per-tensor ``QParams`` (0-dim scale and zero-point) of the observed range, by ``qparams_from_range``.
@@ -175,8 +176,8 @@ class MinMaxObserver(Observer):
     _REDUCE_OPS: ClassVar[dict[str, str]] = {"min_val": "min", "max_val": "max"}
 
     def _update(self, lo: Tensor, hi: Tensor) -> None:
-        self.min_val.copy_(torch.minimum(self.min_val, lo))
-        self.max_val.copy_(torch.maximum(self.max_val, hi))
+        torch.minimum(self.min_val, lo, out=self.min_val)
+        torch.maximum(self.max_val, hi, out=self.max_val)
 
 
 class _EMAObserver(Observer):
@@ -189,9 +190,13 @@ class _EMAObserver(Observer):
         self.averaging_constant = float(averaging_constant)
 
     def _update(self, lo: Tensor, hi: Tensor) -> None:
-        first, c = self.num_batches == 0, self.averaging_constant
-        self.min_val.copy_(torch.where(first, lo, self.min_val + c * (lo - self.min_val)))
-        self.max_val.copy_(torch.where(first, hi, self.max_val + c * (hi - self.max_val)))
+        if int(self.num_batches) == 0:
+            self.min_val.copy_(lo)
+            self.max_val.copy_(hi)
+            return
+        c = self.averaging_constant
+        self.min_val.add_(lo.sub(self.min_val).mul_(c))
+        self.max_val.add_(hi.sub(self.max_val).mul_(c))
 
     def extra_repr(self) -> str:
         return f"averaging_constant={self.averaging_constant}, {super().extra_repr()}"

@@ -221,11 +221,15 @@ def test_non_float_layer_is_refused():
     assert type(model[0]) is nn.Linear
 
 
-def test_recipes_compose_from_the_command_line(tmp_path):
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", ["qat_int8", "qat_int4", "kmeans_4bit", "deep_compression", "[prune_24,qat_int8]"])
+def test_recipes_run_from_the_command_line(recipe, tmp_path):
     root = Path(__file__).resolve().parents[2]
-    for i, recipe in enumerate(("qat_int8", "[prune_24,qat_int8]")):
-        cmd = [sys.executable, "scripts/train.py", f"+compress={recipe}", f"hydra.run.dir={tmp_path / str(i)}"]
-        cmd += ["trainer.max_epochs=2", "trainer.enable_progress_bar=false"]
-        proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, proc.stderr[-2000:]
-        assert "| net.6 | FakeQuantLinear | 64×512 |" in proc.stdout
+    cmd = [sys.executable, "scripts/train.py", f"+compress={recipe}", f"hydra.run.dir={tmp_path}"]
+    cmd += ["trainer.max_epochs=3", "trainer.enable_progress_bar=false"]
+    proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "| net.6 | FakeQuantLinear | 64×512 |" in proc.stdout
+    assert float(next(ln for ln in proc.stdout.splitlines() if ln.startswith("test/acc:")).split(":")[1]) > 0.5
+    if "kmeans" in recipe or recipe == "deep_compression":
+        assert "| + Huffman coding |" in (tmp_path / "compression_summary.md").read_text()

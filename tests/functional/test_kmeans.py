@@ -281,3 +281,12 @@ def test_deep_compression_bits_90pct_pruned_fc_layer():
     assert bits["huffman"] == huffman_bits(codes) + huffman_bits(rel.gaps) + 32 * 32
     assert bits["dense"] > bits["pruned"] > bits["kmeans"] > bits["huffman"]
     assert 0 < bits["huffman_table"] <= 32 * 5 + 16 * 4
+
+
+def test_unpruned_tensor_stores_no_index_stream():
+    torch.manual_seed(0)
+    w = torch.randn(32, 64)
+    bits = deep_compression_bits(w, k=16, index_bits=5)
+    assert bits["pruned"] == bits["dense"] == 32 * w.numel()
+    assert bits["kmeans"] == 4 * w.numel() + 16 * 32
+    assert bits["huffman"] <= bits["kmeans"]
