@@ -24,9 +24,8 @@ def main() -> None:
     names = args.names or REGISTRY
     sections = []
     stamp = datetime.date.today().isoformat()
-    header = (
-        f"# Benchmark results\n\nMeasured {stamp} on {machine()} with `python -m benchmarks {' '.join(args.names)}`.\n"
-    )
+    command = " ".join(["python -m benchmarks", *args.names])
+    header = f"# Benchmark results\n\nMeasured {stamp} on {machine()} with `{command}`.\n"
     for name in names:
         print(f"[benchmarks] running {name} ...", flush=True)
         for table in importlib.import_module(f"benchmarks.{name}").run():

@@ -85,26 +85,40 @@ def accuracy_table() -> Table:
     return table
 
 
-def overhead_table(repeats: int = 7, epochs: int = 3) -> Table:
-    """Median seconds per training step with and without mask enforcement, fits interleaved."""
+class _MasksAppliedOnce(IterativePruning):
+    """The same sparse model with the per-step enforcement switched off: the reference for its cost."""
+
+    def on_before_optimizer_step(self, *args: object) -> None:
+        return
+
+    def _register_hooks(self, trainer: pl.Trainer) -> None:
+        return
+
+
+def overhead_table(repeats: int = 11, epochs: int = 3) -> Table:
+    """Median seconds per training step: plain, masks applied once, masks enforced every step; fits interleaved."""
 
     def model() -> pl.LightningModule:
         return ImageClassifier(SmallCNN())
 
+    kw = {"method": "nm", "ignore": ["net\\.0"]}
     runs = {
-        "plain": (model, lambda: []),
-        "IterativePruning, 2:4 masks held": (model, lambda: [IterativePruning(method="nm", ignore=["net\\.0"])]),
+        "plain (dense)": (model, lambda: []),
+        "2:4 masks applied once, not enforced": (model, lambda: [_MasksAppliedOnce(**kw)]),
+        "IterativePruning, 2:4 masks enforced every step": (model, lambda: [IterativePruning(**kw)]),
     }
     med = median_step_seconds(runs, DigitsDataModule(), repeats, epochs)
+    once = med["2:4 masks applied once, not enforced"]
     table = Table(
         "Mask-enforcement overhead per training step (SmallCNN on digits, batch 64, interleaved fits)",
-        ["run", "ms / step (median)", "vs plain"],
+        ["run", "ms / step (median)", "vs plain", "vs masks applied once"],
     )
     for name, t in med.items():
-        table.rows.append([name, f"{1000 * t:.3f}", f"{t / med['plain']:.3f}×"])
+        table.rows.append([name, f"{1000 * t:.3f}", f"{t / med['plain (dense)']:.3f}×", f"{t / once:.3f}×"])
     table.notes.append(
         "A step = forward, backward, gradient masking, optimizer step and re-masking (batch start to batch end). "
-        "Target (issue #3): < 5% overhead."
+        "The last column isolates the enforcement (gradient mask + re-mask after the step). Run-to-run noise on "
+        "this shared 2-core host is a few percent. Target (issue #3): < 5% overhead."
     )
     return table
 
