@@ -370,12 +370,12 @@ class IterativePruning(pl.Callback):
         """The masked parameters and their masks in each parameter's dtype, cached until the masks change (the
         per-step hooks then cost two fused multiplies and no allocation)."""
         cache = self._masked_cache
-        params = [self._params[n] for n in self.masks]
         if (
             cache is None
             or cache[0] is not self.masks
-            or any(p.dtype != m.dtype or p.device != m.device for p, m in zip(params, cache[2], strict=True))
+            or any(p.dtype != m.dtype or p.device != m.device for p, m in zip(cache[1], cache[2], strict=True))
         ):
+            params = [self._params[n] for n in self.masks]
             masks = [m.to(device=p.device, dtype=p.dtype) for m, p in zip(self.masks.values(), params, strict=True)]
             cache = self._masked_cache = (self.masks, params, masks)
         return cache[1], cache[2]
