@@ -1,13 +1,23 @@
 """lightning_compress: pruning, quantization and distillation for PyTorch Lightning.
 
-Public API (grows with each feature): :class:`IterativePruning`, :class:`QATFakeQuant`, :class:`CompressionReport`,
-:func:`compression_summary`.
+Public API (grows with each feature): :class:`IterativePruning`, :class:`QATFakeQuant`,
+:class:`SmoothQuantCalibrate`, :class:`GPTQFinalize`, :class:`CompressionReport`, :func:`compression_summary`.
 """
 
+from lightning_compress.callbacks.gptq import GPTQFinalize
 from lightning_compress.callbacks.pruning import IterativePruning
 from lightning_compress.callbacks.qat import QATFakeQuant
 from lightning_compress.callbacks.report import CompressionReport
+from lightning_compress.callbacks.smoothquant import SmoothQuantCalibrate
 from lightning_compress.summary import CompressionSummary, compression_summary
 
-__all__ = ["CompressionReport", "IterativePruning", "QATFakeQuant", "CompressionSummary", "compression_summary"]
+__all__ = [
+    "CompressionReport",
+    "CompressionSummary",
+    "GPTQFinalize",
+    "IterativePruning",
+    "QATFakeQuant",
+    "SmoothQuantCalibrate",
+    "compression_summary",
+]
 __version__ = "0.1.0"

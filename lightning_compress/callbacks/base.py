@@ -1,11 +1,16 @@
-"""Layer selection shared by every callback: ``targets`` / ``ignore`` regexes over ``named_modules()``."""
+"""Shared by the callbacks: layer selection by ``targets`` / ``ignore`` regexes, swapping layers, calibration."""
 
 from __future__ import annotations
 
+import itertools
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any
 
-from torch import nn
+import lightning.pytorch as pl
+import torch
+from torch import Tensor, nn
 
 # Layers a compression callback acts on unless the user says otherwise.
 DEFAULT_LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -73,3 +78,77 @@ def select_layers(
             f"the model's {kind} layers: {sorted(candidates) or 'none'}"
         )
     return chosen
+
+
+def replace_layers(model: nn.Module, new: Mapping[str, nn.Module]) -> None:
+    """Put each ``new[name]`` in place of the submodule ``name`` of ``model``."""
+    for name, module in new.items():
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, module)
+
+
+# Keys a training batch dict carries besides the model's inputs.
+LABEL_KEYS = frozenset({"labels", "label", "targets", "target", "y"})
+
+
+def default_inputs(batch: Any) -> Any:
+    """The model inputs of a training batch: ``x`` of ``(x, y, ...)``, a dict without its label keys, else as is."""
+    if isinstance(batch, Mapping):
+        return {k: v for k, v in batch.items() if k not in LABEL_KEYS}
+    if isinstance(batch, (tuple, list)):
+        return batch[0]
+    return batch
+
+
+@contextmanager
+def restored_on_error(model: nn.Module) -> Iterator[None]:
+    """Snapshot ``model``'s parameters and buffers and put them back if the body raises: never half-converted."""
+    snapshot = {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()}
+    try:
+        yield
+    except BaseException:
+        with torch.no_grad():
+            for k, v in model.state_dict(keep_vars=True).items():
+                if k in snapshot:
+                    v.copy_(snapshot[k])
+        raise
+
+
+class CalibrationCallback(pl.Callback):
+    """Base of the post-training callbacks: at fit end, :meth:`apply` on calibration batches; also one-shot.
+
+    The batches are the first ``num_batches`` of ``calibration_data`` (any iterable of training batches; the
+    Trainer's train dataloader when None), each turned into model inputs by ``input_fn`` (:func:`default_inputs`
+    when None). Under DDP every rank calibrates on its own shard and statistics are all-reduced.
+    """
+
+    def __init__(
+        self,
+        num_batches: int | None = 32,
+        calibration_data: Iterable[Any] | None = None,
+        input_fn: Callable[[Any], Any] | None = None,
+        targets: str | Sequence[str] | None = None,
+        ignore: str | Sequence[str] | None = None,
+    ) -> None:
+        if num_batches is not None and (isinstance(num_batches, bool) or not isinstance(num_batches, int)
+                                        or num_batches < 1):  # fmt: skip
+            raise ValueError(f"num_batches must be a positive int or None (all batches), got {num_batches!r}")
+        compile_patterns(targets, "targets"), compile_patterns(ignore, "ignore")
+        self.num_batches, self.calibration_data = num_batches, calibration_data
+        self.input_fn = input_fn or default_inputs
+        self.targets, self.ignore = targets, ignore
+        self.exported: dict[str, dict[str, Tensor]] = {}
+
+    def calibration_batches(self, trainer: pl.Trainer) -> list[Any]:
+        """The model inputs to calibrate on, from ``calibration_data`` or the train dataloader."""
+        source = self.calibration_data if self.calibration_data is not None else trainer.train_dataloader
+        if source is None:
+            raise RuntimeError(f"{type(self).__name__}: no calibration_data and the Trainer has no train dataloader")
+        return [self.input_fn(b) for b in itertools.islice(source, self.num_batches)]
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.apply(pl_module, self.calibration_batches(trainer))
+
+    def apply(self, model: nn.Module, batches: Iterable[Any]) -> dict[str, dict[str, Tensor]]:
+        """Quantize ``model`` in place on ``batches`` (model inputs: Tensor, tuple or dict); returns the int state."""
+        raise NotImplementedError

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from lightning_compress.callbacks.base import select_layers
+from lightning_compress.callbacks.base import replace_layers, select_layers
 from lightning_compress.functional.quant import check_bits
 from lightning_compress.nn.fake_quant import (
     ActQuantizer,
@@ -144,9 +144,7 @@ class QATFakeQuant(pl.Callback):
                 aq = ActQuantizer(make_observer(self.observer, **self._observer_args(self.observer)), self.act_bits)
             built[name] = fake_quant_class(layer).from_module(layer, wq, aq)
             built[name].enabled = self.start_epoch == 0
-        for name, new in built.items():
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, new)
+        replace_layers(model, built)
         log.info("QATFakeQuant: %d layers fake-quantized at %d bits", len(built), self.bits)
         return built
 

@@ -120,6 +120,8 @@ def expand_params(p: Tensor, shape: tuple[int, ...] | torch.Size) -> Tensor:
     shape = tuple(shape)
     flat = p.dim() == 2 and len(shape) > 2
     target = (shape[0], math.prod(shape[1:])) if flat else shape
+    if flat and p.shape[1] == 1:  # per row: broadcast over the trailing dims
+        return p.reshape((shape[0],) + (1,) * (len(shape) - 1))
     if p.dim() != len(target):
         raise ValueError(f"parameters of shape {tuple(p.shape)} do not fit a tensor of shape {shape}")
     for d, (ps, ts) in enumerate(zip(p.shape, target, strict=True)):

@@ -152,6 +152,15 @@ class WeightQuantizer(_StatelessInStateDict):
         self.frozen = QParams(s.clone(), z.clone())
         return {"int_weight": codes, "scale": s.clone(), "zero_point": z.clone()}
 
+    @classmethod
+    def from_qparams(
+        cls, weight: Tensor, qparams: QParams, bits: int, symmetric: bool = True, group_size: int | None = None
+    ) -> WeightQuantizer:
+        """A linear quantizer frozen at given parameters (e.g. GPTQ's), for a weight already on that grid."""
+        quantizer = cls(weight, bits=bits, symmetric=symmetric, group_size=group_size)
+        quantizer.frozen = QParams(qparams.scale.to(weight.device), qparams.zero_point.to(weight.device))
+        return quantizer
+
     def quant_state(self) -> dict[str, Any]:
         """Everything needed to resume: learned scales, codebook, frozen parameters."""
         state: dict[str, Any] = {"frozen": None if self.frozen is None else tuple(t.cpu() for t in self.frozen)}
@@ -189,12 +198,57 @@ class ActQuantizer(_StatelessInStateDict):
         self.bits = check_bits(bits, "act_bits")
         self.observer = observer
 
+    def unquantized(self, x: Tensor) -> Tensor:
+        """The input of a disabled layer: ``x`` as is."""
+        return x
+
     def forward(self, x: Tensor) -> Tensor:
         x = self.observer(x)
         if int(self.observer.num_batches) == 0:
             return x
         s, z = self.observer.qparams(self.bits, symmetric=False)
         return fake_quantize(x, s.to(x.device), z.to(x.device), self.bits)
+
+
+ACT_GRANULARITIES = ("tensor", "token")
+
+
+class SymmetricActQuantizer(_StatelessInStateDict):
+    """Symmetric fake quantization of activations ``(..., in)``, after an optional per-channel smoothing division.
+
+    ``x -> x / smooth`` (SmoothQuant's explicit scale where nothing could absorb it), then codes in
+    ``[-2^(b-1), 2^(b-1) - 1]`` with ``S = max|x| / (2^(b-1) - 1)`` either per token (the last dimension, computed at
+    run time: dynamic) or one static per-tensor ``scale`` from calibration. Disabled layers still divide by
+    ``smooth`` (:meth:`unquantized`), so smoothing alone never changes a model's outputs.
+    """
+
+    def __init__(
+        self, bits: int = 8, granularity: str = "token", scale: Tensor | None = None, smooth: Tensor | None = None
+    ) -> None:
+        super().__init__()
+        self.bits = check_bits(bits, "act_bits")
+        if granularity not in ACT_GRANULARITIES:
+            raise ValueError(f"granularity={granularity!r} is not supported; allowed: {list(ACT_GRANULARITIES)}")
+        if granularity == "tensor" and (scale is None or scale.dim() != 0 or not scale > 0):
+            raise ValueError(f"granularity='tensor' needs a positive 0-dim scale, got {scale!r}")
+        self.granularity = granularity
+        self.register_buffer("scale", scale, persistent=False)
+        self.register_buffer("smooth", smooth, persistent=False)
+
+    def unquantized(self, x: Tensor) -> Tensor:
+        """``x / smooth`` (``x`` itself without smoothing)."""
+        return x if self.smooth is None else x / self.smooth.to(x.dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.unquantized(x)
+        if self.granularity == "tensor":
+            return fake_quantize(x, self.scale, None, self.bits)
+        qmax = 2 ** (self.bits - 1) - 1
+        scale = x.detach().abs().amax(dim=-1, keepdim=True).float().clamp_min(1e-8) / qmax
+        return fake_quantize(x, scale, None, self.bits)
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, granularity={self.granularity!r}, smooth={self.smooth is not None}"
 
 
 class _FakeQuantMixin:
@@ -248,8 +302,12 @@ class _FakeQuantMixin:
         return self.weight_quantizer(self.weight) if self.enabled else self.weight
 
     def quantized_input(self, x: Tensor) -> Tensor:
-        """The input as the forward pass uses it."""
-        return self.act_quantizer(x) if self.enabled and self.act_quantizer is not None else x
+        """The input as the forward pass uses it (a disabled layer keeps an exact smoothing division)."""
+        if self.act_quantizer is None:
+            return x
+        if self.enabled:
+            return self.act_quantizer(x)
+        return self.act_quantizer.unquantized(x)
 
 
 class FakeQuantLinear(_FakeQuantMixin, nn.Linear):

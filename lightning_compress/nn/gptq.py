@@ -1,0 +1,151 @@
+"""GPTQ over a whole model: Hessians gathered by hooks, layers solved true-sequentially, block by block.
+
+For a transformer (a repeated ``nn.ModuleList`` of blocks, found by :func:`~.calibration.find_blocks`)
+the inputs of block 0 are captured once; each block's layers are then calibrated on inputs that already went through
+the quantized blocks before it, and within a block group by group in execution order (q/k/v, then the attention
+output, then the MLP), as Frantar et al. do with ``true_sequential``. Only the current block's inputs are held
+beyond the calibration batches. Layers outside the stack (a pooler, a classifier head) and models without a stack
+are calibrated through the whole model, with everything before them already quantized.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lightning_compress.functional.gptq import GPTQResult, gptq_quantize, hessian_update
+from lightning_compress.nn.calibration import (
+    Progress,
+    all_reduce_,
+    broadcast_,
+    call_model,
+    capture_inputs,
+    dataflow,
+    eval_mode,
+    find_blocks,
+    first_tensor,
+    hooks,
+    replace_hidden,
+)
+
+log = logging.getLogger(__name__)
+
+GPTQ_LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d)
+
+
+def is_gptq_layer(module: nn.Module) -> bool:
+    """Whether GPTQ can quantize ``module``: a Linear, or a Conv2d with ``groups=1`` and numeric padding."""
+    if isinstance(module, nn.Conv2d):
+        return module.groups == 1 and not isinstance(module.padding, str) and module.padding_mode == "zeros"
+    return isinstance(module, nn.Linear)
+
+
+def weight_matrix(module: nn.Module) -> Tensor:
+    """The layer's weight as GPTQ sees it: ``(out, in)``, a conv's flattened to ``(out, in · kh · kw)``."""
+    return module.weight.detach().reshape(module.weight.shape[0], -1)
+
+
+def layer_inputs(module: nn.Module, x: Tensor) -> Tensor:
+    """The rows ``X`` (tokens, in) with ``output = X Wᵀ`` for :func:`weight_matrix`: a conv's input is unfolded."""
+    if isinstance(module, nn.Conv2d):
+        cols = F.unfold(x, module.kernel_size, module.dilation, module.padding, module.stride)  # (N, in·kh·kw, L)
+        return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+    return x.reshape(-1, x.shape[-1])
+
+
+def _collect_hessians(layers: Mapping[str, nn.Module], passes: Sequence[Callable[[], Any]]) -> dict[str, Tensor]:
+    """Run ``passes`` with hooks adding every layer's inputs to its Hessian sum; all-reduced (sum) across ranks."""
+    hessians = {n: torch.zeros(weight_matrix(m).shape[1], weight_matrix(m).shape[1], dtype=torch.float64,
+                                device=m.weight.device) for n, m in layers.items()}  # fmt: skip
+
+    def make_hook(name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+            hessian_update(hessians[name], layer_inputs(module, args[0]))
+
+        return hook
+
+    with hooks([m.register_forward_pre_hook(make_hook(n)) for n, m in layers.items()]), torch.no_grad():
+        for run in passes:
+            run()
+    for h in hessians.values():
+        all_reduce_(h, "sum")
+    return hessians
+
+
+@torch.no_grad()
+def _solve_layer(name: str, module: nn.Module, hessian: Tensor, options: Mapping[str, Any]) -> GPTQResult:
+    """GPTQ one layer, write its quantized weight in place, and return the result (identical on every rank)."""
+    if hessian.diagonal().sum() == 0:
+        warnings.warn(f"GPTQ: layer {name!r} saw no calibration input; rounded to nearest instead", stacklevel=4)
+        hessian = torch.eye(hessian.shape[0], dtype=hessian.dtype, device=hessian.device)
+    result = gptq_quantize(weight_matrix(module), hessian, **options)
+    for t in result[:4]:
+        broadcast_(t)
+    module.weight.copy_(result.weight.reshape(module.weight.shape).to(module.weight.dtype))
+    return result
+
+
+def _quantize_stage(
+    layers: Mapping[str, nn.Module],
+    passes: Sequence[Callable[[], Any]],
+    options: Mapping[str, Any],
+    true_sequential: bool,
+    results: dict[str, GPTQResult],
+    bar: Progress,
+) -> None:
+    """Quantize ``layers``, all reached by ``passes`` (one forward each), group by group or all at once."""
+    groups = dataflow(passes[0], layers).groups if true_sequential else [list(layers)]
+    for group in groups:
+        hessians = _collect_hessians({n: layers[n] for n in group}, passes)
+        for name in group:
+            results[name] = _solve_layer(name, layers[name], hessians.pop(name), options)
+            bar.step(name)
+
+
+def gptq_model(
+    model: nn.Module,
+    layers: Mapping[str, nn.Module],
+    batches: Sequence[Any],
+    true_sequential: bool = True,
+    **options: Any,
+) -> dict[str, GPTQResult]:
+    """Quantize ``layers`` of ``model`` in place with GPTQ (Frantar et al. 2023) on calibration ``batches``.
+
+    Args:
+        model: the model; its ``forward`` takes each batch (Tensor, tuple or dict, see
+            :func:`~lightning_compress.nn.calibration.split_inputs`).
+        layers: ``{qualified name: layer}``, Linear or Conv2d (see :func:`is_gptq_layer`).
+        batches: calibration inputs, held in memory for the whole run.
+        true_sequential: calibrate each group of layers on inputs from already-quantized predecessors; False
+            gathers a whole block's Hessians in one pass (faster, slightly less accurate).
+        **options: :func:`~lightning_compress.functional.gptq.gptq_quantize` options (bits, group_size, ...).
+
+    Returns:
+        ``{name: GPTQResult}`` in the original column order; each layer's weight now equals ``result.weight``.
+    """
+    results: dict[str, GPTQResult] = {}
+    with eval_mode(model), torch.no_grad(), Progress(len(layers), "GPTQ layers") as bar:
+        found = find_blocks(model, layers)
+        rest = dict(layers)
+        if found is not None:
+            prefix, blocks = found
+            inputs = capture_inputs(model, blocks[0], batches)
+            for i, block in enumerate(blocks):
+                inner = {n: rest.pop(n) for n in list(rest) if n.startswith(f"{prefix}.{i}.")}
+                if inner:
+                    passes = [lambda b=block, a=a: b(*a[0], **a[1]) for a in inputs]
+                    _quantize_stage(inner, passes, options, true_sequential, results, bar)
+                for j, (args, kwargs) in enumerate(inputs):  # in place: one block's activations at a time
+                    inputs[j] = replace_hidden((args, kwargs), first_tensor(block(*args, **kwargs)))
+            del inputs
+        if rest:
+            passes = [lambda b=b: call_model(model, b) for b in batches]
+            _quantize_stage(rest, passes, options, true_sequential, results, bar)
+    log.info("GPTQ: %d layers quantized", len(results))
+    return results

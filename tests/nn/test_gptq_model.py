@@ -1,0 +1,94 @@
+"""GPTQ over whole models: conv unfolding, true-sequential Hessians, transformer blocks, uncalled layers."""
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_compress.functional.gptq import gptq_quantize, hessian_update
+from lightning_compress.nn.calibration import call_model
+from lightning_compress.nn.gptq import gptq_model, is_gptq_layer, layer_inputs, weight_matrix
+from tests.nn.tiny_models import tiny_bert, token_batches
+
+
+def test_conv_unfolding_reproduces_the_convolution():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 5, 3, stride=2, padding=1, dilation=1)
+    x = torch.randn(2, 3, 9, 9)
+    rows = layer_inputs(conv, x) @ weight_matrix(conv).T + conv.bias  # (N·L, out)
+    ref = conv(x).permute(0, 2, 3, 1).reshape(-1, 5)
+    torch.testing.assert_close(rows, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_which_layers_gptq_takes():
+    assert is_gptq_layer(nn.Linear(2, 2)) and is_gptq_layer(nn.Conv2d(2, 2, 3))
+    assert not is_gptq_layer(nn.Conv2d(4, 4, 3, groups=2))
+    assert not is_gptq_layer(nn.Conv2d(2, 2, 3, padding="same"))
+    assert not is_gptq_layer(nn.Conv1d(2, 2, 3))
+
+
+def _mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8))
+
+
+def test_true_sequential_second_layer_sees_quantized_first_layer():
+    model = _mlp()
+    w0, w2 = model[0].weight.detach().clone(), model[2].weight.detach().clone()
+    torch.manual_seed(1)
+    batches = [torch.randn(64, 16) @ torch.randn(16, 16) for _ in range(3)]  # correlated inputs
+    h0 = None
+    for b in batches:
+        h0 = hessian_update(h0, b)
+    results = gptq_model(model, {"0": model[0], "2": model[2]}, batches, bits=4)
+    first = gptq_quantize(w0, h0, bits=4)
+    assert torch.equal(results["0"].codes, first.codes)
+    h2 = None  # the second layer's Hessian from the *quantized* first layer's outputs
+    for b in batches:
+        h2 = hessian_update(h2, torch.relu(b @ first.weight.T + model[0].bias.detach()))
+    assert torch.equal(results["2"].codes, gptq_quantize(w2, h2, bits=4).codes)
+    torch.testing.assert_close(model[2].weight.detach(), results["2"].weight)
+
+
+def test_blocks_are_calibrated_on_the_quantized_blocks_before_them():
+    model = tiny_bert().eval()
+    batches = token_batches(2)
+    original = model.encoder.layer[1].attention.self.query.weight.detach().clone()
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    results = gptq_model(model, layers, batches, bits=4)
+    assert set(results) == set(layers)
+    h = None  # block 1's input, produced by the now-quantized model
+
+    def grab(_, args, kwargs):
+        nonlocal h
+        h = hessian_update(h, args[0] if args else kwargs["hidden_states"])
+
+    handle = model.encoder.layer[1].register_forward_pre_hook(grab, with_kwargs=True)
+    with torch.no_grad():
+        for b in batches:
+            call_model(model, b)
+    handle.remove()
+    expected = gptq_quantize(original, h, bits=4)
+    assert torch.equal(results["encoder.layer.1.attention.self.query"].codes, expected.codes)
+
+
+def test_a_layer_never_called_is_rounded_to_nearest_with_a_warning():
+    class Unused(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.used, self.unused = nn.Linear(8, 8), nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.used(x)
+
+    model = Unused()
+    w = model.unused.weight.detach().clone()
+    with pytest.warns(UserWarning, match="unused.*no calibration input"):
+        results = gptq_model(model, {"used": model.used, "unused": model.unused}, [torch.randn(4, 8)], bits=4)
+    rtn = gptq_quantize(w, torch.eye(8, dtype=torch.float64), bits=4)
+    assert torch.equal(results["unused"].codes, rtn.codes)
+
+
+def test_gptq_model_restores_train_mode():
+    model = _mlp().train()
+    gptq_model(model, {"0": model[0]}, [torch.randn(4, 16)], bits=8)
+    assert model.training and model[0].training
