@@ -46,3 +46,17 @@ def test_unknown_recipe_fails_with_a_clear_message(tmp_path):
     proc = run_train(tmp_path, "+compress=nonexistent")
     assert proc.returncode != 0
     assert "Could not find 'compress/nonexistent'" in proc.stderr + proc.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", ["gptq_int4", "smoothquant_w8a8"])
+def test_post_training_recipes_run_at_fit_end(tmp_path, recipe):
+    proc = run_train(tmp_path, f"+compress={recipe}", "trainer.max_epochs=3")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    acc = float(next(ln for ln in proc.stdout.splitlines() if ln.startswith("test/acc:")).split(":")[1])
+    assert acc >= 0.85  # the quantized model is what Trainer.test evaluates
+    rows = [ln for ln in proc.stdout.splitlines() if ln.startswith("| net.")]
+    quantized = [r for r in rows if "FakeQuant" in r]
+    bits = "4" if recipe == "gptq_int4" else "8"
+    assert len(quantized) == (4 if recipe == "gptq_int4" else 2)  # GPTQ: convs and Linears; SmoothQuant: Linears
+    assert all(r.split("|")[7].strip() == bits for r in quantized)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import Any, NamedTuple
 
 import torch
@@ -42,6 +42,22 @@ def split_inputs(batch: Any) -> Inputs:
     )
 
 
+def head(batch: Any, n: int) -> Any:
+    """The first ``n`` samples of a calibration batch: every Tensor sharing the first Tensor's leading size is cut."""
+    items = batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, (tuple, list)) else [batch]
+    tensors = [t for t in items if isinstance(t, Tensor)]
+    size = tensors[0].shape[0] if tensors and tensors[0].dim() else None
+
+    def cut(t: Any) -> Any:
+        return t[:n] if isinstance(t, Tensor) and t.dim() and t.shape[0] == size else t
+
+    if isinstance(batch, Mapping):
+        return {k: cut(v) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(cut(v) for v in batch)
+    return cut(batch)
+
+
 def to_device(obj: Any, device: torch.device) -> Any:
     """``obj`` with every Tensor inside (nested tuples, lists, dicts) moved to ``device``."""
     if isinstance(obj, Tensor):
@@ -63,6 +79,20 @@ def call_model(model: nn.Module, batch: Any) -> Any:
     """``model(*args, **kwargs)`` for one calibration batch, moved to the model's device."""
     args, kwargs = split_inputs(to_device(batch, model_device(model)))
     return model(*args, **kwargs)
+
+
+def token_mask(batch: Any) -> Tensor | None:
+    """The ``(B, T)`` bool mask of real (not padding) tokens of a tokenizer-style batch, or None."""
+    mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
+    return mask.bool() if isinstance(mask, Tensor) and mask.dim() == 2 else None
+
+
+def real_tokens(x: Tensor, mask: Tensor | None) -> Tensor:
+    """The rows of a layer input ``x`` (B, T, C) at the real tokens of ``mask`` (B, T) as ``(n, C)``; ``x``
+    unchanged when there is no mask or the shapes do not line up (e.g. a pooler's ``(B, C)`` input)."""
+    if mask is None or x.dim() != 3 or x.shape[:2] != mask.shape:
+        return x
+    return x[mask.to(x.device)]
 
 
 def float_tensors(out: Any) -> list[Tensor]:
@@ -173,8 +203,14 @@ def find_blocks(model: nn.Module, layers: Iterable[str]) -> tuple[str, nn.Module
     return best
 
 
-class _Stop(Exception):
-    """Raised by a pre-hook to end a forward pass once the wanted inputs are captured."""
+class StopForward(Exception):
+    """Raised by a hook to end a forward pass once the wanted inputs are captured (see :func:`run_until`)."""
+
+
+def run_until(run: Callable[[], Any]) -> None:
+    """Call ``run()``; a :class:`StopForward` raised inside ends it quietly."""
+    with suppress(StopForward):
+        run()
 
 
 # Keyword inputs of a block that hold a key/value cache; replaying a block with them would grow the cache.
@@ -197,13 +233,13 @@ def capture_inputs(model: nn.Module, module: nn.Module, batches: Sequence[Any]) 
         if "use_cache" in kwargs:
             kwargs["use_cache"] = False
         stored.append((args, kwargs))
-        raise _Stop
+        raise StopForward
 
     with hooks([module.register_forward_pre_hook(hook, with_kwargs=True)]), torch.no_grad():
         for batch in batches:
             try:
                 call_model(model, batch)
-            except _Stop:
+            except StopForward:
                 continue
             raise RuntimeError(f"{type(module).__name__} was not called by the model's forward on a calibration batch")
     return stored

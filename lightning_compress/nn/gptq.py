@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from lightning_compress.functional.gptq import GPTQResult, gptq_quantize, hessian_update
 from lightning_compress.nn.calibration import (
     Progress,
+    StopForward,
     all_reduce_,
     broadcast_,
     call_model,
@@ -31,7 +32,10 @@ from lightning_compress.nn.calibration import (
     find_blocks,
     first_tensor,
     hooks,
+    real_tokens,
     replace_hidden,
+    run_until,
+    token_mask,
 )
 
 log = logging.getLogger(__name__)
@@ -59,20 +63,33 @@ def layer_inputs(module: nn.Module, x: Tensor) -> Tensor:
     return x.reshape(-1, x.shape[-1])
 
 
-def _collect_hessians(layers: Mapping[str, nn.Module], passes: Sequence[Callable[[], Any]]) -> dict[str, Tensor]:
-    """Run ``passes`` with hooks adding every layer's inputs to its Hessian sum; all-reduced (sum) across ranks."""
+# One forward pass over a calibration batch, and the batch's real-token mask (None without padding information).
+Pass = tuple[Callable[[], Any], Tensor | None]
+
+
+def _collect_hessians(layers: Mapping[str, nn.Module], passes: Sequence[Pass]) -> dict[str, Tensor]:
+    """Run ``passes`` with hooks adding every layer's inputs (real tokens only) to its Hessian sum; all-reduced
+    (sum) across ranks. Each pass stops as soon as every layer has seen its input (a layer called twice in one
+    forward contributes its first call)."""
     hessians = {n: torch.zeros(weight_matrix(m).shape[1], weight_matrix(m).shape[1], dtype=torch.float64,
                                 device=m.weight.device) for n, m in layers.items()}  # fmt: skip
+    current: list[Tensor | None] = [None]
+    seen: set[str] = set()
 
     def make_hook(name: str) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
-            hessian_update(hessians[name], layer_inputs(module, args[0]))
+            hessian_update(hessians[name], layer_inputs(module, real_tokens(args[0], current[0])))
+            seen.add(name)
+            if len(seen) == len(hessians):  # every layer has its input: the rest of the forward is not needed
+                raise StopForward
 
         return hook
 
     with hooks([m.register_forward_pre_hook(make_hook(n)) for n, m in layers.items()]), torch.no_grad():
-        for run in passes:
-            run()
+        for run, mask in passes:
+            current[0] = mask
+            seen.clear()
+            run_until(run)
     for h in hessians.values():
         all_reduce_(h, "sum")
     return hessians
@@ -93,14 +110,14 @@ def _solve_layer(name: str, module: nn.Module, hessian: Tensor, options: Mapping
 
 def _quantize_stage(
     layers: Mapping[str, nn.Module],
-    passes: Sequence[Callable[[], Any]],
+    passes: Sequence[Pass],
     options: Mapping[str, Any],
     true_sequential: bool,
     results: dict[str, GPTQResult],
     bar: Progress,
 ) -> None:
     """Quantize ``layers``, all reached by ``passes`` (one forward each), group by group or all at once."""
-    groups = dataflow(passes[0], layers).groups if true_sequential else [list(layers)]
+    groups = dataflow(passes[0][0], layers).groups if true_sequential else [list(layers)]
     for group in groups:
         hessians = _collect_hessians({n: layers[n] for n in group}, passes)
         for name in group:
@@ -133,19 +150,20 @@ def gptq_model(
     with eval_mode(model), torch.no_grad(), Progress(len(layers), "GPTQ layers") as bar:
         found = find_blocks(model, layers)
         rest = dict(layers)
+        masks = [token_mask(b) for b in batches]
         if found is not None:
             prefix, blocks = found
             inputs = capture_inputs(model, blocks[0], batches)
             for i, block in enumerate(blocks):
                 inner = {n: rest.pop(n) for n in list(rest) if n.startswith(f"{prefix}.{i}.")}
                 if inner:
-                    passes = [lambda b=block, a=a: b(*a[0], **a[1]) for a in inputs]
+                    passes = [(lambda b=block, a=a: b(*a[0], **a[1]), m) for a, m in zip(inputs, masks, strict=True)]
                     _quantize_stage(inner, passes, options, true_sequential, results, bar)
                 for j, (args, kwargs) in enumerate(inputs):  # in place: one block's activations at a time
                     inputs[j] = replace_hidden((args, kwargs), first_tensor(block(*args, **kwargs)))
             del inputs
         if rest:
-            passes = [lambda b=b: call_model(model, b) for b in batches]
+            passes = [(lambda b=b: call_model(model, b), token_mask(b)) for b in batches]
             _quantize_stage(rest, passes, options, true_sequential, results, bar)
     log.info("GPTQ: %d layers quantized", len(results))
     return results

@@ -29,12 +29,24 @@ from lightning_compress.functional.smoothquant import (
     smoothing_factors,
     weight_absmax,
 )
-from lightning_compress.nn.calibration import Progress, all_reduce_, call_model, dataflow, hooks, relative_error
+from lightning_compress.nn.calibration import (
+    Progress,
+    all_reduce_,
+    call_model,
+    dataflow,
+    head,
+    hooks,
+    real_tokens,
+    relative_error,
+    token_mask,
+)
 
 log = logging.getLogger(__name__)
 
 # Smoothing may change a model's outputs by float rounding only: at most this relative error on a calibration batch.
 FOLD_TOLERANCE = 1e-3
+# Samples of the first calibration batch the folds are verified on.
+VERIFY_SAMPLES = 4
 
 
 class SmoothGroup(NamedTuple):
@@ -96,12 +108,14 @@ def find_mappings(
 def activation_absmax(
     model: nn.Module, layers: Mapping[str, nn.Module], groups: Sequence[SmoothGroup], batches: Sequence[Any]
 ) -> list[Tensor]:
-    """Per group, the running per-input-channel ``max |X_j|`` ``(in,)`` over all batches (float32, DDP ``max``)."""
+    """Per group, the running per-input-channel ``max |X_j|`` ``(in,)`` over all batches' real tokens (float32,
+    DDP ``max``)."""
     stats: list[Tensor | None] = [None] * len(groups)
+    current: list[Tensor | None] = [None]
 
     def make_hook(index: int) -> Callable[..., None]:
         def hook(_: nn.Module, args: tuple[Any, ...]) -> None:
-            x = args[0].detach()
+            x = real_tokens(args[0].detach(), current[0])
             cur = x.abs().reshape(-1, x.shape[-1]).amax(dim=0).float()
             stats[index] = cur if stats[index] is None else torch.maximum(stats[index], cur)
 
@@ -110,6 +124,7 @@ def activation_absmax(
     handles = [layers[g.layers[0]].register_forward_pre_hook(make_hook(i)) for i, g in enumerate(groups)]
     with hooks(handles), Progress(len(batches), "SmoothQuant calibration") as bar:
         for i, batch in enumerate(batches):
+            current[0] = token_mask(batch)
             call_model(model, batch)
             bar.step(f"batch {i}")
     result = []
@@ -152,7 +167,8 @@ def smooth_model(
 ) -> list[Smoothing]:
     """Smooth ``model`` in place; returns one :class:`Smoothing` per group.
 
-    Folds into producers are verified on ``batch`` (relative output error ≤ :data:`FOLD_TOLERANCE`): all at once,
+    Folds into producers are verified on the first :data:`VERIFY_SAMPLES` samples of ``batch`` (relative output
+    error ≤ :data:`FOLD_TOLERANCE`): all at once,
     and one by one when that fails, undoing the folds that change the outputs. Groups left without a producer get
     ``s`` in their weights and ``explicit=True`` (the caller divides their inputs by ``s``) when
     ``explicit_scales``, and no smoothing otherwise; a group that never ran keeps ``s = 1``.
@@ -163,6 +179,7 @@ def smooth_model(
         else torch.ones_like(a)
         for g, a in zip(groups, act_absmax, strict=True)
     ]
+    batch = head(batch, VERIFY_SAMPLES)
     reference = call_model(model, batch)
     touched = {g.producer for g in groups if g.producer} | {n for g in groups if g.producer for n in g.layers}
     original = {n: [p.detach().clone() for p in model.get_submodule(n).parameters(recurse=False)] for n in touched}

@@ -9,9 +9,12 @@ from lightning_compress.nn.calibration import (
     capture_inputs,
     dataflow,
     find_blocks,
+    head,
+    real_tokens,
     relative_error,
     replace_hidden,
     split_inputs,
+    token_mask,
 )
 from tests.nn.tiny_models import tiny_bert, tiny_llama, token_batches
 
@@ -118,3 +121,21 @@ def test_relative_error_over_nested_outputs():
     a = {"x": torch.ones(4), "y": (torch.ones(2), torch.tensor([1, 2]))}
     b = {"x": torch.ones(4), "y": (torch.ones(2) * 1.5, torch.tensor([1, 2]))}
     assert relative_error(a, b) == pytest.approx(0.5)
+
+
+def test_real_tokens_drop_padding_only_where_shapes_line_up():
+    mask = token_mask({"attention_mask": torch.tensor([[1, 1, 0], [1, 0, 0]])})
+    x = torch.arange(2 * 3 * 4.0).reshape(2, 3, 4)
+    assert torch.equal(real_tokens(x, mask), torch.stack([x[0, 0], x[0, 1], x[1, 0]]))
+    pooled = torch.ones(2, 4)
+    assert real_tokens(pooled, mask) is pooled
+    assert token_mask(torch.ones(2, 3)) is None
+
+
+def test_head_cuts_every_batch_form():
+    x, mask = torch.ones(6, 3), torch.ones(6, 3, dtype=torch.long)
+    assert head(x, 2).shape == (2, 3)
+    cut = head({"input_ids": x, "attention_mask": mask, "flag": True}, 2)
+    assert cut["input_ids"].shape == (2, 3) and cut["attention_mask"].shape == (2, 3) and cut["flag"] is True
+    a, b = head((x, torch.ones(3)), 2)
+    assert a.shape == (2, 3) and b.shape == (3,)  # a tensor of another leading size is not a per-sample input

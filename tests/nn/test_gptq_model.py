@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from lightning_compress.functional.gptq import gptq_quantize, hessian_update
-from lightning_compress.nn.calibration import call_model
+from lightning_compress.nn.calibration import call_model, real_tokens
 from lightning_compress.nn.gptq import gptq_model, is_gptq_layer, layer_inputs, weight_matrix
 from tests.nn.tiny_models import tiny_bert, token_batches
 
@@ -56,15 +56,16 @@ def test_blocks_are_calibrated_on_the_quantized_blocks_before_them():
     layers = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     results = gptq_model(model, layers, batches, bits=4)
     assert set(results) == set(layers)
-    h = None  # block 1's input, produced by the now-quantized model
+    h, mask = None, None  # block 1's input at the real (not padding) tokens, produced by the now-quantized model
 
     def grab(_, args, kwargs):
         nonlocal h
-        h = hessian_update(h, args[0] if args else kwargs["hidden_states"])
+        h = hessian_update(h, real_tokens(args[0] if args else kwargs["hidden_states"], mask))
 
     handle = model.encoder.layer[1].register_forward_pre_hook(grab, with_kwargs=True)
     with torch.no_grad():
         for b in batches:
+            mask = b["attention_mask"].bool()
             call_model(model, b)
     handle.remove()
     expected = gptq_quantize(original, h, bits=4)

@@ -1,0 +1,41 @@
+"""scripts/ptq.py: one-shot post-training quantization of the real pretrained MiniLM on Brown corpus text."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_ptq(tmp_path, *overrides):
+    cmd = [sys.executable, "scripts/ptq.py", f"hydra.run.dir={tmp_path}", "calibration.sentences=64",
+           "evaluation.sentences=32"]  # fmt: skip
+    return subprocess.run(cmd + list(overrides), cwd=ROOT, capture_output=True, text=True, timeout=900)
+
+
+def _metric(stdout, key):
+    return float(next(ln for ln in stdout.splitlines() if ln.startswith(f"{key}:")).split(":")[1])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("recipe", "bits", "min_cosine"), [("gptq_int4", 4, 0.9), ("smoothquant_w8a8", 8, 0.98)])
+def test_recipes_run_one_shot_on_minilm(tmp_path, recipe, bits, min_cosine):
+    proc = run_ptq(tmp_path, f"+compress={recipe}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert _metric(proc.stdout, "embedding_cosine") >= min_cosine
+    tensors = load_file(tmp_path / "quantized.safetensors")
+    codes = tensors["encoder.layer.0.intermediate.dense/int_weight"]
+    assert codes.shape == (1536, 384) and int(codes.abs().max()) <= 2 ** (bits - 1)
+    assert (
+        "| encoder.layer.5.output.dense | FakeQuantLinear | 384×1536 |"
+        in (tmp_path / "compression_summary.md").read_text()
+    )
+
+
+def test_a_training_recipe_is_refused(tmp_path):
+    proc = run_ptq(tmp_path, "+compress=qat_int8")
+    assert proc.returncode != 0
+    assert "needs post-training recipes" in proc.stderr
