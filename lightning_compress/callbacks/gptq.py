@@ -6,6 +6,7 @@ import logging
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from lightning_compress.callbacks.base import CalibrationCallback, replace_layers, restored_on_error, select_layers
@@ -14,6 +15,8 @@ from lightning_compress.nn.fake_quant import WeightQuantizer, check_weight_quant
 from lightning_compress.nn.gptq import gptq_model, is_gptq_layer, weight_matrix
 
 log = logging.getLogger(__name__)
+
+HESSIAN_DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
 
 class GPTQFinalize(CalibrationCallback):
@@ -51,6 +54,7 @@ class GPTQFinalize(CalibrationCallback):
         percdamp: relative dampening of the Hessian's diagonal.
         block_size: columns per lazy-update block.
         true_sequential: calibrate each group of layers after the ones before it are quantized.
+        hessian_dtype: ``"float64"`` or ``"float32"`` running sums of ``H``.
         num_batches, calibration_data, input_fn: calibration batches at fit end (see :class:`CalibrationCallback`).
         targets, ignore: regexes over layer names (default: every Linear and Conv2d).
     """
@@ -65,6 +69,7 @@ class GPTQFinalize(CalibrationCallback):
         percdamp: float = 0.01,
         block_size: int = 128,
         true_sequential: bool = True,
+        hessian_dtype: str = "float64",
         num_batches: int | None = 32,
         calibration_data: Iterable[Any] | None = None,
         input_fn: Any = None,
@@ -81,7 +86,9 @@ class GPTQFinalize(CalibrationCallback):
             raise ValueError(f"percdamp must be a number >= 0, got {percdamp!r}")
         if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
             raise ValueError(f"block_size must be a positive int, got {block_size!r}")
-        self.true_sequential = true_sequential
+        if hessian_dtype not in HESSIAN_DTYPES:
+            raise ValueError(f"hessian_dtype={hessian_dtype!r} is not supported; allowed: {list(HESSIAN_DTYPES)}")
+        self.true_sequential, self.hessian_dtype = true_sequential, HESSIAN_DTYPES[hessian_dtype]
 
     def select(self, model: nn.Module) -> dict[str, nn.Module]:
         """The layers GPTQ will quantize; raises ValueError before anything changes when one cannot be."""
@@ -106,7 +113,7 @@ class GPTQFinalize(CalibrationCallback):
         if not batches:
             raise ValueError("batches is empty; GPTQ needs at least one calibration batch")
         with restored_on_error(model):
-            results = gptq_model(model, layers, batches, self.true_sequential, **self.options)
+            results = gptq_model(model, layers, batches, self.true_sequential, self.hessian_dtype, **self.options)
             built, exported = {}, {}
             for name, layer in layers.items():
                 res = results[name]

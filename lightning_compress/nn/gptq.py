@@ -67,11 +67,11 @@ def layer_inputs(module: nn.Module, x: Tensor) -> Tensor:
 Pass = tuple[Callable[[], Any], Tensor | None]
 
 
-def _collect_hessians(layers: Mapping[str, nn.Module], passes: Sequence[Pass]) -> dict[str, Tensor]:
+def _collect_hessians(layers: Mapping[str, nn.Module], passes: Sequence[Pass], dtype: torch.dtype) -> dict[str, Tensor]:
     """Run ``passes`` with hooks adding every layer's inputs (real tokens only) to its Hessian sum; all-reduced
     (sum) across ranks. Each pass stops as soon as every layer has seen its input (a layer called twice in one
     forward contributes its first call)."""
-    hessians = {n: torch.zeros(weight_matrix(m).shape[1], weight_matrix(m).shape[1], dtype=torch.float64,
+    hessians = {n: torch.zeros(weight_matrix(m).shape[1], weight_matrix(m).shape[1], dtype=dtype,
                                 device=m.weight.device) for n, m in layers.items()}  # fmt: skip
     current: list[Tensor | None] = [None]
     seen: set[str] = set()
@@ -113,13 +113,14 @@ def _quantize_stage(
     passes: Sequence[Pass],
     options: Mapping[str, Any],
     true_sequential: bool,
+    hessian_dtype: torch.dtype,
     results: dict[str, GPTQResult],
     bar: Progress,
 ) -> None:
     """Quantize ``layers``, all reached by ``passes`` (one forward each), group by group or all at once."""
     groups = dataflow(passes[0][0], layers).groups if true_sequential else [list(layers)]
     for group in groups:
-        hessians = _collect_hessians({n: layers[n] for n in group}, passes)
+        hessians = _collect_hessians({n: layers[n] for n in group}, passes, hessian_dtype)
         for name in group:
             results[name] = _solve_layer(name, layers[name], hessians.pop(name), options)
             bar.step(name)
@@ -130,6 +131,7 @@ def gptq_model(
     layers: Mapping[str, nn.Module],
     batches: Sequence[Any],
     true_sequential: bool = True,
+    hessian_dtype: torch.dtype = torch.float64,
     **options: Any,
 ) -> dict[str, GPTQResult]:
     """Quantize ``layers`` of ``model`` in place with GPTQ (Frantar et al. 2023) on calibration ``batches``.
@@ -141,6 +143,7 @@ def gptq_model(
         batches: calibration inputs, held in memory for the whole run.
         true_sequential: calibrate each group of layers on inputs from already-quantized predecessors; False
             gathers a whole block's Hessians in one pass (faster, slightly less accurate).
+        hessian_dtype: accumulation dtype of the Hessian sums (float64, or float32 at half the memory and time).
         **options: :func:`~lightning_compress.functional.gptq.gptq_quantize` options (bits, group_size, ...).
 
     Returns:
@@ -158,12 +161,12 @@ def gptq_model(
                 inner = {n: rest.pop(n) for n in list(rest) if n.startswith(f"{prefix}.{i}.")}
                 if inner:
                     passes = [(lambda b=block, a=a: b(*a[0], **a[1]), m) for a, m in zip(inputs, masks, strict=True)]
-                    _quantize_stage(inner, passes, options, true_sequential, results, bar)
+                    _quantize_stage(inner, passes, options, true_sequential, hessian_dtype, results, bar)
                 for j, (args, kwargs) in enumerate(inputs):  # in place: one block's activations at a time
                     inputs[j] = replace_hidden((args, kwargs), first_tensor(block(*args, **kwargs)))
             del inputs
         if rest:
             passes = [(lambda b=b: call_model(model, b), token_mask(b)) for b in batches]
-            _quantize_stage(rest, passes, options, true_sequential, results, bar)
+            _quantize_stage(rest, passes, options, true_sequential, hessian_dtype, results, bar)
     log.info("GPTQ: %d layers quantized", len(results))
     return results

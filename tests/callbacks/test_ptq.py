@@ -137,6 +137,15 @@ def test_smoothquant_one_shot_on_hf_models(build):
     assert relative_error(reference, call_model(model, batches[0])) < 0.05
 
 
+def test_float32_hessians_give_nearly_the_same_weights():
+    batches = [torch.randn(16, 16) for _ in range(3)]
+    a, b = LNRegressor(), LNRegressor()
+    ea = GPTQFinalize(bits=4, hessian_dtype="float64").apply(a, batches)
+    eb = GPTQFinalize(bits=4, hessian_dtype="float32").apply(b, batches)
+    for name in ea:
+        assert (ea[name]["int_weight"] != eb[name]["int_weight"]).float().mean() < 0.01
+
+
 def test_default_inputs_strip_labels():
     x = torch.ones(2)
     assert default_inputs((x, 1)) is x
@@ -153,6 +162,7 @@ def test_default_inputs_strip_labels():
         (GPTQFinalize, {"block_size": 0}, "block_size"),
         (GPTQFinalize, {"num_batches": 0}, "num_batches must be a positive int or None"),
         (GPTQFinalize, {"targets": "("}, "invalid regex"),
+        (GPTQFinalize, {"hessian_dtype": "float16"}, "hessian_dtype='float16' is not supported"),
         (SmoothQuantCalibrate, {"alpha": 1.5}, r"alpha must be a number in \[0, 1\] or None"),
         (SmoothQuantCalibrate, {"act_granularity": "channel"}, "act_granularity='channel' is not supported"),
         (SmoothQuantCalibrate, {"mappings": [["a"]]}, "pairs"),
