@@ -117,12 +117,17 @@ def _quantize_stage(
     results: dict[str, GPTQResult],
     bar: Progress,
 ) -> None:
-    """Quantize ``layers``, all reached by ``passes`` (one forward each), group by group or all at once."""
-    groups = dataflow(passes[0][0], layers).groups if true_sequential else [list(layers)]
-    for group in groups:
-        hessians = _collect_hessians({n: layers[n] for n in group}, passes, hessian_dtype)
-        for name in group:
-            results[name] = _solve_layer(name, layers[name], hessians.pop(name), options)
+    """Quantize ``layers``, all reached by ``passes`` (one forward each), group by group or all at once.
+
+    Linears reading the very same input (q, k, v) share one Hessian, computed once.
+    """
+    groups = dataflow(passes[0][0], layers).groups
+    owner = {n: g[0] if all(type(layers[m]) is nn.Linear for m in g) else n for g in groups for n in g}
+    for stage in groups if true_sequential else [[n for g in groups for n in g]]:
+        hessians = _collect_hessians({o: layers[o] for o in dict.fromkeys(owner[n] for n in stage)}, passes,
+                                     hessian_dtype)  # fmt: skip
+        for name in stage:
+            results[name] = _solve_layer(name, layers[name], hessians[owner[name]], options)
             bar.step(name)
 
 
