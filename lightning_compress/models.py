@@ -1,13 +1,17 @@
-"""Example models: a small CNN, LeNet-300-100, a generic image classifier LightningModule, and pretrained
-all-MiniLM-L6-v2 (through transformers, an optional dependency imported only when a pretrained model is loaded).
+"""Example models: a small CNN, LeNet-300-100, a generic image classifier LightningModule, pretrained all-MiniLM-L6-v2
+(through transformers, an optional dependency imported only when a pretrained model is loaded) and a text classifier
+LightningModule fine-tuning it.
 
 The library works on any LightningModule; these exist so ``scripts/train.py`` has a default job.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib.util
-from collections.abc import Sequence
+import math
+from collections.abc import Iterator, Sequence
 from itertools import pairwise
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -167,15 +171,37 @@ def load_pretrained(
         model_kwargs["num_labels"] = num_labels
     import transformers  # optional: pip install lightning_compress[hf]
 
-    source = _resolve_pretrained(name_or_path)
+    tokenizer = load_tokenizer(name_or_path)
+    with _install_hint(name_or_path):
+        model = getattr(transformers, _TASKS[task]).from_pretrained(_resolve_pretrained(name_or_path), **model_kwargs)
+    return model.eval(), tokenizer
+
+
+@contextlib.contextmanager
+def _install_hint(name_or_path: str) -> Iterator[None]:
+    """Re-raise an ``OSError`` of ``from_pretrained`` for a MiniLM name with the command that installs it."""
     try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(source)
-        model = getattr(transformers, _TASKS[task]).from_pretrained(source, **model_kwargs)
+        yield
     except OSError as err:
         if name_or_path in MINILM_NAMES:
             raise OSError(f"{name_or_path} is neither installed nor reachable; install it: `{_INSTALL_HINT}`") from err
         raise
-    return model.eval(), tokenizer
+
+
+def load_tokenizer(name_or_path: str = "all-MiniLM-L6-v2") -> PreTrainedTokenizerBase:
+    """The tokenizer of a pretrained model, resolved as :func:`load_pretrained` resolves it (MiniLM names load the
+    installed package's copy, offline), without loading any weights.
+
+    Args:
+        name_or_path: a model name of the hub or a local folder.
+
+    Raises:
+        OSError: the tokenizer cannot be found; for a MiniLM name, the message says how to install it.
+    """
+    import transformers  # optional: pip install lightning_compress[hf]
+
+    with _install_hint(name_or_path):
+        return transformers.AutoTokenizer.from_pretrained(_resolve_pretrained(name_or_path))
 
 
 def mean_pool(last_hidden_state: Tensor, attention_mask: Tensor, normalize: bool = True) -> Tensor:
@@ -193,3 +219,103 @@ def mean_pool(last_hidden_state: Tensor, attention_mask: Tensor, normalize: bool
     mask = attention_mask.unsqueeze(-1).to(last_hidden_state.dtype)
     pooled = (last_hidden_state * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1e-9)
     return F.normalize(pooled, p=2, dim=-1) if normalize else pooled
+
+
+def linear_warmup_decay(step: int, warmup_steps: int, total_steps: int) -> float:
+    """The learning-rate factor of BERT fine-tuning (Devlin et al. 2019): linear from 0 to 1 over ``warmup_steps``,
+    then linear down to 0 at ``total_steps`` (transformers' ``get_linear_schedule_with_warmup``).
+
+    ``step / warmup`` for ``step < warmup``, else ``max(0, (total - step) / max(1, total - warmup))``.
+    """
+    if step < warmup_steps:
+        return step / warmup_steps
+    return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
+
+class TextClassifier(pl.LightningModule):
+    """Cross-entropy sequence classifier around a pretrained transformer, with AdamW, linear warmup / decay and
+    accuracy metrics; the fine-tuning job of the distillation recipes.
+
+    Batches are dicts of ``(B, T)`` tensors (``input_ids``, ``attention_mask``, optionally ``token_type_ids``) plus
+    ``labels: (B,)``, as :class:`~lightning_compress.data.BrownGenreDataModule` serves them. Logs ``train/loss``,
+    ``val/loss``, ``val/acc``, ``test/acc`` like :class:`ImageClassifier`.
+
+    Args:
+        pretrained: a model name or folder, loaded by :func:`load_pretrained` with ``task="classification"`` (a new
+            head of ``num_labels`` outputs); or any module called as ``net(**inputs)`` (the batch without
+            ``labels``) that returns logits ``(B, num_labels)``, or an output with a ``logits`` field (it keeps its
+            train / eval mode: Lightning's ``fit`` does not switch it, so dropout stays as given).
+        num_labels: classes.
+        lr: AdamW's peak learning rate. 5e-5 suits epochs of 100+ steps; one Brown genre epoch of 28 steps
+            (``max_sentences_per_doc=5``) reaches val/acc 0.73 with it, 0.87 with 2e-4.
+        weight_decay: AdamW's decoupled weight decay, applied to matrices only (not to biases or LayerNorm weights).
+        warmup_fraction: the share of all optimizer steps spent warming the learning rate up from 0; after it, the
+            rate decays linearly to 0 at the trainer's last step (:func:`linear_warmup_decay`).
+    """
+
+    def __init__(
+        self,
+        pretrained: str | nn.Module = "all-MiniLM-L6-v2",
+        num_labels: int = 2,
+        lr: float = 5e-5,
+        weight_decay: float = 0.01,
+        warmup_fraction: float = 0.1,
+    ) -> None:
+        super().__init__()
+        if num_labels < 2 or lr <= 0 or weight_decay < 0 or not 0 <= warmup_fraction < 1:
+            raise ValueError(
+                "need num_labels >= 2, lr > 0, weight_decay >= 0 and warmup_fraction in [0, 1), got "
+                f"num_labels={num_labels}, lr={lr}, weight_decay={weight_decay}, warmup_fraction={warmup_fraction}"
+            )
+        self.save_hyperparameters(ignore=["pretrained"] if isinstance(pretrained, nn.Module) else None)
+        if isinstance(pretrained, str):  # load_pretrained returns eval mode; Lightning's fit keeps a module's mode
+            pretrained = load_pretrained(pretrained, task="classification", num_labels=num_labels)[0].train()
+        self.net = pretrained
+        self.val_acc = torchmetrics.Accuracy(task="multiclass", num_classes=num_labels)
+        self.test_acc = torchmetrics.Accuracy(task="multiclass", num_classes=num_labels)
+
+    def forward(self, **inputs: Tensor) -> Tensor:
+        """Logits ``(B, num_labels)`` of a batch's model inputs; a ``labels`` entry is ignored."""
+        inputs.pop("labels", None)
+        out = self.net(**inputs)
+        logits = out if isinstance(out, Tensor) else out["logits"] if isinstance(out, dict) else out.logits
+        if logits.dim() != 2 or logits.shape[1] != self.hparams.num_labels:
+            raise ValueError(f"net must return logits (B, {self.hparams.num_labels}), got {tuple(logits.shape)}")
+        return logits
+
+    def _logits_and_loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        logits = self(**batch)
+        return logits, F.cross_entropy(logits, batch["labels"])
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        _, loss = self._logits_and_loss(batch)
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["labels"]))
+        return loss
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        logits, loss = self._logits_and_loss(batch)
+        self.val_acc(logits, batch["labels"])
+        self.log("val/loss", loss, batch_size=len(batch["labels"]), sync_dist=True)
+        self.log("val/acc", self.val_acc, prog_bar=True, batch_size=len(batch["labels"]))
+
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self.test_acc(self(**batch), batch["labels"])
+        self.log("test/acc", self.test_acc, batch_size=len(batch["labels"]))
+
+    def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        return self(**batch).argmax(dim=-1)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        total = self.trainer.estimated_stepping_batches
+        if not math.isfinite(total):
+            raise ValueError("TextClassifier's learning-rate decay needs a finite run: set max_steps or max_epochs")
+        params = [p for p in self.parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": self.hparams.weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ]
+        optimizer = torch.optim.AdamW(groups, lr=self.hparams.lr)
+        warmup = int(self.hparams.warmup_fraction * total)
+        schedule = functools.partial(linear_warmup_decay, warmup_steps=warmup, total_steps=int(total))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

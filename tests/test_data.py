@@ -18,15 +18,20 @@ import lightning_compress
 from lightning_compress import models
 from lightning_compress.data import (
     BROWN_GENRE_GROUP,
+    BROWN_GROUP_LABELS,
     BROWN_IMAGINATIVE,
     BROWN_INFORMATIVE,
     DATA_HOME_ENV,
+    BrownGenreDataModule,
     FashionMNISTDataModule,
+    LengthGroupedBatchSampler,
+    balance_classes,
     brown_sentences,
     detokenize,
     find_brown,
     read_brown,
     read_idx,
+    sample_sentences,
     seeded_split,
     tokenize_batches,
 )
@@ -258,3 +263,120 @@ def test_library_imports_transformers_only_lazily() -> None:
             names += [node.module or ""] if isinstance(node, ast.ImportFrom) else []
             offenders += [f"{path.name}: {n}" for n in names if n.split(".")[0] == "transformers"]
     assert not offenders
+
+
+# --- Brown genre classification -----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def genre() -> BrownGenreDataModule:
+    dm = BrownGenreDataModule(max_sentences_per_doc=5, batch_size=16, seed=0)
+    dm.setup()
+    return dm
+
+
+def test_brown_genre_splits_whole_documents_stratified(genre: BrownGenreDataModule) -> None:
+    docs = {d.fileid: d for d in read_brown()}
+    split_docs = {split: set(ids) for split, ids in genre.documents.items()}
+    assert sum(len(ids) for ids in split_docs.values()) == 500 and set().union(*split_docs.values()) == set(docs)
+    for split, ds in genre.splits.items():
+        assert set(ds.fileids) <= split_docs[split]  # a document's sentences all go to its own split
+        assert ds.labels.tolist() == [BROWN_GROUP_LABELS.index(docs[f].group) for f in ds.fileids]
+        pairs = zip(ds.sentences, ds.fileids, strict=True)
+        assert all(s in docs[f].sentences and len(s.split()) >= 5 for s, f in pairs)
+    assert set(genre.splits["val"].fileids) == split_docs["val"]  # undersampling touches the training split only
+    assert genre.split_sizes() == {
+        "train": {"documents": 350, "sentences": 880, "informative": 440, "imaginative": 440},  # balanced
+        "val": {"documents": 75, "sentences": 375, "informative": 280, "imaginative": 95},  # 56 : 19 documents
+        "test": {"documents": 75, "sentences": 375, "informative": 280, "imaginative": 95},
+    }
+    assert BROWN_GROUP_LABELS == ("informative", "imaginative") and genre.num_classes == 2
+
+
+def test_brown_genre_caps_sentences_and_balances_train_only() -> None:
+    dm = BrownGenreDataModule(max_sentences_per_doc=3, balance=False, seed=0)
+    dm.setup()
+    sizes = dm.split_sizes()
+    assert sizes["train"] == {"documents": 350, "sentences": 1050, "informative": 786, "imaginative": 264}
+    assert max(Counter(dm.splits["train"].fileids).values()) == 3
+    doc = read_brown()[0]
+    drawn = sample_sentences(doc, min_words=5, limit=3, seed=0)
+    assert drawn == sample_sentences(doc, min_words=5, limit=3, seed=0) != sample_sentences(doc, 5, 3, seed=1)
+    assert drawn == sorted(drawn, key=doc.sentences.index)  # kept in text order
+    kept = balance_classes([0, 0, 0, 1, 0, 1], seed=0)
+    assert kept == sorted(kept) and len(kept) == 4 and {3, 5} <= set(kept)  # all of the minority, 2 of the majority
+    assert kept == balance_classes([0, 0, 0, 1, 0, 1], seed=0)
+
+
+def test_brown_genre_batches_are_padded_per_batch(genre: BrownGenreDataModule) -> None:
+    tokenizer = genre.tokenizer
+    for loader in (genre.train_dataloader(), genre.val_dataloader()):
+        batch = next(iter(loader))
+        assert set(batch) == {"input_ids", "attention_mask", "token_type_ids", "labels"}
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        assert ids.shape == mask.shape == batch["token_type_ids"].shape and ids.shape[0] == 16 and ids.shape[1] <= 64
+        assert batch["labels"].shape == (16,) and batch["labels"].dtype == ids.dtype == torch.long
+        assert int(mask.sum(dim=1).max()) == ids.shape[1]  # padded to the longest in the batch, no further
+        assert (ids[:, 0] == tokenizer.cls_token_id).all() and (ids[mask == 0] == tokenizer.pad_token_id).all()
+    lengths = [len(ids) for ids in genre.splits["train"].encodings["input_ids"]]
+    batches = list(genre.train_dataloader())
+    assert sum(len(b["labels"]) for b in batches) == 880 == len(genre.splits["train"])
+    padded = sum(b["input_ids"].numel() for b in batches)
+    assert padded < 1.1 * sum(lengths)  # grouped by length: little padding (random batches pad about 2×)
+    text = tokenizer.decode(genre.splits["val"][0]["input_ids"], skip_special_tokens=True)
+    assert text == tokenizer.decode(tokenizer(genre.splits["val"].sentences[0])["input_ids"], skip_special_tokens=True)
+
+
+def test_length_grouped_batch_sampler_covers_every_index_once() -> None:
+    lengths = [7, 3, 9, 1, 5, 8, 2, 6, 4, 10, 11]
+    sampler = LengthGroupedBatchSampler(range(11), batch_size=2, drop_last=False, lengths=lengths, group_size=3)
+    batches = list(sampler)
+    assert len(batches) == len(sampler) == 6 and sorted(i for b in batches for i in b) == list(range(11))
+    first_group = sorted(range(6), key=lengths.__getitem__)  # indices 0..5 sorted by length, cut into pairs
+    assert sorted(batches[:3]) == sorted([first_group[0:2], first_group[2:4], first_group[4:6]])
+    dropped = list(LengthGroupedBatchSampler(range(11), 2, drop_last=True, lengths=lengths, group_size=3))
+    assert len(dropped) == 5 and all(len(b) == 2 for b in dropped)
+    with pytest.raises(ValueError, match="group_size"):
+        LengthGroupedBatchSampler(range(11), 2, False, lengths, group_size=0)
+
+
+def test_length_grouped_batches_survive_lightnings_distributed_sampler(genre: BrownGenreDataModule) -> None:
+    """Under DDP, Lightning rebuilds the batch sampler around a DistributedSampler (as ``_request_dataloader`` does)."""
+    from lightning.fabric.utilities.data import _replace_dunder_methods
+    from lightning.pytorch.utilities.data import _update_dataloader
+    from torch.utils.data import BatchSampler, DistributedSampler
+
+    with _replace_dunder_methods(BatchSampler):
+        loader = genre.train_dataloader()
+    shards = []
+    for rank in (0, 1):
+        sampler = DistributedSampler(genre.splits["train"], num_replicas=2, rank=rank, shuffle=True, seed=0)
+        shard = _update_dataloader(loader, sampler)
+        assert isinstance(shard.batch_sampler, LengthGroupedBatchSampler) and shard.batch_sampler.sampler is sampler
+        shards.append([i for batch in shard.batch_sampler for i in batch])
+    assert len(shards[0]) == len(shards[1]) == 440 and set(shards[0]).isdisjoint(shards[1])
+
+
+def test_brown_genre_depends_only_on_seed(genre: BrownGenreDataModule) -> None:
+    same, other = (
+        BrownGenreDataModule(max_sentences_per_doc=5, seed=0),
+        BrownGenreDataModule(max_sentences_per_doc=5, seed=1),
+    )
+    same.setup()
+    other.setup()
+    assert same.documents == genre.documents and other.documents["val"] != genre.documents["val"]
+    for split in ("train", "val", "test"):
+        assert same.splits[split].sentences == genre.splits[split].sentences
+        assert torch.equal(same.splits[split].labels, genre.splits[split].labels)
+    assert set(other.splits["train"].sentences) != set(genre.splits["train"].sentences)
+
+
+def test_brown_genre_validates_arguments_without_reading_the_corpus() -> None:
+    dm = BrownGenreDataModule(root="/nonexistent")  # __init__ reads nothing: Hydra instantiation stays cheap
+    assert dm.splits == {} and dm.tokenizer is None
+    with pytest.raises(FileNotFoundError, match="setup_data"):
+        dm.prepare_data()
+    with pytest.raises(ValueError, match="max_sentences_per_doc"):
+        BrownGenreDataModule(max_sentences_per_doc=0)
+    with pytest.raises(ValueError, match="val_fraction"):
+        BrownGenreDataModule(val_fraction=0.6, test_fraction=0.5)
