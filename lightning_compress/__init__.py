@@ -9,11 +9,13 @@ from lightning_compress.callbacks.pruning import IterativePruning
 from lightning_compress.callbacks.qat import QATFakeQuant
 from lightning_compress.callbacks.report import CompressionReport
 from lightning_compress.callbacks.smoothquant import SmoothQuantCalibrate
+from lightning_compress.distillation import DistillationModule
 from lightning_compress.summary import CompressionSummary, compression_summary
 
 __all__ = [
     "CompressionReport",
     "CompressionSummary",
+    "DistillationModule",
     "GPTQFinalize",
     "IterativePruning",
     "QATFakeQuant",

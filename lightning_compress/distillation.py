@@ -1,0 +1,352 @@
+"""DistillationModule: train a student LightningModule (or nn.Module) to mimic a frozen teacher.
+
+Loss (Hinton et al. 2015; DistilBERT, Sanh et al. 2019)::
+
+    L = α · T² · KL(softmax(z_t / T) ‖ softmax(z_s / T)) + (1 − α) · CE(y, z_s) + β · Σ_l d(h_s[l], h_t[map(l)])
+
+with ``d`` the cosine (``1 − cos``) or MSE distance between student and teacher hidden states (the outputs of
+their transformer blocks, found as the repeated ``nn.ModuleList`` of each model), through an optional learned
+projection when the widths differ. The teacher is frozen: eval mode, no gradients, not a registered submodule
+(so it is in neither the optimizer nor the checkpoint). Checkpoints hold the student's own weight keys, so they
+load back into the student alone with ``strict=True``.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+import torchmetrics
+from torch import Tensor, nn
+
+from lightning_compress.callbacks.base import LABEL_KEYS, default_inputs
+from lightning_compress.functional.distill import HIDDEN_LOSSES, hidden_state_loss, kd_loss
+from lightning_compress.models import linear_warmup_decay
+from lightning_compress.nn.calibration import find_blocks, first_tensor, split_inputs, token_mask
+
+STUDENT = "student."
+PROJECTIONS = "projections."
+
+
+def logits_of(output: Any) -> Tensor:
+    """The logits in a model output: a Tensor, an object with ``.logits`` (Hugging Face), or a tuple's first item."""
+    logits = getattr(output, "logits", None)
+    return logits if isinstance(logits, Tensor) else first_tensor(output)
+
+
+def _config(model: nn.Module) -> Any:
+    """The first Hugging Face-style ``config`` among ``model``'s modules, or None."""
+    return next((m.config for m in model.modules() if hasattr(getattr(m, "config", None), "to_dict")), None)
+
+
+def num_outputs(model: nn.Module) -> int | None:
+    """The class count a model predicts: ``config.num_labels``, a ``num_classes`` attribute, or the last Linear's
+    ``out_features``; None when none exists."""
+    config = _config(model)
+    if config is not None and getattr(config, "num_labels", None):
+        return int(config.num_labels)
+    if isinstance(getattr(model, "num_classes", None), int):
+        return model.num_classes
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    return linears[-1].out_features if linears else None
+
+
+def transformer_blocks(model: nn.Module) -> nn.ModuleList:
+    """The repeated block stack of a transformer (``encoder.layer``, ``model.layers``); TypeError when none."""
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    found = find_blocks(model, linears)
+    if found is None:
+        raise TypeError(f"{type(model).__name__} has no transformer block stack (an nn.ModuleList of equal blocks)")
+    return found[1]
+
+
+def hidden_width(model: nn.Module) -> int | None:
+    """The hidden size of a transformer (``config.hidden_size``), or None when unknown."""
+    config = _config(model)
+    return getattr(config, "hidden_size", None)
+
+
+def student_from_teacher(teacher: nn.Module, layers: Sequence[int] | None = None) -> nn.Module:
+    """A shallower copy of a transformer: embeddings, heads and the chosen blocks, weights copied.
+
+    DistilBERT initialised its 6-layer student from teacher layers 0, 2, 4, 7, 9, 11 of 12; the default here takes
+    every other block (0, 2, 4 of 6). Works on Hugging Face models (``config.num_hidden_layers`` is updated) and any
+    model with a block stack.
+
+    Args:
+        teacher: the model to copy (left unchanged).
+        layers: teacher block indices to keep, increasing; None for every other block.
+
+    Raises:
+        ValueError: indices out of range, repeated or unordered. TypeError: no block stack.
+    """
+    n = len(transformer_blocks(teacher))
+    keep = list(range(0, n, 2)) if layers is None else list(layers)
+    if not keep or any(not 0 <= i < n for i in keep) or keep != sorted(set(keep)):
+        raise ValueError(f"layers={layers!r} must be increasing distinct block indices in [0, {n}); got {keep}")
+    trainer = getattr(teacher, "_trainer", None)  # a fitted LightningModule: copy the module, not its Trainer
+    student = copy.deepcopy(teacher, memo={} if trainer is None else {id(trainer): None})
+    blocks = transformer_blocks(student)
+    kept = [blocks[i] for i in keep]
+    for position, block in enumerate(kept):  # decoders index their KV cache by layer
+        for m in block.modules():
+            if isinstance(getattr(m, "layer_idx", None), int):
+                m.layer_idx = position
+    name = next(k for k, v in student.named_modules() if v is blocks)
+    parent, _, child = name.rpartition(".")
+    setattr(student.get_submodule(parent), child, nn.ModuleList(kept))
+    config = _config(student)
+    if config is not None and hasattr(config, "num_hidden_layers"):
+        config.num_hidden_layers = len(keep)
+    return student
+
+
+def _sample_keys(inputs: Any) -> list[str]:
+    """One content hash per sample of a batch of model inputs (its first dimension)."""
+    args, kwargs = split_inputs(inputs)
+    tensors = [t for t in (*args, *kwargs.values()) if isinstance(t, Tensor) and t.dim() > 0]
+    rows = [t.detach().cpu().reshape(t.shape[0], -1) for t in tensors]
+    return [hashlib.sha1(b"".join(r[i].numpy().tobytes() for r in rows)).hexdigest() for i in range(len(rows[0]))]
+
+
+class DistillationModule(pl.LightningModule):
+    """Knowledge distillation from a frozen teacher into a student, for any LightningModule or nn.Module.
+
+    Batches are ``(x, y, ...)`` tuples (``x`` the model input) or dicts whose ``labels`` key holds the targets
+    (the rest are the model's keyword inputs, e.g. a tokenizer's output). Both models map the inputs to logits (a
+    Tensor, or an output with ``.logits``). Validation, test and predict run the student; ``val/acc``,
+    ``val/loss``, ``test/acc`` are logged. The student composes with the compression callbacks in the same run
+    (``QATFakeQuant``, ``IterativePruning``: layer names start with ``student.``; learned projections live under
+    ``projections.``, which you may want in ``ignore``).
+
+    YAML (``conf/experiment/distill_minilm.yaml``)::
+
+        model:
+          _target_: lightning_compress.DistillationModule
+          temperature: 4.0
+          alpha: 0.7
+          hidden_loss: cosine
+
+    Python::
+
+        module = DistillationModule(student, teacher, temperature=4.0, alpha=0.7)
+        L.Trainer(max_epochs=3).fit(module, datamodule)
+        student.load_state_dict(torch.load("last.ckpt")["state_dict"])  # the checkpoint is the student's
+
+    Args:
+        student: the model to train (LightningModule or nn.Module); None builds it from the teacher with
+            :func:`student_from_teacher` (``student_layers``).
+        teacher: any model with the same number of classes; frozen here.
+        student_layers: teacher block indices the built student keeps (None: every other block).
+        temperature: ``T > 0`` of the soft targets.
+        alpha: weight of the KD term in ``[0, 1]`` (``1 − α`` on the hard-label cross-entropy).
+        hidden_loss: None, ``"cosine"`` or ``"mse"`` between mapped block outputs.
+        hidden_weight: ``β``, weight of the hidden-state loss.
+        layer_map: student block ``j`` → teacher block ``layer_map[j]`` (a list, or a dict for some blocks only);
+            None: evenly spaced, the last student block on the last teacher block.
+        projection: learn a Linear from the student's to the teacher's width per mapped block (required when the
+            widths differ).
+        cache_teacher: keep the teacher's logits per sample (keyed by input content) and reuse them in later
+            epochs; only without a hidden-state loss.
+        lr, weight_decay, warmup_fraction: AdamW with linear warmup and linear decay over the run.
+    """
+
+    def __init__(
+        self,
+        student: nn.Module | None,
+        teacher: nn.Module,
+        student_layers: Sequence[int] | None = None,
+        temperature: float = 2.0,
+        alpha: float = 0.5,
+        hidden_loss: str | None = None,
+        hidden_weight: float = 1.0,
+        layer_map: Sequence[int] | Mapping[int, int] | None = None,
+        projection: bool = False,
+        cache_teacher: bool = False,
+        lr: float = 5e-5,
+        weight_decay: float = 0.01,
+        warmup_fraction: float = 0.1,
+    ) -> None:
+        super().__init__()
+        if student is None:
+            student = student_from_teacher(teacher, student_layers)
+        elif student_layers is not None:
+            raise ValueError("student_layers builds the student from the teacher; pass it only with student=None")
+        self._validate(student, teacher, temperature, alpha, hidden_loss, cache_teacher)
+        self.student = student
+        object.__setattr__(self, "teacher", teacher)  # not a submodule: not in parameters(), state_dict(), DDP
+        teacher.eval().requires_grad_(False)
+        self.temperature, self.alpha, self.hidden_weight = float(temperature), float(alpha), float(hidden_weight)
+        self.hidden_loss, self.cache_teacher = hidden_loss, cache_teacher
+        self.lr, self.weight_decay, self.warmup_fraction = lr, weight_decay, warmup_fraction
+        self.layer_map = self._layer_map(layer_map) if hidden_loss else {}
+        self.projections = self._projections(projection) if hidden_loss else nn.ModuleDict()
+        self.teacher_cache: dict[str, Tensor] = {}
+        classes = num_outputs(student) or 2
+        self.val_acc = torchmetrics.Accuracy(task="multiclass", num_classes=classes)
+        self.test_acc = torchmetrics.Accuracy(task="multiclass", num_classes=classes)
+
+    # ----------------------------------------------------------------------------------- validation
+    @staticmethod
+    def _validate(student: nn.Module, teacher: nn.Module, temperature: float, alpha: float,
+                  hidden_loss: str | None, cache_teacher: bool) -> None:  # fmt: skip
+        if not isinstance(student, nn.Module) or not isinstance(teacher, nn.Module):
+            raise TypeError(f"student and teacher must be nn.Modules, got {type(student).__name__}, "
+                            f"{type(teacher).__name__}")  # fmt: skip
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
+            raise ValueError(f"temperature must be a positive number, got {temperature!r}")
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
+            raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")
+        if hidden_loss is not None and hidden_loss not in HIDDEN_LOSSES:
+            raise ValueError(f"hidden_loss={hidden_loss!r} is not supported; allowed: None, {list(HIDDEN_LOSSES)}")
+        if cache_teacher and hidden_loss is not None:
+            raise ValueError("cache_teacher=True caches logits only; it cannot be combined with a hidden_loss")
+        s, t = num_outputs(student), num_outputs(teacher)
+        if s is not None and t is not None and s != t:
+            raise ValueError(f"the student predicts {s} classes and the teacher {t}; they must be equal")
+
+    def _layer_map(self, layer_map: Sequence[int] | Mapping[int, int] | None) -> dict[int, int]:
+        n_s, n_t = len(transformer_blocks(self.student)), len(transformer_blocks(self.teacher))
+        if layer_map is None:  # evenly spaced, last on last
+            mapping = {j: round((j + 1) * n_t / n_s) - 1 for j in range(n_s)}
+        else:
+            mapping = dict(layer_map) if isinstance(layer_map, Mapping) else dict(enumerate(layer_map))
+        bad = {j: t for j, t in mapping.items() if not (0 <= int(j) < n_s and 0 <= int(t) < n_t)}
+        if bad or not mapping:
+            raise ValueError(
+                f"layer_map={layer_map!r} is out of range: student blocks are 0..{n_s - 1}, teacher blocks 0..{n_t - 1}"
+            )
+        return {int(j): int(t) for j, t in mapping.items()}
+
+    def _projections(self, projection: bool) -> nn.ModuleDict:
+        w_s, w_t = hidden_width(self.student), hidden_width(self.teacher)
+        if not projection:
+            if w_s is not None and w_t is not None and w_s != w_t:
+                raise ValueError(
+                    f"hidden_loss between widths {w_s} (student) and {w_t} (teacher) needs projection=True"
+                )
+            return nn.ModuleDict()
+        if w_s is None or w_t is None:
+            raise ValueError("projection=True needs both models' hidden sizes (a Hugging Face config.hidden_size)")
+        return nn.ModuleDict({str(j): nn.Linear(w_s, w_t) for j in self.layer_map})
+
+    # ----------------------------------------------------------------------------------- forward
+    @staticmethod
+    def split_batch(batch: Any) -> tuple[Any, Tensor]:
+        """``(model inputs, targets)`` of a ``(x, y, ...)`` tuple or a dict with ``labels``."""
+        if isinstance(batch, Mapping):
+            key = next((k for k in LABEL_KEYS if k in batch), None)
+            if key is None:
+                raise ValueError(f"a dict batch needs its targets under one of {sorted(LABEL_KEYS)}")
+            return default_inputs(batch), batch[key]
+        if isinstance(batch, (tuple, list)) and len(batch) >= 2:
+            return batch[0], batch[1]
+        raise ValueError("batches must be (inputs, targets, ...) tuples or dicts with a 'labels' key")
+
+    @staticmethod
+    def _run(model: nn.Module, inputs: Any) -> Any:
+        args, kwargs = split_inputs(inputs)
+        return model(*args, **kwargs)
+
+    def forward(self, inputs: Any) -> Tensor:
+        """The student's logits for one batch of model inputs."""
+        return logits_of(self._run(self.student, inputs))
+
+    def _with_hidden(self, model: nn.Module, inputs: Any, wanted: Sequence[int]) -> tuple[Tensor, dict[int, Tensor]]:
+        """Logits and the outputs of the ``wanted`` blocks of ``model``, captured by forward hooks."""
+        hidden: dict[int, Tensor] = {}
+        blocks = transformer_blocks(model)
+        handles = [blocks[i].register_forward_hook(lambda _m, _a, out, i=i: hidden.__setitem__(i, first_tensor(out)))
+                   for i in wanted]  # fmt: skip
+        try:
+            logits = logits_of(self._run(model, inputs))
+        finally:
+            for h in handles:
+                h.remove()
+        return logits, hidden
+
+    @torch.no_grad()
+    def _teacher_logits(self, inputs: Any) -> Tensor:
+        if not self.cache_teacher:
+            return logits_of(self._run(self.teacher, inputs))
+        keys = _sample_keys(inputs)
+        if all(k in self.teacher_cache for k in keys):
+            return torch.stack([self.teacher_cache[k] for k in keys]).to(self.device)
+        logits = logits_of(self._run(self.teacher, inputs))
+        self.teacher_cache.update({k: v.detach().float().cpu() for k, v in zip(keys, logits, strict=True)})
+        return logits
+
+    def losses(self, batch: Any) -> dict[str, Tensor]:
+        """``{"loss", "kd", "ce"(, "hidden")}`` for one training batch."""
+        inputs, targets = self.split_batch(batch)
+        if self.hidden_loss:
+            logits, h_s = self._with_hidden(self.student, inputs, list(self.layer_map))
+            with torch.no_grad():
+                t_logits, h_t = self._with_hidden(self.teacher, inputs, sorted(set(self.layer_map.values())))
+        else:
+            logits, t_logits = self(inputs), self._teacher_logits(inputs)
+        out = {"kd": kd_loss(logits, t_logits, self.temperature), "ce": F.cross_entropy(logits.float(), targets)}
+        out["loss"] = self.alpha * out["kd"] + (1 - self.alpha) * out["ce"]
+        if self.hidden_loss:
+            mask = token_mask(inputs)
+            terms = []
+            for j, t in self.layer_map.items():
+                s = self.projections[str(j)](h_s[j]) if str(j) in self.projections else h_s[j]
+                terms.append(hidden_state_loss(s, h_t[t], self.hidden_loss, mask if s.dim() == 3 else None))
+            out["hidden"] = torch.stack(terms).mean()
+            out["loss"] = out["loss"] + self.hidden_weight * out["hidden"]
+        return out
+
+    # ----------------------------------------------------------------------------------- Lightning
+    def on_fit_start(self) -> None:
+        self.teacher.to(self.device).eval()
+
+    def on_train_epoch_start(self) -> None:
+        self.teacher.eval()  # Trainer.fit puts every registered module in train mode; the teacher is not one
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        losses = self.losses(batch)
+        self.log_dict({f"train/{k}": v for k, v in losses.items()}, prog_bar=False, sync_dist=False)
+        return losses["loss"]
+
+    def _evaluate(self, batch: Any, stage: str, metric: torchmetrics.Metric) -> None:
+        inputs, targets = self.split_batch(batch)
+        logits = self(inputs)
+        metric(logits.argmax(dim=-1), targets)
+        self.log(f"{stage}/loss", F.cross_entropy(logits.float(), targets), sync_dist=True)
+        self.log(f"{stage}/acc", metric, prog_bar=stage == "val")
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self._evaluate(batch, "val", self.val_acc)
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self._evaluate(batch, "test", self.test_acc)
+
+    def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
+        inputs = self.split_batch(batch)[0] if isinstance(batch, (Mapping, tuple, list)) else batch
+        return self(inputs)
+
+    def configure_optimizers(self) -> Any:
+        params = [p for p in self.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        warmup = int(self.warmup_fraction * total)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: linear_warmup_decay(step, warmup, total))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Store the student's own weight keys; the projections go to ``checkpoint["distillation"]``."""
+        state = checkpoint["state_dict"]
+        checkpoint["state_dict"] = {k[len(STUDENT) :]: v for k, v in state.items() if k.startswith(STUDENT)}
+        checkpoint["distillation"] = {k: v for k, v in state.items() if not k.startswith(STUDENT)}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Undo :meth:`on_save_checkpoint` so the module's own ``load_state_dict`` finds its keys."""
+        if "distillation" in checkpoint:
+            student = {STUDENT + k: v for k, v in checkpoint["state_dict"].items()}
+            checkpoint["state_dict"] = {**student, **checkpoint.pop("distillation")}
