@@ -158,8 +158,8 @@ class DistillationModule(pl.LightningModule):
 
     def __init__(
         self,
-        student: nn.Module | None,
-        teacher: nn.Module,
+        student: nn.Module | None = None,
+        teacher: nn.Module | None = None,
         student_layers: Sequence[int] | None = None,
         temperature: float = 2.0,
         alpha: float = 0.5,
@@ -173,6 +173,8 @@ class DistillationModule(pl.LightningModule):
         warmup_fraction: float = 0.1,
     ) -> None:
         super().__init__()
+        if not isinstance(teacher, nn.Module):
+            raise TypeError(f"teacher must be an nn.Module, got {type(teacher).__name__}")
         if student is None:
             student = student_from_teacher(teacher, student_layers)
         elif student_layers is not None:

@@ -60,3 +60,23 @@ def test_post_training_recipes_run_at_fit_end(tmp_path, recipe):
     bits = "4" if recipe == "gptq_int4" else "8"
     assert len(quantized) == (4 if recipe == "gptq_int4" else 2)  # GPTQ: convs and Linears; SmoothQuant: Linears
     assert all(r.split("|")[7].strip() == bits for r in quantized)
+
+
+@pytest.mark.slow
+def test_distill_minilm_experiment_runs_end_to_end(tmp_path):
+    proc = run_train(tmp_path, "experiment=distill_minilm", "data.max_sentences_per_doc=3", "teacher.max_epochs=1",
+                     "trainer.max_epochs=1", "model.lr=3e-4", "distillation.lr=3e-4")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    teacher = float(next(ln for ln in lines if ln.startswith("teacher test/acc:")).split(":")[1])
+    student = float(next(ln for ln in lines if ln.startswith("test/acc:")).split(":")[1])
+    assert teacher > 0.6 and student > 0.6  # a smoke run (3 sentences per document, 1 epoch each): it learns something
+    assert "| student.net.bert.encoder.layer.2.output.dense | Linear |" in proc.stdout  # 3 blocks: 0, 1, 2
+    assert "student.net.bert.encoder.layer.3." not in proc.stdout
+    assert (tmp_path / "teacher.ckpt").is_file()
+    from lightning_compress.distillation import student_from_teacher
+    from lightning_compress.models import TextClassifier
+
+    student_model = student_from_teacher(TextClassifier("all-MiniLM-L6-v2", num_labels=2), [0, 2, 4])
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    student_model.load_state_dict(ckpt["state_dict"], strict=True)  # the checkpoint is the student alone
