@@ -10,8 +10,31 @@ from pathlib import Path
 from benchmarks import machine
 
 # Module names under benchmarks/, in the order their tables appear.
-REGISTRY = ["size_accounting", "pruning", "physical_pruning", "qat"]
+REGISTRY = ["size_accounting", "pruning", "physical_pruning", "qat", "gptq_speed", "ptq_minilm", "distill"]
 RESULTS = Path(__file__).with_name("RESULTS.md")
+
+
+MARKER = "<!-- benchmark: {} -->"
+HEADER = "# Benchmark results\n\nEach section says when, where and by which command it was measured.\n"
+
+
+def read_sections(text: str) -> dict[str, str]:
+    """The sections of an existing RESULTS.md, keyed by module name (each starts with its :data:`MARKER` line)."""
+    sections: dict[str, list[str]] = {}
+    current = None
+    for line in text.splitlines():
+        if line.startswith("<!-- benchmark: ") and line.endswith(" -->"):
+            current = line[len("<!-- benchmark: ") : -len(" -->")]
+            sections[current] = []
+        elif current is not None:
+            sections[current].append(line)
+    return {k: "\n".join(v).strip() for k, v in sections.items()}
+
+
+def write_results(sections: dict[str, str]) -> None:
+    """RESULTS.md with every known section, in REGISTRY order."""
+    body = [f"{MARKER.format(name)}\n{sections[name]}" for name in REGISTRY if name in sections]
+    RESULTS.write_text(HEADER + "\n" + "\n\n".join(body) + "\n")
 
 
 def main() -> None:
@@ -21,17 +44,17 @@ def main() -> None:
     unknown = sorted(set(args.names) - set(REGISTRY))
     if unknown:
         parser.error(f"unknown benchmarks {unknown}; available: {REGISTRY}")
-    names = args.names or REGISTRY
-    sections = []
+    sections = read_sections(RESULTS.read_text()) if RESULTS.exists() else {}
     stamp = datetime.date.today().isoformat()
-    command = " ".join(["python -m benchmarks", *args.names])
-    header = f"# Benchmark results\n\nMeasured {stamp} on {machine()} with `{command}`.\n"
-    for name in names:
+    for name in args.names or REGISTRY:
         print(f"[benchmarks] running {name} ...", flush=True)
+        tables = []
         for table in importlib.import_module(f"benchmarks.{name}").run():
             print(table.to_markdown() + "\n", flush=True)
-            sections.append(table.to_markdown())
-        RESULTS.write_text(header + "\n" + "\n\n".join(sections) + "\n")  # after each module: nothing lost
+            tables.append(table.to_markdown())
+        note = f"_Measured {stamp} on {machine()} with `python -m benchmarks {name}`._"
+        sections[name] = note + "\n\n" + "\n\n".join(tables)
+        write_results(sections)  # after each module: nothing lost, other modules' sections kept
         print(f"[benchmarks] wrote {RESULTS}", flush=True)
 
 

@@ -3,13 +3,18 @@
 GPTQ (Frantar et al. 2023, "GPTQ: Accurate Post-Training Quantization for Generative Pre-trained Transformers")
 quantizes a linear layer's weight ``W`` (out, in) one input column at a time, minimising the layer's output error
 ``||X Wᵀ - X Qᵀ||²`` over calibration inputs ``X`` (tokens, in). The error of each quantized column is spread onto
-the not-yet-quantized columns through the inverse Hessian ``H⁻¹`` of that objective, ``H = 2 XᵀX``. All rows are
-solved at once (the Hessian is shared), columns in blocks with lazy updates of the columns after each block.
+the not-yet-quantized columns through the Hessian ``H = 2 XᵀX`` of that objective: GPTQ's update with the Cholesky
+factor of ``H⁻¹`` equals Babai's nearest-plane step with the triangular factor of ``H`` itself (Chen et al. 2025,
+"The Geometry of LLM Quantization: GPTQ as Babai's Nearest Plane Algorithm"), which needs no inverse. All rows are
+solved at once (the Hessian is shared), columns in blocks with lazy updates.
 """
 
 from __future__ import annotations
 
+import contextlib
 import warnings
+from collections.abc import Iterator
+from itertools import pairwise
 from typing import NamedTuple
 
 import torch
@@ -20,7 +25,6 @@ from lightning_compress.functional.quant import (
     check_bits,
     compute_qparams,
     dequantize,
-    expand_params,
     quant_range,
 )
 
@@ -28,6 +32,11 @@ from lightning_compress.functional.quant import (
 MAX_DAMP_RETRIES = 10
 # A Cholesky pivot² below this fraction of max(|diag H|) counts as a failure: the matrix is numerically singular.
 MIN_PIVOT = 1e-12
+# Matrix products and factorisations with fewer multiply-adds (~25 ms on one core) run on one thread, as does all
+# elementwise work: beside a busy process, every parallel step of two threads waits ~10 ms for the descheduled one.
+PARALLEL_MIN_WORK = 2**30
+# Columns per sub-block inside a block: elementwise updates within it, a matrix product after it.
+SUB_BLOCK = 16
 
 
 class GPTQResult(NamedTuple):
@@ -72,22 +81,38 @@ def hessian_update(hessian: Tensor | None, x: Tensor, dtype: torch.dtype = torch
     return hessian.addmm_(x.T, x, alpha=2.0)
 
 
-def _inverse_hessian_cholesky(hessian: Tensor, percdamp: float) -> tuple[Tensor, float]:
-    """Upper Cholesky factor ``U`` of ``(H + λI)⁻¹`` (float64), ``λ = percdamp · mean(diag H)``, ×10 on failure."""
-    mean_diag = hessian.diagonal().mean().abs().item() or 1.0
-    max_diag = hessian.diagonal().abs().max().item()
-    damp, eye = percdamp * mean_diag, torch.eye(hessian.shape[0], dtype=hessian.dtype, device=hessian.device)
+@contextlib.contextmanager
+def _threads(n: int) -> Iterator[int]:
+    """Run the body on ``n`` torch threads; yields the count before, restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield before
+    finally:
+        torch.set_num_threads(before)
+
+
+def _compensation(flipped: Tensor, percdamp: float, threads: int) -> tuple[Tensor, float]:
+    """``V = R / diag(R)`` (float32) of the upper-triangular ``R`` with ``H + λI = RRᵀ``, and ``λ``.
+
+    ``flipped`` is ``JHJ`` (``H`` with rows and columns reversed, float64), dampened in place by
+    ``λ = percdamp · mean(diag H)``, ×10 while its Cholesky factorisation ``LLᵀ`` fails; ``R = JLJ``. ``R⁻¹`` is the
+    upper Cholesky factor of ``(H + λI)⁻¹`` that GPTQ's reference formulation uses.
+    """
+    n, diag = flipped.shape[0], flipped.diagonal()
+    mean_diag, max_diag = diag.mean().abs().item() or 1.0, diag.abs().max().item()
+    damp, added = percdamp * mean_diag, 0.0
     for attempt in range(MAX_DAMP_RETRIES + 1):
-        chol, info = torch.linalg.cholesky_ex(hessian + damp * eye)
+        diag.add_(damp - added)
+        added = damp
+        with _threads(threads if n**3 // 6 >= PARALLEL_MIN_WORK else 1):  # n³/6 multiply-adds
+            chol, info = torch.linalg.cholesky_ex(flipped)
         if info.item() == 0 and chol.diagonal().min() ** 2 > MIN_PIVOT * max_diag:  # not (numerically) singular
-            upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(chol), upper=True)
-            if info.item() == 0 and torch.isfinite(upper).all():
-                if attempt:
-                    warnings.warn(
-                        f"GPTQ: Hessian not positive definite at percdamp={percdamp}; used damp={damp:.3g}",
-                        stacklevel=3,
-                    )
-                return upper, damp
+            if attempt:
+                warnings.warn(
+                    f"GPTQ: Hessian not positive definite at percdamp={percdamp}; used damp={damp:.3g}", stacklevel=3
+                )
+            return chol.div_(chol.diagonal().clone()).float().flip(0, 1), damp
         damp = damp * 10 if damp > 0 else 0.01 * mean_diag
     raise RuntimeError(f"GPTQ: Cholesky of the Hessian failed even with damp={damp / 10:.3g}")
 
@@ -98,7 +123,7 @@ def _validate(weight: Tensor, hessian: Tensor, group_size: int | None, percdamp:
         raise ValueError(f"weight must be 2-D (out, in), got shape {tuple(weight.shape)}")
     if hessian.shape != (weight.shape[1], weight.shape[1]):
         raise ValueError(f"hessian must be ({weight.shape[1]}, {weight.shape[1]}), got {tuple(hessian.shape)}")
-    if not torch.isfinite(hessian).all():
+    if not torch.isfinite(hessian.sum(dtype=torch.float64)):  # one pass, no copy
         raise ValueError("hessian contains NaN or inf")
     if group_size is not None and (isinstance(group_size, bool) or not isinstance(group_size, int)):
         raise ValueError(f"group_size must be a positive int or None, got {group_size!r}")
@@ -123,11 +148,14 @@ def gptq_quantize(
 ) -> GPTQResult:
     """Quantize a linear weight with GPTQ (Frantar et al. 2023), minimising ``||X(W - Q)ᵀ||²``.
 
-    With ``U`` the upper Cholesky factor of ``H⁻¹``, for each column ``i`` (all rows at once)::
+    With ``R`` upper triangular, ``H + λI = RRᵀ``, for each column ``i`` (all rows at once), ``W`` the original weight::
 
-        q_i = dequantize(quantize(w_i))        err = (w_i - q_i) / U_ii        w_j -= err · U_ij   (j > i)
+        q_i = dequantize(quantize(w_i))        w_i = W_i + Σ_{k<i} (W_k - q_k) · R_ki / R_ii
 
-    the update applied inside blocks of ``block_size`` columns and lazily (one matrix product) after each block.
+    which is GPTQ's ``err = (w_i - q_i) / U_ii``, ``w_j -= err · U_ij`` with ``U = R⁻¹`` the upper Cholesky factor of
+    ``H⁻¹``, without the inverse. The sum is applied inside blocks of ``block_size`` columns and lazily (one matrix
+    product) for each block. Everything runs on one thread but the large factorisation and products (a loop of small
+    ops at two threads slows 30× or more when another process shares the CPU).
     Min-max qparams (:func:`compute_qparams`) are per row: per channel from the whole weight up front, per group
     from the current (error-updated) weights when the solver reaches the group's first column.
 
@@ -150,73 +178,87 @@ def gptq_quantize(
     Raises:
         ValueError: a bad argument (named). RuntimeError: the Hessian cannot be factorised or the result is not finite.
     """
-    check_bits(bits)
-    _validate(weight, hessian, group_size, percdamp, block_size)
-    w = weight.detach().float().clone()
-    h = hessian.detach().to(torch.float64).clone()
-    dead = h.diagonal() == 0
-    h.diagonal()[dead] = 1.0
-    w[:, dead] = 0.0
-    perm = torch.argsort(h.diagonal(), descending=True) if act_order else torch.arange(w.shape[1], device=w.device)
-    dynamic = group_size is not None and not static_groups
-    col_scale, col_zero = torch.empty_like(w), torch.empty_like(w)  # per column in solve order
-    if not dynamic:  # qparams up front in the original column order: per channel or static groups
-        qp = compute_qparams(w, bits, symmetric, axis=0 if group_size is None else None, group_size=group_size)
-        col_scale[:] = expand_params(qp.scale, w.shape).expand_as(w)[:, perm]
-        col_zero[:] = expand_params(qp.zero_point, w.shape).expand_as(w)[:, perm]
-    upper, damp = _inverse_hessian_cholesky(h[perm][:, perm], percdamp)
-    solved = _solve(
-        w[:, perm], upper.float(), col_scale, col_zero, bits, symmetric, group_size if dynamic else None, block_size
-    )
-    codes = torch.empty_like(solved, dtype=torch.int8)
-    codes[:, perm] = solved.to(torch.int8)
-    if dynamic and act_order:  # groups formed in solve order are scattered: one (scale, zero) per column
-        qp = QParams(torch.empty_like(col_scale), torch.empty_like(col_zero))
-        qp.scale[:, perm], qp.zero_point[:, perm] = col_scale, col_zero
-    elif dynamic:  # contiguous groups: the params of each group's first column
-        qp = QParams(col_scale[:, ::group_size].contiguous(), col_zero[:, ::group_size].contiguous())
-    deq = dequantize(codes, qp.scale, qp.zero_point)
-    if not torch.isfinite(deq).all():
-        raise RuntimeError("GPTQ produced non-finite weights")
-    return GPTQResult(deq, codes, qp.scale, qp.zero_point, damp)
+    with _threads(1) as threads:  # elementwise ops and small products; see PARALLEL_MIN_WORK
+        check_bits(bits)
+        _validate(weight, hessian, group_size, percdamp, block_size)
+        w, h = weight.detach().float(), hessian.detach().to(torch.float64)  # read only: not copied
+        n, rows, dead = w.shape[1], w.shape[0], h.diagonal() == 0
+        if dead.any():
+            w = w.clone()
+            w[:, dead] = 0.0
+        diag = h.diagonal().masked_fill(dead, 1.0)
+        perm = torch.argsort(diag, descending=True, stable=True) if act_order else torch.arange(n, device=w.device)
+        dynamic = group_size is not None and not static_groups
+        if dynamic:  # one row per group in solve order, filled by the solver at each group's first column
+            scale, zero = w.new_empty(n // group_size, rows), w.new_empty(n // group_size, rows)
+            group = torch.arange(n, device=w.device) // group_size
+        else:  # qparams up front in the original column order: per channel or static groups
+            qp = compute_qparams(w, bits, symmetric, axis=0 if group_size is None else None, group_size=group_size)
+            scale, zero = qp.scale.T.contiguous(), qp.zero_point.T.contiguous()
+            group = perm // group_size if group_size else torch.zeros_like(perm)  # row of scale for each column
+        # in solve order: the weight transposed (one row per column), the Hessian reversed (JHJ)
+        rev = perm.flip(0)
+        wt, flipped = (w.T[perm], h[rev][:, rev]) if act_order else (w.T.contiguous(), h.flip(0, 1))
+        flipped.diagonal()[dead[rev]] = 1.0
+        v, damp = _compensation(flipped, percdamp, threads)
+        gs = group_size if dynamic else None
+        solved = _solve(wt, v, scale, zero, group.tolist(), bits, symmetric, gs, block_size, threads)
+        codes = solved.to(torch.int8)
+        codes = (codes[torch.argsort(perm)] if act_order else codes).T.contiguous()
+        if dynamic and act_order:  # groups formed in solve order are scattered: one (scale, zero) per column
+            qp = QParams(torch.empty_like(w), torch.empty_like(w))
+            qp.scale[:, perm], qp.zero_point[:, perm] = scale[group].T, zero[group].T
+        elif dynamic:  # contiguous groups
+            qp = QParams(scale.T.contiguous(), zero.T.contiguous())
+        deq = dequantize(codes, qp.scale, qp.zero_point)
+        if not torch.isfinite(solved.sum() + deq.sum()):  # one pass each, no copies
+            raise RuntimeError("GPTQ produced non-finite weights")
+        return GPTQResult(deq, codes, qp.scale, qp.zero_point, damp)
 
 
 def _solve(
-    w: Tensor,
-    upper: Tensor,
-    col_scale: Tensor,
-    col_zero: Tensor,
+    wt: Tensor,
+    v: Tensor,
+    scale: Tensor,
+    zero: Tensor,
+    group: list[int],
     bits: int,
     symmetric: bool,
     group_size: int | None,
     block_size: int,
+    threads: int,
 ) -> Tensor:
-    """The blocked GPTQ loop over the columns of ``w`` (out, in), in place; returns the float codes.
+    """The blocked GPTQ loop over the rows of ``wt``, the weight transposed (in, out); returns the float codes alike.
 
-    ``upper`` is the upper Cholesky factor of ``H⁻¹`` (in, in). With ``group_size`` the group qparams are computed
-    (and written to ``col_scale`` / ``col_zero``) from the current weights at each group's first column; the
-    group's columns beyond the current block get the block's pending lazy update first.
+    ``v`` is ``R / diag(R)`` (in, in); column ``i`` uses the qparams in row ``group[i]`` of ``scale`` / ``zero``
+    (groups, out). With ``group_size`` (then ``group[i] = i // group_size``) that row is computed from the current
+    weights at the group's first column. Each block gets the compensation for all earlier columns in one product;
+    inside it, sub-blocks of ``SUB_BLOCK`` columns (split at group starts) update each other by one small product.
+    Called on one thread; only the per-block product uses ``threads``, when it has ``PARALLEL_MIN_WORK``
+    multiply-adds.
     """
     qmin, qmax = quant_range(bits)
-    codes = torch.empty_like(w)
-    n = w.shape[1]
+    n, g = wt.shape[0], group_size or wt.shape[0]
+    codes, delta = torch.empty_like(wt), torch.empty_like(wt)  # delta: W - Q, one row per column
     for i1 in range(0, n, block_size):
         i2 = min(i1 + block_size, n)
-        w1, u1, err1 = w[:, i1:i2].clone(), upper[i1:i2, i1:i2], torch.empty_like(w[:, i1:i2])
-        for j in range(i2 - i1):
-            i = i1 + j
-            if group_size is not None and i % group_size == 0:
-                cur = w1[:, j : j + group_size]
-                if i + group_size > i2:  # the rest of the group, with this block's updates so far
-                    rest = w[:, i2 : i + group_size] - err1[:, :j] @ upper[i1:i, i2 : i + group_size]
-                    cur = torch.cat([cur, rest], dim=1)
-                col_scale[:, i : i + group_size], col_zero[:, i : i + group_size] = compute_qparams(
-                    cur, bits, symmetric, axis=0
-                )
-            s, z = col_scale[:, i], col_zero[:, i]
-            c = torch.round(w1[:, j] / s + z).clamp_(qmin, qmax)  # == quantize(), bit for bit
-            codes[:, i] = c
-            err1[:, j] = (w1[:, j] - (c - z) * s) / u1[j, j]
-            w1[:, j + 1 :].addr_(err1[:, j], u1[j, j + 1 :], alpha=-1.0)
-        w[:, i2:].addmm_(err1, upper[i1:i2, i2:], alpha=-1.0)
+        with _threads(threads if i1 * (i2 - i1) * wt.shape[1] >= PARALLEL_MIN_WORK else 1):
+            w1 = torch.addmm(wt[i1:i2], v[:i1, i1:i2].T, delta[:i1])  # the current weights of the block
+        bounds = sorted({*range(i1, i2, SUB_BLOCK), *range(i1 + -i1 % g, i2, g), i2})  # sub-blocks
+        for k1, k2 in pairwise(bounds):
+            for i in range(k1, k2):
+                if group_size is not None and i % group_size == 0:  # rows i - i1.. of w1 are up to date
+                    e = i + group_size
+                    cur = w1[i - i1 : e - i1]
+                    if e > i2:  # the rest of the group, with the compensation so far
+                        cur = torch.cat([cur, torch.addmm(wt[i2:e], v[:i, i2:e].T, delta[:i])])
+                    # GPTQ's current weights (the best fit given columns < i): W + (w - W) V_gg⁻¹ on the group
+                    cur = wt[i:e] + torch.linalg.solve_triangular(v[i:e, i:e].T, cur - wt[i:e], upper=False)
+                    qp = compute_qparams(cur, bits, symmetric, axis=1)
+                    scale[group[i]], zero[group[i]] = qp.scale[0], qp.zero_point[0]
+                s, z, c = scale[group[i]], zero[group[i]], codes[i]
+                torch.div(w1[i - i1], s, out=c).add_(z).round_().clamp_(qmin, qmax)  # == quantize(), bit for bit
+                torch.sub(wt[i], (c - z).mul_(s), out=delta[i])
+                w1[i - i1 + 1 : k2 - i1].addr_(v[i, i + 1 : k2], delta[i])
+            w1[k2 - i1 :].addmm_(v[k1:k2, k2:i2].T, delta[k1:k2])
     return codes

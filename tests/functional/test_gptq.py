@@ -45,6 +45,52 @@ def test_gptq_beats_rtn_on_correlated_inputs(problem, bits, group_size):
     assert _out_err(x, w, ordered.weight) < err_gptq  # strictly better on these uneven input scales
 
 
+def _unblocked_gptq(w, h, bits, group_size, symmetric):
+    """GPTQ as first published (errors spread through ``U``, the upper Cholesky factor of ``H⁻¹``), column by column
+    in float64, no blocks: the definition that the blocked float32 solver (through the factor of ``H``) must match."""
+    w, h = w.double().clone(), h.double() + 0.01 * h.diagonal().mean() * torch.eye(h.shape[0], dtype=torch.float64)
+    u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    qmin, qmax = quant_range(bits)
+    codes = torch.empty_like(w)
+    for i in range(w.shape[1]):
+        if i % (group_size or w.shape[1]) == 0:
+            scale, zero_point = compute_qparams(
+                w[:, i : i + (group_size or w.shape[1])].float(), bits, symmetric, axis=0
+            )
+            s, z = scale[:, 0].double(), zero_point[:, 0].double()
+        codes[:, i] = torch.round(w[:, i] / s + z).clamp(qmin, qmax)
+        w[:, i + 1 :] -= torch.outer((w[:, i] - (codes[:, i] - z) * s) / u[i, i], u[i, i + 1 :])
+    return codes
+
+
+@pytest.mark.parametrize(
+    ("group_size", "symmetric", "block_size", "act_order"),
+    [
+        (None, True, 128, False),
+        (None, False, 40, False),
+        (32, True, 128, False),
+        (32, False, 40, False),
+        (64, True, 40, False),
+        (32, True, 40, True),
+    ],
+)
+def test_blocked_solver_matches_unblocked_definition(problem, group_size, symmetric, block_size, act_order):
+    # blocks of 40 columns: sub-blocks split at group starts, groups straddling blocks
+    _, w, h = problem
+    res = gptq_quantize(w, h, 4, group_size, symmetric, act_order=act_order, block_size=block_size)
+    perm = torch.argsort(h.diagonal(), descending=True) if act_order else torch.arange(w.shape[1])
+    ref = _unblocked_gptq(w[:, perm], h[perm][:, perm], 4, group_size, symmetric)[:, torch.argsort(perm)]
+    assert (res.codes.double() == ref).double().mean() > 0.995  # float32 vs float64: rare ties round apart
+
+
+def test_thread_count_restored(problem):
+    threads = torch.get_num_threads()
+    gptq_quantize(problem[1], problem[2])
+    with pytest.raises(RuntimeError, match="Cholesky"):
+        gptq_quantize(torch.randn(2, 2), torch.tensor([[1.0, 1e20], [1e20, 1.0]]))
+    assert torch.get_num_threads() == threads
+
+
 @pytest.mark.parametrize(
     "kwargs",
     [
