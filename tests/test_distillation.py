@@ -170,3 +170,13 @@ def test_ddp_two_processes(tmp_path):
     state = torch.load(tmp_path / "s.pt", weights_only=True)
     start = student_from_teacher(teacher).state_dict()
     assert any(not torch.equal(state[k], start[k]) for k in start)  # it trained
+
+
+def test_predict_runs_the_student():
+    teacher = tiny_classifier()
+    module = DistillationModule(None, teacher, student_layers=[1])
+    preds = trainer().predict(module, loader(32))
+    batch = next(iter(loader(32)))
+    expected = module.student.eval()(**{k: v for k, v in batch.items() if k != "labels"}).logits
+    torch.testing.assert_close(preds[0], expected)
+    assert len(transformer_blocks(module.student)) == 1

@@ -195,7 +195,7 @@ def find_blocks(model: nn.Module, layers: Iterable[str]) -> tuple[str, nn.Module
     names = list(layers)
     best, best_count = None, 0
     for name, module in model.named_modules():
-        if not isinstance(module, nn.ModuleList) or len(module) < 2 or len({type(m) for m in module}) > 1:
+        if not isinstance(module, nn.ModuleList) or not len(module) or len({type(m) for m in module}) > 1:
             continue
         count = sum(n.startswith(f"{name}.") for n in names)
         if count > best_count:
