@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import abc
 import itertools
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -114,7 +115,7 @@ def restored_on_error(model: nn.Module) -> Iterator[None]:
         raise
 
 
-class CalibrationCallback(pl.Callback):
+class CalibrationCallback(pl.Callback, abc.ABC):
     """Base of the post-training callbacks: at fit end, :meth:`apply` on calibration batches; also one-shot.
 
     The batches are the first ``num_batches`` of ``calibration_data`` (any iterable of training batches; the
@@ -149,6 +150,6 @@ class CalibrationCallback(pl.Callback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.apply(pl_module, self.calibration_batches(trainer))
 
+    @abc.abstractmethod
     def apply(self, model: nn.Module, batches: Iterable[Any]) -> dict[str, dict[str, Tensor]]:
         """Quantize ``model`` in place on ``batches`` (model inputs: Tensor, tuple or dict); returns the int state."""
-        raise NotImplementedError
