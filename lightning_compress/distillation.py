@@ -75,7 +75,8 @@ def student_from_teacher(teacher: nn.Module, layers: Sequence[int] | None = None
     """A shallower copy of a transformer: embeddings, heads and the chosen blocks, weights copied.
 
     DistilBERT initialised its 6-layer student from teacher layers 0, 2, 4, 7, 9, 11 of 12; the default here takes
-    every other block (0, 2, 4 of 6). Works on Hugging Face models (``config.num_hidden_layers`` is updated) and any
+    every other block (0, 2, 4 of 6). The copy is in train mode with gradients on, whatever the teacher's state.
+    Works on Hugging Face models (``config.num_hidden_layers`` is updated) and any
     model with a block stack.
 
     Args:
@@ -103,7 +104,7 @@ def student_from_teacher(teacher: nn.Module, layers: Sequence[int] | None = None
     config = _config(student)
     if config is not None and hasattr(config, "num_hidden_layers"):
         config.num_hidden_layers = len(keep)
-    return student
+    return student.train().requires_grad_(True)  # trainable even when copied from a frozen teacher
 
 
 def _sample_keys(inputs: Any) -> list[str]:

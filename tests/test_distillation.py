@@ -180,3 +180,10 @@ def test_predict_runs_the_student():
     expected = module.student.eval()(**{k: v for k, v in batch.items() if k != "labels"}).logits
     torch.testing.assert_close(preds[0], expected)
     assert len(transformer_blocks(module.student)) == 1
+
+
+def test_a_student_copied_from_a_frozen_teacher_is_trainable():
+    teacher = tiny_classifier().eval().requires_grad_(False)
+    module = DistillationModule(None, teacher)
+    assert module.student.training and all(p.requires_grad for p in module.student.parameters())
+    assert not any(p.requires_grad for p in teacher.parameters())
