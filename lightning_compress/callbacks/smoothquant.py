@@ -16,7 +16,7 @@ from lightning_compress.callbacks.base import (
     restored_on_error,
     select_layers,
 )
-from lightning_compress.functional.quant import check_bits
+from lightning_compress.functional.quant import check_bits, quant_range
 from lightning_compress.nn.calibration import eval_mode
 from lightning_compress.nn.fake_quant import (
     ACT_GRANULARITIES,
@@ -127,7 +127,7 @@ class SmoothQuantCalibrate(CalibrationCallback):
     def _quantized(self, layer: nn.Linear, act_absmax: Tensor, smoothing: Any) -> tuple[nn.Module, dict[str, Tensor]]:
         """The W8A8 fake-quant version of one (already smoothed) layer and its int state."""
         explicit = smoothing.s if smoothing is not None and smoothing.explicit else None
-        qmax = 2 ** (self.act_bits - 1) - 1
+        qmax = quant_range(self.act_bits)[1]
         static = act_absmax.max().clamp_min(1e-8) / qmax if self.act_granularity == "tensor" else None
         aq = SymmetricActQuantizer(self.act_bits, self.act_granularity, static, explicit)
         wq = WeightQuantizer(layer.weight, bits=self.bits, symmetric=True)

@@ -25,6 +25,7 @@ from lightning_compress.functional.quant import (
     dequantize,
     fake_quantize,
     lsq_fake_quantize,
+    quant_range,
     quantize,
 )
 from lightning_compress.functional.size import TensorFormat
@@ -243,7 +244,7 @@ class SymmetricActQuantizer(_StatelessInStateDict):
         x = self.unquantized(x)
         if self.granularity == "tensor":
             return fake_quantize(x, self.scale, None, self.bits)
-        qmax = 2 ** (self.bits - 1) - 1
+        qmax = quant_range(self.bits)[1]
         scale = x.detach().abs().amax(dim=-1, keepdim=True).float().clamp_min(1e-8) / qmax
         return fake_quantize(x, scale, None, self.bits)
 
