@@ -185,6 +185,16 @@ def compute_qparams(
     return qparams_from_range(rmin.reshape(params_shape), rmax.reshape(params_shape), bits, symmetric)
 
 
+def token_scale(x: Tensor, bits: int) -> Tensor:
+    """Dynamic symmetric per-token scales of activations ``x (..., in)``: ``max|x| / qmax`` along the last dim.
+
+    Returns:
+        float32 ``(..., 1)``, at least ``1e-8`` (an all-zero token gets a finite scale).
+    """
+    qmax = quant_range(bits)[1]
+    return x.detach().abs().amax(dim=-1, keepdim=True).float().clamp_min(1e-8) / qmax
+
+
 def _codes(x: Tensor, scale: Tensor, zero_point: Tensor, bits: int) -> Tensor:
     """Float codes ``clamp(round(x / S + Z), qmin, qmax)`` with params already broadcast to ``x``."""
     qmin, qmax = quant_range(bits)

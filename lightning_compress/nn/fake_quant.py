@@ -25,8 +25,8 @@ from lightning_compress.functional.quant import (
     dequantize,
     fake_quantize,
     lsq_fake_quantize,
-    quant_range,
     quantize,
+    token_scale,
 )
 from lightning_compress.functional.size import TensorFormat
 from lightning_compress.nn.observers import Observer
@@ -244,9 +244,7 @@ class SymmetricActQuantizer(_StatelessInStateDict):
         x = self.unquantized(x)
         if self.granularity == "tensor":
             return fake_quantize(x, self.scale, None, self.bits)
-        qmax = quant_range(self.bits)[1]
-        scale = x.detach().abs().amax(dim=-1, keepdim=True).float().clamp_min(1e-8) / qmax
-        return fake_quantize(x, scale, None, self.bits)
+        return fake_quantize(x, token_scale(x, self.bits), None, self.bits)
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, granularity={self.granularity!r}, smooth={self.smooth is not None}"

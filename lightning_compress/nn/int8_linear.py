@@ -1,0 +1,305 @@
+"""Int8Linear: W8A8 inference through ``torch._int_mm`` (int8 x int8 -> int32), CPU and CUDA.
+
+Weights are int8 codes with one symmetric scale per output channel (from QAT, SmoothQuant, GPTQ or
+round-to-nearest). Activations are quantized to int8 at run time, per token (dynamic, ``S_t = max|x_t| / qmax``)
+or with a calibrated static scale (and zero-point: QAT's asymmetric observers), after SmoothQuant's optional
+per-channel division. Then ``y = (q_x W_q^T - Z_x * colsum(W_q)) * (S_x ⊗ S_w) + b``: an exact int32 accumulation
+and one float rescale. The quantize - matmul - rescale path is compiled (``torch.compile``) so the activation
+quantization is one fused pass; without a working compiler it runs eagerly (slower, same numbers up to rounding).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lightning_compress.functional.quant import (
+    check_bits,
+    compute_qparams,
+    dequantize,
+    fake_quantize,
+    quant_range,
+    quantize,
+    token_scale,
+)
+from lightning_compress.nn.exported import FLOAT, REFERENCE, ExportedLinear, float_bias
+
+log = logging.getLogger(__name__)
+
+INT8 = "int8"
+# torch._int_mm on CUDA needs more than 16 rows and inner / output sizes that are multiples of 8.
+CUDA_MIN_ROWS = 17
+CUDA_MULTIPLE = 8
+
+
+def int_mm_ok(k: int, n: int, device: torch.device) -> bool:
+    """Whether ``torch._int_mm`` takes ``(M, k) @ (k, n)`` on ``device`` (rows are padded by :func:`w8a8_linear`)."""
+    if device.type == "cuda":
+        return k % CUDA_MULTIPLE == 0 and n % CUDA_MULTIPLE == 0 and k >= 16
+    return device.type == "cpu"
+
+
+def int_mm(q: Tensor, weight_t: Tensor) -> Tensor:
+    """``torch._int_mm(q, weight_t)``: int8 ``(M, K) @ (K, N)`` -> int32, rows zero-padded to CUDA's minimum."""
+    m = q.shape[0]
+    if q.is_cuda and m < CUDA_MIN_ROWS:
+        q = F.pad(q, (0, 0, 0, CUDA_MIN_ROWS - m))
+    return torch._int_mm(q.contiguous(), weight_t)[:m]
+
+
+def w8a8_linear(
+    x: Tensor,
+    weight_t: Tensor | None,
+    weight_scale: Tensor,
+    bias: Tensor | None,
+    bits: int,
+    act_scale: Tensor | None = None,
+    act_zero_point: Tensor | None = None,
+    col_sum: Tensor | None = None,
+    smooth: Tensor | None = None,
+    matmul: Callable[[Tensor], Tensor] | None = None,
+) -> Tensor:
+    """W8A8 linear on 2-D input: quantize ``x``, an exact integer matmul (``torch._int_mm``), rescale.
+
+    ``q = clamp(round((x / smooth) / S_x + Z_x), qmin, qmax)`` with ``S_x`` per token (``max|x_t| / qmax``) or
+    static; ``y = (q W_q^T - Z_x colsum(W_q)) (S_x ⊗ S_w) + b``.
+
+    Args:
+        x: ``(M, K)`` float activations.
+        weight_t: ``(K, N)`` int8 codes, **contiguous** (a transposed view gives wrong results in ``_int_mm``).
+        weight_scale: ``(N,)`` float32 per-output-channel scales.
+        bias: ``(N,)`` or None.
+        bits: activation code width (codes in ``[-2^(b-1), 2^(b-1) - 1]``).
+        act_scale, act_zero_point: static 0-dim scale / zero-point; None for dynamic per-token scales.
+        col_sum: ``(N,)`` int32 column sums of ``weight_t`` (needed with a zero-point).
+        smooth: ``(K,)`` SmoothQuant divisor applied to ``x`` first, or None.
+        matmul: another exact product of the codes, int8 ``(M, K)`` -> int32 ``(M, N)`` (e.g. a 2:4 sparse one);
+            ``weight_t`` is then unused.
+
+    Returns:
+        ``(M, N)`` in ``x``'s dtype.
+    """
+    qmin, qmax = quant_range(bits)
+    xs = x if smooth is None else x / smooth.to(x.dtype)
+    if act_scale is None:
+        s = token_scale(xs, bits)
+        q = torch.clamp(torch.round(xs.float() / s), qmin, qmax)
+    else:
+        s = act_scale
+        q = xs.float() / s if act_zero_point is None else xs.float() / s + act_zero_point
+        q = torch.clamp(torch.round(q), qmin, qmax)
+    q = q.to(torch.int8)
+    acc = int_mm(q, weight_t) if matmul is None else matmul(q)
+    if act_zero_point is not None:
+        acc = acc - act_zero_point.to(torch.int32) * col_sum
+    y = acc.float() * (s * weight_scale)
+    if bias is not None:
+        y = y + bias
+    return y.to(x.dtype)
+
+
+_COMPILED: dict[str, Callable[..., Tensor] | None] = {}
+
+
+def compile_w8a8(enabled: bool = True) -> None:
+    """Run the W8A8 path compiled (default: one fused activation-quantization pass) or eagerly (no compiler)."""
+    _COMPILED["fn"] = torch.compile(w8a8_linear, dynamic=True) if enabled else None
+
+
+def compiled_w8a8_linear() -> Callable[..., Tensor]:
+    """:func:`w8a8_linear` compiled once per process (dynamic shapes); the eager function if compiling failed."""
+    if "fn" not in _COMPILED:
+        compile_w8a8()
+    return _COMPILED["fn"] or w8a8_linear
+
+
+def run_w8a8(*args: Any, **kwargs: Any) -> Tensor:
+    """Call the compiled :func:`w8a8_linear`, falling back to eager for good (with a warning) if compiling fails."""
+    fn = compiled_w8a8_linear()
+    if fn is w8a8_linear:
+        return fn(*args, **kwargs)
+    try:
+        return fn(*args, **kwargs)
+    except Exception as err:  # no C++ compiler / triton: same math, eager
+        log.warning("torch.compile of the W8A8 path failed (%s); running it eagerly", type(err).__name__)
+        _COMPILED["fn"] = None
+        return w8a8_linear(*args, **kwargs)
+
+
+def check_codes(codes: Tensor, bits: int, name: str = "codes") -> None:
+    """``codes`` must be an int8 ``(out, in)`` tensor within the signed ``bits``-bit range."""
+    if not isinstance(codes, Tensor) or codes.dtype != torch.int8 or codes.dim() != 2:
+        got = f"{codes.dtype} {tuple(codes.shape)}" if isinstance(codes, Tensor) else type(codes).__name__
+        raise TypeError(f"{name} must be a 2-D int8 tensor (out, in), got {got}")
+    qmin, qmax = quant_range(bits)
+    if codes.numel() and (int(codes.min()) < qmin or int(codes.max()) > qmax):
+        raise ValueError(f"{name} must lie in [{qmin}, {qmax}], got [{int(codes.min())}, {int(codes.max())}]")
+
+
+def channel_scale(scale: Tensor, out_features: int, name: str = "weight_scale") -> Tensor:
+    """A per-output-channel scale given as ``(out,)`` or ``(out, 1)``, as float32 ``(out,)``."""
+    if not isinstance(scale, Tensor) or scale.numel() != out_features or scale.dim() > 2:
+        got = tuple(scale.shape) if isinstance(scale, Tensor) else type(scale).__name__
+        raise ValueError(f"{name} must hold one scale per output channel ({out_features},), got {got}")
+    return scale.detach().float().reshape(out_features).clone()
+
+
+class ActQuantMixin:
+    """How the int8 layers quantize their input (dynamic per token, static, or not at all: weight-only), shared by
+    the dense and 2:4 ones."""
+
+    act_bits: int | None
+    act_scale: Tensor | None
+    act_zero_point: Tensor | None
+    smooth: Tensor | None
+
+    def _register_act(
+        self, bits: int | None, scale: Tensor | None, zero_point: Tensor | None, smooth: Tensor | None, in_features: int
+    ) -> None:
+        if bits is None and any(t is not None for t in (scale, zero_point, smooth)):
+            raise ValueError("act_bits=None (weight-only) takes no act_scale, act_zero_point or smooth")
+        self.act_bits = None if bits is None else check_bits(bits, "act_bits")
+        if scale is not None and (scale.numel() != 1 or not float(scale) > 0):
+            raise ValueError(f"act_scale must be one positive value (static per tensor) or None, got {scale!r}")
+        if zero_point is not None and (scale is None or zero_point.numel() != 1):
+            raise ValueError(f"act_zero_point must be one value and needs act_scale, got {zero_point!r}")
+        if smooth is not None and (smooth.shape != (in_features,) or not bool((smooth > 0).all())):
+            raise ValueError(f"smooth must be ({in_features},) positive divisors, got {tuple(smooth.shape)}")
+        register = self.register_buffer  # type: ignore[attr-defined]
+        register("act_scale", None if scale is None else scale.detach().float().reshape(()).clone())
+        register("act_zero_point", None if zero_point is None else zero_point.detach().float().reshape(()).clone())
+        register("smooth", None if smooth is None else smooth.detach().float().clone())
+
+    def act_spec(self) -> dict[str, Any]:
+        """The activation-quantization part of a spec."""
+        return {
+            "act_bits": self.act_bits,
+            "act": "none" if self.act_bits is None else "token" if self.act_scale is None else "tensor",
+            "act_zero_point": self.act_zero_point is not None,
+            "smooth": self.smooth is not None,
+        }
+
+    @staticmethod
+    def act_placeholders(spec: dict[str, Any]) -> dict[str, Any]:
+        """Constructor arguments with placeholder tensors for the activation part of ``spec``."""
+        static = spec["act"] == "tensor"
+        return {
+            "act_bits": spec["act_bits"],
+            "act_scale": torch.ones(()) if static else None,
+            "act_zero_point": torch.zeros(()) if spec["act_zero_point"] else None,
+            "smooth": torch.ones(spec["in_features"]) if spec["smooth"] else None,
+        }
+
+    def quantized_input(self, x: Tensor) -> Tensor:
+        """The input as the layer sees it: divided by ``smooth``, fake-quantized per token or statically (``x`` as
+        is when weight-only)."""
+        if self.act_bits is None:
+            return x
+        if self.smooth is not None:
+            x = x / self.smooth.to(x.dtype)
+        if self.act_scale is None:
+            return fake_quantize(x, token_scale(x, self.act_bits), None, self.act_bits)
+        return fake_quantize(x, self.act_scale, self.act_zero_point, self.act_bits)
+
+    def float_input(self, x: Tensor) -> Tensor:
+        """The float kernel's input: a static (calibrated or QAT) activation range clips, and the model was trained or
+        calibrated with that clipping, so it is kept (fake-quantized); dynamic per-token quantization only rounds,
+        so the float kernel skips it."""
+        return x if getattr(self, "act_scale", None) is None else self.quantized_input(x)
+
+    def w8a8(self, x: Tensor, weight_t: Tensor, weight_scale: Tensor, col_sum: Tensor | None) -> Tensor:
+        """The fast path on ``(tokens, in)`` with codes ``weight_t (in, out)``."""
+        return run_w8a8(
+            x, weight_t, weight_scale, getattr(self, "bias", None), self.act_bits,
+            self.act_scale, self.act_zero_point, col_sum, self.smooth,
+        )  # fmt: skip
+
+
+class Int8Linear(ActQuantMixin, ExportedLinear):
+    """W8A8 linear: int8 per-channel weights, int8 activations, ``torch._int_mm``. Shapes as ``nn.Linear``.
+
+    Kernels: ``"int8"`` (compiled quantize + ``_int_mm`` + rescale), ``"float"`` (a dequantized float weight,
+    no activation quantization: what the export keeps where the int8 path is slower than a bf16 matmul),
+    ``"reference"`` (fake-quantize the input, dequantize the weight, ``F.linear``: equal to the fake-quant model).
+
+    Args:
+        codes: ``(out, in)`` int8 weight codes (symmetric, zero-point 0).
+        weight_scale: ``(out,)`` or ``(out, 1)`` per-channel scales.
+        bias: ``(out,)`` or None.
+        act_bits: activation code width (8 for W8A8; QAT's lower widths also run through int8); None for
+            weight-only int8 (what a QAT layer without activation quantization computes: kernels reference and
+            float only, since torch's weight-only int8 matmul is far slower than a dequantized bf16 one on CPU).
+        act_scale: static per-tensor activation scale, or None for dynamic per-token scales.
+        act_zero_point: static zero-point (asymmetric activations), or None.
+        smooth: ``(in,)`` SmoothQuant divisor of the input, or None.
+    """
+
+    KERNELS: ClassVar[tuple[str, ...]] = (REFERENCE, FLOAT, INT8)
+
+    def __init__(
+        self,
+        codes: Tensor,
+        weight_scale: Tensor,
+        bias: Tensor | None = None,
+        act_bits: int | None = 8,
+        act_scale: Tensor | None = None,
+        act_zero_point: Tensor | None = None,
+        smooth: Tensor | None = None,
+    ) -> None:
+        check_codes(codes, 8)
+        out_features, in_features = codes.shape
+        scale = channel_scale(weight_scale, out_features)
+        if bias is not None and bias.shape != (out_features,):
+            raise ValueError(f"bias must be ({out_features},), got {tuple(bias.shape)}")
+        super().__init__(in_features, out_features)
+        self.register_buffer("weight_t", codes.detach().t().contiguous())
+        self.register_buffer("weight_scale", scale)
+        self.register_buffer("bias", float_bias(bias))
+        self._register_act(act_bits, act_scale, act_zero_point, smooth, in_features)
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, act_bits: int = 8) -> Int8Linear:
+        """Round-to-nearest int8 per output channel of a float ``linear``, dynamic per-token activations."""
+        w = linear.weight.detach().float()
+        s, z = compute_qparams(w, 8, symmetric=True, axis=0)
+        return cls(quantize(w, s, z, 8), s, linear.bias, act_bits=act_bits)
+
+    def spec(self) -> dict[str, Any]:
+        shape = {"in_features": self.in_features, "out_features": self.out_features, "bias": self.bias is not None}
+        return {**shape, **self.act_spec()}
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any]) -> Int8Linear:
+        out, k = spec["out_features"], spec["in_features"]
+        bias = torch.zeros(out) if spec["bias"] else None
+        return cls(torch.zeros(out, k, dtype=torch.int8), torch.ones(out), bias, **cls.act_placeholders(spec))
+
+    def dequantized_weight(self) -> Tensor:
+        return dequantize(self.weight_t.t(), self.weight_scale[:, None], torch.zeros(())).contiguous()
+
+    def reference(self, x: Tensor) -> Tensor:
+        b = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(self.quantized_input(x), self.dequantized_weight().to(x.dtype), b)
+
+    def available_kernels(self) -> list[str]:
+        kernels = super().available_kernels()
+        if self.act_bits is not None and int_mm_ok(self.in_features, self.out_features, self.weight_t.device):
+            kernels.append(INT8)
+        return kernels
+
+    def _prepare(self, kernel: str) -> Any:
+        if kernel == INT8 and self.act_zero_point is not None:
+            return self.weight_t.sum(dim=0, dtype=torch.int32)
+        return super()._prepare(kernel)
+
+    def _kernel_forward(self, x: Tensor) -> Tensor:
+        return self.w8a8(x, self.weight_t, self.weight_scale, self._cache)
+
+    def extra_repr(self) -> str:
+        act = "weight-only" if self.act_bits is None else "per-token" if self.act_scale is None else "static"
+        return f"in={self.in_features}, out={self.out_features}, act={act}, kernel={self.kernel!r}"
