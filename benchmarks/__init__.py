@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 import lightning.pytorch as pl
 import torch
 
+from lightning_compress.export import interleaved_ms
+
 
 @dataclass
 class Table:
@@ -37,17 +39,9 @@ class Table:
 
 
 def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int = 7, warmup: int = 2) -> dict[str, float]:
-    """Median seconds of each callable, timed A, B, C, A, B, C, ... so machine noise hits all alike."""
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for key, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[key].append(time.perf_counter() - t0)
-    return {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+    """Median seconds of each callable, timed A, B, C, A, B, C, ... so machine noise hits all alike (the export
+    self-check's timer, :func:`lightning_compress.export.interleaved_ms`)."""
+    return {k: ms / 1e3 for k, ms in interleaved_ms(fns, repeats, warmup).items()}
 
 
 def machine() -> str:

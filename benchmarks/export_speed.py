@@ -62,6 +62,8 @@ def layer_table() -> Table:
         with torch.inference_mode():
             ref = lin(x)
             fns = {"fp32": (lin, x), "bf16": (bf16, xb), "ao": (ao, x), "int8": (int8, x), "int8_bf16": (int8, xb)}
+            for _ in range(3):  # compile both input dtypes before anything is timed
+                int8(x), int8(xb)
             t = interleaved_medians({k: functools.partial(m, a) for k, (m, a) in fns.items()}, repeats=7)
             db, ao_db = sqnr_db(ref, int8(x)), sqnr_db(ref, ao(x))
         table.rows.append([
@@ -156,50 +158,68 @@ def _export(
     return out
 
 
+class LlamaBlock(nn.Module):
+    """The seven Linears of a Llama decoder block (no bias), hidden 1024, MLP 2816: a linear-dominated model."""
+
+    def __init__(self, hidden: int = 1024, mlp: int = 2816) -> None:
+        super().__init__()
+        self.q, self.k, self.v, self.o = (nn.Linear(hidden, hidden, bias=False) for _ in range(4))
+        self.gate, self.up = nn.Linear(hidden, mlp, bias=False), nn.Linear(hidden, mlp, bias=False)
+        self.down = nn.Linear(mlp, hidden, bias=False)
+
+
 def _prune_24(model: nn.Module) -> nn.Module:
-    """A copy with every encoder Linear magnitude-pruned to 2:4 (sizes only: no fine-tuning, no accuracy claim)."""
+    """A copy with every Linear of the encoder (or the whole model) magnitude-pruned to 2:4 (sizes only)."""
     model = copy.deepcopy(model)
     with torch.no_grad():
-        for m in model.encoder.modules():
+        for m in getattr(model, "encoder", model).modules():
             if isinstance(m, nn.Linear):
                 m.weight.mul_(nm_mask(m.weight, 2, 4))
     return model
 
 
+FORMATS = {
+    "int8 (W8A8)": lambda m: export_for_inference(m, weights="int8", prefer="memory", tokens=64),
+    "int4, groups of 128": lambda m: export_for_inference(m, weights="int4", prefer="memory", tokens=64),
+    "2:4 + int8": lambda m: export_for_inference(_prune_24(m), weights="int8", prefer="memory", tokens=64),
+}
+
+
+def _bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.iterdir()) if path.is_dir() else path.stat().st_size
+
+
 def disk_table() -> Table:
-    model, _ = load_pretrained("all-MiniLM-L6-v2")
-    model = model.eval()
-    formats = {
-        "int8 (W8A8)": lambda m: export_for_inference(m, weights="int8", prefer="memory"),
-        "int4, groups of 128": lambda m: export_for_inference(m, weights="int4", prefer="memory"),
-        "2:4 + int8": lambda m: export_for_inference(_prune_24(m), weights="int8", prefer="memory"),
+    minilm, _ = load_pretrained("all-MiniLM-L6-v2")
+    torch.manual_seed(0)
+    models = {
+        "all-MiniLM-L6-v2, whole": lambda m: m,
+        "all-MiniLM-L6-v2, encoder": lambda m: m.encoder,
+        "Llama-shaped block (hidden 1024)": None,
     }
     table = Table(
-        "Bytes on disk: save_exported against the FP32 safetensors file (all-MiniLM-L6-v2)",
-        ["format", "whole model MB", "vs FP32", "encoder MB", "encoder vs FP32"],
+        "Bytes on disk: save_exported against the FP32 safetensors file",
+        ["model", "FP32 MB", *(f"{name} MB (vs FP32)" for name in FORMATS)],
     )
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        base = {}
-        for part, module in (("model", model), ("encoder", model.encoder)):
-            save_file({k: v.contiguous() for k, v in module.state_dict().items()}, tmp / f"{part}.safetensors")
-            base[part] = (tmp / f"{part}.safetensors").stat().st_size
-        for name, export in formats.items():
-            sizes = {}
-            for part in ("model", "encoder"):
-                full = export(copy.deepcopy(model))
-                module = full if part == "model" else full.encoder
-                path = save_exported(module, tmp / f"{name}-{part}".replace(" ", "_").replace(":", ""))
-                sizes[part] = sum(f.stat().st_size for f in path.iterdir())
-            table.rows.append([
-                name, f"{sizes['model'] / 1e6:.2f}", f"{sizes['model'] / base['model']:.3f}×",
-                f"{sizes['encoder'] / 1e6:.2f}", f"{sizes['encoder'] / base['encoder']:.3f}×",
-            ])  # fmt: skip
-    table.rows.insert(0, ["FP32", f"{base['model'] / 1e6:.2f}", "1.000×", f"{base['encoder'] / 1e6:.2f}", "1.000×"])
-    table.notes.append(
-        "Targets: 2:4 + int8 ≤ 0.16× and int4 group-128 ≤ 0.14× of FP32 for what the formats compress (the encoder; "
-        "the word-embedding table, half of MiniLM's parameters, stays float32 in every format)."
-    )
+        for i, (label, part) in enumerate(models.items()):
+            base_model = minilm.eval() if part else LlamaBlock()
+            module = part(base_model) if part else base_model
+            save_file({k: v.contiguous() for k, v in module.state_dict().items()}, tmp / f"{i}.safetensors")
+            fp32 = _bytes(tmp / f"{i}.safetensors")
+            row = [label, f"{fp32 / 1e6:.2f}"]
+            for j, export in enumerate(FORMATS.values()):
+                full = export(copy.deepcopy(base_model))
+                size = _bytes(save_exported(part(full) if part else full, tmp / f"{i}-{j}"))
+                row.append(f"{size / 1e6:.2f} ({size / fp32:.3f}×)")
+            table.rows.append(row)
+    table.notes += [
+        "Targets: 2:4 + int8 ≤ 0.16× and int4 group-128 ≤ 0.14× of FP32. MiniLM's word-embedding table (half of "
+        "its parameters) stays float32 in every format, so the whole model cannot get there; its encoder can "
+        "nearly: 2:4 + int8 costs 0.5 + 0.125 bytes per weight (values, 2-bit positions) = 0.156× plus a float32 "
+        "scale and bias per output row, 2 / in_features of FP32 = 0.005× at in_features 384.",
+    ]
     return table
 
 

@@ -15,6 +15,8 @@ into a freshly constructed plain model of the same architecture. No pickle anywh
 
 from __future__ import annotations
 
+import copy
+import functools
 import json
 import logging
 import math
@@ -215,14 +217,22 @@ def layer_tokens(model: nn.Module, names: Sequence[str], example_inputs: Any) ->
     return seen
 
 
-def _median_ms(fn: Callable[[], Tensor], reps: int = 5) -> float:
-    fn(), fn()  # warm up (compilation, caches)
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2] * 1e3
+def interleaved_ms(fns: dict[str, Callable[[], Any]], repeats: int = 7, warmup: int = 3) -> dict[str, float]:
+    """Median milliseconds of each callable, timed A, B, C, A, B, C, ... so machine noise hits all alike (CUDA
+    work is synchronised after each call)."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    for _ in range(warmup):  # compilation, caches, allocator
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for key, fn in fns.items():
+            sync()
+            start = time.perf_counter()
+            fn()
+            sync()
+            times[key].append(time.perf_counter() - start)
+    return {k: sorted(v)[len(v) // 2] * 1e3 for k, v in times.items()}
 
 
 def _sqnr_db(ref: Tensor, y: Tensor) -> float:
@@ -244,16 +254,23 @@ def choose_kernel(
     device = next(iter(layer.buffers())).device
     x = torch.randn(tokens, layer.in_features, device=device, dtype=dtype)
     key = (type(layer).__name__, json.dumps(layer.spec(), sort_keys=True), tokens, dtype, str(device))
+    timed = [k for k in dict.fromkeys([*candidates, FLOAT]) if k in layer.available_kernels()]
+    if candidates != [REFERENCE]:
+        timed.remove(REFERENCE)  # the reference is never the fastest; it is only timed when asked for
+    fns = {}
     with torch.no_grad():
         ref = layer.reference(x)
-        for kernel in [k for k in dict.fromkeys([*candidates, FLOAT]) if k in layer.available_kernels()]:
-            layer.set_kernel(kernel)
-            if kernel not in (REFERENCE, FLOAT) and (db := _sqnr_db(ref, layer(x))) < MIN_SQNR_DB:
+        for kernel in timed:
+            variant = copy.deepcopy(layer)  # one copy per kernel, so that the kernels can be timed interleaved
+            variant.set_kernel(kernel)
+            if kernel not in (REFERENCE, FLOAT) and (db := _sqnr_db(ref, variant(x))) < MIN_SQNR_DB:
                 record.note += f"{kernel} rejected (SQNR {db:.1f} dB); "
                 continue
-            if kernel not in timings.setdefault(key, {}):
-                timings[key][kernel] = _median_ms(lambda: layer(x))
-            record.times_ms[kernel] = timings[key][kernel]
+            fns[kernel] = functools.partial(variant, x)
+        cached = timings.setdefault(key, {})
+        todo = {k: f for k, f in fns.items() if k not in cached}
+        cached.update(interleaved_ms(todo) if todo else {})
+        record.times_ms = {k: cached[k] for k in fns}
     allowed = {k: t for k, t in record.times_ms.items() if k in candidates}
     record.kernel = min(allowed, key=allowed.get) if len(allowed) > 1 else next(iter(allowed), REFERENCE)
     layer.set_kernel(record.kernel)

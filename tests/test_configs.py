@@ -43,3 +43,14 @@ def test_every_recipe_composes_and_instantiates(recipe, tmp_path):
 def test_unknown_recipe_is_a_clear_error(tmp_path):
     with pytest.raises(MissingConfigException, match="compress/nonexistent"):
         _compose(["+compress=nonexistent"], tmp_path)
+
+
+def test_export_config_composes_with_a_recipe_and_names_real_arguments():
+    import inspect
+
+    from lightning_compress.export import export_for_inference
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="export", overrides=["+compress=[prune_24,qat_int8]", "ckpt_path=last.ckpt"])
+    assert set(cfg.callbacks) >= {"pruning", "qat"} and cfg.ckpt_path == "last.ckpt"
+    assert set(cfg.export) <= set(inspect.signature(export_for_inference).parameters)
