@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from lightning_compress.callbacks.base import replace_layers, select_layers
 from lightning_compress.functional.packing import is_24_sparse
 from lightning_compress.functional.quant import quantize
-from lightning_compress.nn.calibration import call_model, eval_mode, hooks
+from lightning_compress.nn.calibration import Progress, call_model, eval_mode, hooks
 from lightning_compress.nn.exported import FLOAT, REFERENCE, ExportedLinear, from_spec_dtype, to_spec_dtype
 from lightning_compress.nn.fake_quant import ActQuantizer, SymmetricActQuantizer, is_fake_quant
 from lightning_compress.nn.int4_linear import Int4Linear
@@ -339,11 +339,13 @@ def export_for_inference(
     replace_layers(model, {name: layer.to(device) for name, (_, layer) in plan.items()})
     compute = dtype or _float_dtype(model)
     report, timings = ExportReport(), {}
-    for name, (scheme, layer) in plan.items():
-        record = choose_kernel(layer, rows.get(name, tokens), compute, prefer, timings)
-        record.name, record.scheme = name, scheme
-        record.note = (record.note + _kernel_note(layer, record)).strip("; ")
-        report.layers.append(record)
+    with Progress(len(plan), "export self-check") as bar:
+        for name, (scheme, layer) in plan.items():
+            record = choose_kernel(layer, rows.get(name, tokens), compute, prefer, timings)
+            record.name, record.scheme = name, scheme
+            record.note = (record.note + _kernel_note(layer, record)).strip("; ")
+            report.layers.append(record)
+            bar.step(f"{name}: {record.kernel}")
     model.eval()
     model.export_report = report
     log.info("export_for_inference:\n%s", report.to_markdown())
