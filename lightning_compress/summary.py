@@ -15,6 +15,8 @@ from torch import nn
 from lightning_compress.functional.kmeans import deep_compression_bits
 from lightning_compress.functional.masks import sparsity_pattern
 from lightning_compress.functional.size import TensorFormat, index_bits, ratio, tensor_bits
+from lightning_compress.nn.exported import ExportedLinear
+from lightning_compress.nn.sparse_linear import SemiStructuredSparseLinear
 
 
 @dataclass(frozen=True)
@@ -118,10 +120,23 @@ def _layer_row(name: str, module: nn.Module, own: list[tuple[str, torch.Tensor]]
     )
 
 
+def _exported_row(name: str, module: ExportedLinear) -> LayerRow:
+    """One row for an exported inference layer: its bytes are the persistent buffers (codes, positions, scales,
+    bias) exactly as ``save_exported`` writes them; sparsity and pattern from its dequantized weight."""
+    weight = module.dequantized_weight()
+    pattern = "2:4" if isinstance(module, SemiStructuredSparseLinear) else sparsity_pattern(weight)
+    bias = 0 if getattr(module, "bias", None) is None else module.bias.numel()
+    params = weight.numel() + bias
+    nonzero = int(torch.count_nonzero(weight)) + bias
+    return LayerRow(name, type(module).__name__, tuple(weight.shape), pattern, params, nonzero,
+                    module.weight_bits, params * 4.0, float(module.storage_bytes()))  # fmt: skip
+
+
 def compression_summary(model: nn.Module) -> CompressionSummary:
     """Summarize every module that owns parameters: one row per module, weights and biases together.
 
-    Sparsity counts the exact zeros of each ``weight``; other parameters (biases, norms) count as dense. Only
+    Sparsity counts the exact zeros of each ``weight``; other parameters (biases, norms) count as dense. Exported
+    inference layers (``export_for_inference``) count their stored buffers. Only
     parameters in the model's ``state_dict`` count: a quantizer's working state (learned scales, codebooks) is
     part of its layer's declared ``weight_format``.
 
@@ -131,10 +146,10 @@ def compression_summary(model: nn.Module) -> CompressionSummary:
     Returns:
         A :class:`CompressionSummary` whose totals cover every parameter of ``model``.
     """
-    rows = []
-    for name, module, own in _stored_parameters(model):
-        rows.append(_layer_row(name, module, own))
-    return CompressionSummary(rows)
+    rows = [_layer_row(name, module, own) for name, module, own in _stored_parameters(model)]
+    rows += [_exported_row(n, m) for n, m in model.named_modules() if isinstance(m, ExportedLinear)]
+    order = {n: i for i, (n, _) in enumerate(model.named_modules())}
+    return CompressionSummary(sorted(rows, key=lambda r: order.get(r.name if r.name != "(root)" else "", 0)))
 
 
 def _stored_parameters(model: nn.Module) -> list[tuple[str, nn.Module, list[tuple[str, torch.Tensor]]]]:

@@ -13,10 +13,12 @@ from __future__ import annotations
 import hydra
 import lightning.pytorch as pl
 import torch
+from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_compress.callbacks.base import default_inputs
+from lightning_compress.callbacks.report import stage_of, weight_snapshots, write_report
 from lightning_compress.export import export_for_inference, save_exported
 from lightning_compress.nn.calibration import call_model
 
@@ -42,6 +44,7 @@ def main(cfg: DictConfig) -> float:
     datamodule.setup("test")
     inputs = default_inputs(next(iter(datamodule.test_dataloader())))
     model.eval()
+    snapshots, compressed = weight_snapshots(model), stage_of(model, "compressed (fake-quant / masked)", 1.0)
     with torch.no_grad():
         before = call_model(model, inputs).float()
         export_for_inference(model, example_inputs=inputs, **OmegaConf.to_container(cfg.export))
@@ -49,6 +52,9 @@ def main(cfg: DictConfig) -> float:
     cosine = float(torch.nn.functional.cosine_similarity(before.flatten(), after.flatten(), dim=0))
     agree = float((before.argmax(-1) == after.argmax(-1)).float().mean()) if before.dim() == 2 else float("nan")
     path = save_exported(model, cfg.out_dir)
+    stages = [compressed, stage_of(model, "exported", cosine)]
+    extra = "## Export\n\n" + model.export_report.to_markdown()
+    write_report(model, HydraConfig.get().runtime.output_dir, stages, "output cosine", snapshots, extra=extra)
     print(model.export_report.to_markdown())
     print(f"output cosine to the compressed model: {cosine:.5f}; top-1 agreement {agree:.4f}")
     print(f"exported to {path}")

@@ -21,6 +21,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from safetensors.torch import save_file
 
+from lightning_compress.callbacks.report import stage_of, weight_snapshots, write_report
 from lightning_compress.data import read_brown, tokenize_batches
 from lightning_compress.models import load_pretrained, mean_pool
 from lightning_compress.summary import compression_summary
@@ -64,6 +65,7 @@ def main(cfg: DictConfig) -> dict[str, float]:
     batches = tokenize_batches(tokenizer, calib, cfg.calibration.batch_size, cfg.calibration.max_length)
     eval_batches = tokenize_batches(tokenizer, held_out, cfg.calibration.batch_size, cfg.calibration.max_length)
     fp32 = copy.deepcopy(model)
+    snapshots = weight_snapshots(model)
     start = time.perf_counter()
     tensors = {}
     for callback in callbacks:
@@ -72,7 +74,8 @@ def main(cfg: DictConfig) -> dict[str, float]:
     metrics = {"seconds": time.perf_counter() - start, "embedding_cosine": embedding_cosine(model, fp32, eval_batches)}
     out = Path(HydraConfig.get().runtime.output_dir)
     summary = compression_summary(model).to_markdown()
-    (out / "compression_summary.md").write_text(summary + "\n")
+    stages = [stage_of(fp32, "FP32", 1.0), stage_of(model, "quantized", metrics["embedding_cosine"])]
+    write_report(model, out, stages, monitor="embedding cosine to FP32", snapshots=snapshots)
     save_file(tensors, str(out / "quantized.safetensors"))
     print(summary)
     for key, value in metrics.items():

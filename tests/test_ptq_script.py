@@ -29,10 +29,7 @@ def test_recipes_run_one_shot_on_minilm(tmp_path, recipe, bits, min_cosine):
     tensors = load_file(tmp_path / "quantized.safetensors")
     codes = tensors["encoder.layer.0.intermediate.dense/int_weight"]
     assert codes.shape == (1536, 384) and int(codes.abs().max()) <= 2 ** (bits - 1)
-    assert (
-        "| encoder.layer.5.output.dense | FakeQuantLinear | 384×1536 |"
-        in (tmp_path / "compression_summary.md").read_text()
-    )
+    assert "| encoder.layer.5.output.dense | FakeQuantLinear | 384×1536 |" in (tmp_path / "report.md").read_text()
 
 
 def test_a_training_recipe_is_refused(tmp_path):

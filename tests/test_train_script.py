@@ -24,8 +24,10 @@ def test_main_job_trains_reports_and_checkpoints(tmp_path):
     acc = float(next(ln for ln in proc.stdout.splitlines() if ln.startswith("test/acc:")).split(":")[1])
     assert acc >= 0.95
     assert "| **total** |" in proc.stdout
-    summary = (tmp_path / "compression_summary.md").read_text()
+    summary = (tmp_path / "report.md").read_text()
     assert "| net.6 | Linear | 64×512 | 32,832 |" in summary
+    plots = [line[line.index("(") + 1 : -1] for line in summary.splitlines() if line.startswith("![")]
+    assert len(plots) >= 3 and all((tmp_path / p).read_bytes().startswith(b"\x89PNG") for p in plots)
     ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     ImageClassifier(SmallCNN()).load_state_dict(ckpt["state_dict"], strict=True)
 

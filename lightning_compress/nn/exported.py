@@ -132,6 +132,11 @@ class ExportedLinear(nn.Module, abc.ABC):
         self._cache, self._casts = None, {}
         self._cache = self._prepare(self.kernel)  # the kernel's cache follows the loaded buffers
 
+    @property
+    def weight_bits(self) -> int:
+        """Bits per stored weight value (codes or float values), for the compression summary."""
+        return 8
+
     def storage_bytes(self) -> int:
         """Bytes of the persistent state (what the safetensors file holds for this layer)."""
         return sum(t.numel() * t.element_size() for t in self.state_dict().values())

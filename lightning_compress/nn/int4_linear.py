@@ -243,6 +243,11 @@ class Int4Linear(ExportedLinear):
             y = matmul(xk, cache.weight, cache.group_size, cache.scales_and_zeros_as(compute)).to(x.dtype)
         return y if self.bias is None else y + self.bias.to(x.dtype)
 
+    @property
+    def weight_bits(self) -> int:
+        """4: packed int4 codes."""
+        return BITS
+
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}, "

@@ -393,6 +393,11 @@ class SemiStructuredSparseLinear(ActQuantMixin, ExportedLinear):
         y = F.linear(x.to(dtype).contiguous(), self._cache).to(x.dtype)
         return y if self.bias is None else y + self.bias.to(x.dtype)
 
+    @property
+    def weight_bits(self) -> int:
+        """Bits of each kept value: 8 for int8 codes, the float values' width otherwise."""
+        return self.values.element_size() * 8
+
     def extra_repr(self) -> str:
         kind = to_spec_dtype(self.values.dtype) if self.flavour == FLOAT else "int8"
         act = "" if self.flavour == FLOAT else f", act={self.act_spec()['act']}"

@@ -276,7 +276,7 @@ def test_sparsity_is_logged_and_in_the_summary(tmp_path):
     rows = {r.name: r for r in report.summary.rows}
     w = model.get_parameter("net.6.weight")
     assert rows["net.6"].nonzero == int(torch.count_nonzero(w)) + 64  # + the dense bias
-    assert "| net.6 | Linear | 64×512 |" in (tmp_path / "compression_summary.md").read_text()
+    assert "| net.6 | Linear | 64×512 |" in (tmp_path / "report.md").read_text()
 
 
 class MaskFingerprint(pl.Callback):

@@ -232,4 +232,4 @@ def test_recipes_run_from_the_command_line(recipe, tmp_path):
     assert "| net.6 | FakeQuantLinear | 64×512 |" in proc.stdout
     assert float(next(ln for ln in proc.stdout.splitlines() if ln.startswith("test/acc:")).split(":")[1]) > 0.5
     if "kmeans" in recipe or recipe == "deep_compression":
-        assert "| + Huffman coding |" in (tmp_path / "compression_summary.md").read_text()
+        assert "| + Huffman coding |" in (tmp_path / "report.md").read_text()
