@@ -19,6 +19,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from lightning_compress.callbacks.report import stage_of, write_report
 from lightning_compress.sensitivity import evaluate_accuracy, save_plan, sensitivity_scan
 
 
@@ -52,12 +53,12 @@ def main(cfg: DictConfig) -> dict[str, float]:
 
     out = Path(HydraConfig.get().runtime.output_dir)
     (out / "sensitivity.md").write_text(result.to_markdown())
-    result.plot(out / "sensitivity.png")
+    write_report(model, out, [stage_of(model, "scanned model", result.baseline)], "val accuracy", sensitivity=result)
     save_plan(plan, out / "plan.yaml", cfg.target_sparsity)
     print(result.to_markdown())
     print(f"plan for target {cfg.target_sparsity}: " + ", ".join(f"{n}: {r:g}" for n, r in plan.items()))
     print(f"plan sparsity {result.plan_sparsity(plan):.4f}, predicted accuracy drop {result.predicted_loss(plan):.4f}")
-    for name in ("sensitivity.md", "sensitivity.png", "plan.yaml"):
+    for name in ("sensitivity.md", "sensitivity.png", "plan.yaml", "report.md"):
         print(f"wrote {out / name}")
     return plan
 

@@ -241,6 +241,8 @@ def test_script_trains_scans_and_writes_table_plot_and_plan(tmp_path):
     assert all(f"| {n} |" in proc.stdout for n in names)
     assert (tmp_path / "sensitivity.md").read_text() in proc.stdout
     assert (tmp_path / "sensitivity.png").read_bytes()[:8] == PNG_MAGIC
+    report = (tmp_path / "report.md").read_text()
+    assert "![sensitivity](sensitivity.png)" in report and (tmp_path / "sensitivity.md").read_text() in report
     plan = yaml.safe_load((tmp_path / "plan.yaml").read_text())
     assert plan["target"] == 0.8 and list(plan["layers"]) == names
     params = {n: m.weight.numel() for n, m in SmallCNN().named_modules() if hasattr(m, "weight")}

@@ -26,6 +26,7 @@ from lightning_compress.functional.quant import compute_qparams, fake_quantize
 from lightning_compress.functional.size import ratio
 from lightning_compress.nn.exported import ExportedLinear
 from lightning_compress.nn.fake_quant import is_fake_quant
+from lightning_compress.sensitivity import SensitivityResult
 from lightning_compress.summary import CompressionSummary, compression_summary, stage_markdown, stage_sizes
 
 log = logging.getLogger(__name__)
@@ -161,6 +162,7 @@ def write_report(
     gpus: Sequence[float] = DEFAULT_GPUS,
     histograms: int = 3,
     extra: str = "",
+    sensitivity: SensitivityResult | None = None,
 ) -> list[Path]:
     """Write ``report.md`` and its PNG plots for ``model`` into ``dirpath``.
 
@@ -174,6 +176,7 @@ def write_report(
         gpus: GPU memory sizes in GB for those lines.
         histograms: how many layers get a weight histogram.
         extra: more markdown appended after the layer table.
+        sensitivity: a pruning-sensitivity scan to plot (``sensitivity.png``, one curve per layer) and tabulate.
 
     Returns:
         The paths written: ``report.md`` first, then the plots.
@@ -188,6 +191,9 @@ def write_report(
         points = [(s.name, s.ratio, s.metric) for s in stages if s.metric is not None]
         if points:
             paths.append(plots.metric_vs_ratio(points, dirpath / "metric_vs_ratio.png", monitor or "metric"))
+    if sensitivity is not None:
+        paths.append(sensitivity.plot(dirpath / "sensitivity.png"))
+        extra = "\n\n".join(t for t in (extra, "## Sensitivity\n\n" + sensitivity.to_markdown()) if t)
     report = dirpath / REPORT
     report.write_text(report_markdown(summary, stages, monitor, paths, scale_params, gpus, extra))
     log.info("compression report written to %s", report)
