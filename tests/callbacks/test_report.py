@@ -121,3 +121,24 @@ def test_fits_lines_scale_the_stored_bytes_per_parameter():
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         CompressionReport(**kwargs)
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_write_one_complete_report(tmp_path):
+    import lightning.pytorch as pl
+
+    from lightning_compress.data import DigitsDataModule
+    from tests.callbacks.test_pruning import Classifier
+
+    pl.seed_everything(0)
+    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", max_epochs=2, logger=False,
+                         callbacks=[IterativePruning(sparsity=0.5), CompressionReport(dirpath=str(tmp_path))],
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    trainer.fit(Classifier(), DigitsDataModule())
+    text = (tmp_path / "report.md").read_text()
+    assert [ln.split("|")[1].strip() for ln in text.splitlines() if ln.startswith(("| epoch", "| fit end"))] == [
+        "epoch 0", "epoch 1", "fit end",
+    ]  # fmt: skip
+    _, _, sparsity = _totals(text)
+    assert sparsity == pytest.approx(50.0, abs=2.0)  # the pruned layers at 50%, biases dense
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == ["metric_vs_ratio.png", "sparsity.png", "weights_0.png"]
