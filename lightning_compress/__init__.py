@@ -1,20 +1,40 @@
 """lightning_compress: pruning, quantization and distillation for PyTorch Lightning.
 
-Public API (grows with each feature): :class:`IterativePruning`, :class:`QATFakeQuant`,
-:class:`SmoothQuantCalibrate`, :class:`GPTQFinalize`, :class:`CompressionReport`, :func:`compression_summary`,
-:class:`DistillationModule`, :func:`export_for_inference`, :func:`save_exported`, :func:`load_exported`.
+Public API: :class:`IterativePruning`, :class:`QATFakeQuant`, :class:`SmoothQuantCalibrate`, :class:`GPTQFinalize`,
+:class:`CompressionReport`, :func:`compression_summary`, :class:`DistillationModule`, :func:`export_for_inference`,
+:func:`save_exported`, :func:`load_exported`. Each is imported on first use (PEP 562), so tools that need none of
+them (``python -m lightning_compress.size``) start without importing Lightning.
 """
 
-from lightning_compress.callbacks.gptq import GPTQFinalize
-from lightning_compress.callbacks.pruning import IterativePruning
-from lightning_compress.callbacks.qat import QATFakeQuant
-from lightning_compress.callbacks.report import CompressionReport
-from lightning_compress.callbacks.smoothquant import SmoothQuantCalibrate
-from lightning_compress.distillation import DistillationModule
-from lightning_compress.export import export_for_inference, load_exported, save_exported
-from lightning_compress.summary import CompressionSummary, compression_summary
+from __future__ import annotations
 
-__all__ = [
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from lightning_compress.callbacks.gptq import GPTQFinalize
+    from lightning_compress.callbacks.pruning import IterativePruning
+    from lightning_compress.callbacks.qat import QATFakeQuant
+    from lightning_compress.callbacks.report import CompressionReport
+    from lightning_compress.callbacks.smoothquant import SmoothQuantCalibrate
+    from lightning_compress.distillation import DistillationModule
+    from lightning_compress.export import export_for_inference, load_exported, save_exported
+    from lightning_compress.summary import CompressionSummary, compression_summary
+
+_HOMES = {
+    "CompressionReport": "lightning_compress.callbacks.report",
+    "CompressionSummary": "lightning_compress.summary",
+    "DistillationModule": "lightning_compress.distillation",
+    "GPTQFinalize": "lightning_compress.callbacks.gptq",
+    "IterativePruning": "lightning_compress.callbacks.pruning",
+    "QATFakeQuant": "lightning_compress.callbacks.qat",
+    "SmoothQuantCalibrate": "lightning_compress.callbacks.smoothquant",
+    "compression_summary": "lightning_compress.summary",
+    "export_for_inference": "lightning_compress.export",
+    "load_exported": "lightning_compress.export",
+    "save_exported": "lightning_compress.export",
+}
+__all__ = [  # the keys of _HOMES, spelled out for linters and readers
     "CompressionReport",
     "CompressionSummary",
     "DistillationModule",
@@ -28,3 +48,16 @@ __all__ = [
     "save_exported",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    """Import a public name from its module on first access."""
+    if name not in _HOMES:
+        raise AttributeError(f"module 'lightning_compress' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_HOMES[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_HOMES])

@@ -90,12 +90,12 @@ def model_params(spec: str) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def checkpoint_params(path: str | Path) -> tuple[int, str]:
+def checkpoint_params(path: str | Path, trust_pickle: bool = False) -> tuple[int, str]:
     """Parameters in a checkpoint and how they were read: ``(count, description)``.
 
     ``.safetensors``: every tensor, read from the header only. Otherwise ``torch.load(weights_only=True)`` of a
-    Lightning checkpoint (its ``state_dict``) or a plain state dict, falling back to ``weights_only=False`` only when
-    the file holds pickled objects beyond tensors (the description says so: load only files you trust). Every tensor
+    Lightning checkpoint (its ``state_dict``) or a plain state dict; a file holding pickled objects beyond tensors
+    is refused unless ``trust_pickle`` (unpickling can run code: only for files you trust). Every tensor
     of the state dict counts (buffers such as BatchNorm statistics included); tensors sharing storage (tied
     weights) count once.
     """
@@ -110,6 +110,11 @@ def checkpoint_params(path: str | Path) -> tuple[int, str]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
+        if not trust_pickle:
+            raise ValueError(
+                f"ckpt {str(path)!r} holds pickled objects beyond tensors; pass --trust-pickle to load it anyway "
+                "(unpickling can run code: only for files you trust)"
+            ) from None
         obj = torch.load(path, map_location="cpu", weights_only=False)
         note = (
             "torch.load(weights_only=False): the file holds pickled objects beyond tensors; load only files you trust"
@@ -263,6 +268,9 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--model", help="'dotted.module:Callable' building the model with no arguments")
     source.add_argument("--ckpt", help="Lightning .ckpt, torch state dict (.pt/.pth) or .safetensors file")
     parser.add_argument(
+        "--trust-pickle", action="store_true", help="let --ckpt unpickle objects beyond tensors (trusted files only)"
+    )
+    parser.add_argument(
         "--gpus", type=_gpu_arg, nargs="+", default=DEFAULT_GPUS, help="GPU memory sizes in GB (default 24 40 80)"
     )
     return parser
@@ -277,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.model:
             num_params, source = float(model_params(args.model)), f"`{args.model}()`"
         elif args.ckpt:
-            count, how = checkpoint_params(args.ckpt)
+            count, how = checkpoint_params(args.ckpt, args.trust_pickle)
             num_params, source = float(count), f"{args.ckpt} ({how})"
         else:
             num_params = args.params

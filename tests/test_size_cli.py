@@ -138,12 +138,18 @@ def test_ckpt_state_dict(tmp_path, capsys):
     assert "33 parameters" in run_cli(capsys, "--ckpt", str(path))
 
 
-def test_ckpt_lightning_with_pickled_objects_falls_back(tmp_path):
+def test_ckpt_with_pickled_objects_needs_trust(tmp_path, capsys):
     path = tmp_path / "last.ckpt"
     torch.save({"state_dict": nn.Linear(4, 5).state_dict(), "epoch": 3, "hyper_parameters": {"x": Opaque()}}, path)
     with pytest.raises(pickle.UnpicklingError):
         torch.load(path, weights_only=True)
-    count, how = checkpoint_params(path)
+    with pytest.raises(ValueError, match="pass --trust-pickle"):
+        checkpoint_params(path)
+    with pytest.raises(SystemExit):
+        main(["--ckpt", str(path)])
+    assert "--trust-pickle" in capsys.readouterr().err
+    assert "25 parameters" in run_cli(capsys, "--ckpt", str(path), "--trust-pickle")
+    count, how = checkpoint_params(path, trust_pickle=True)
     assert count == 25 and how.startswith("Lightning checkpoint state_dict") and "weights_only=False" in how
 
 
@@ -172,3 +178,13 @@ def test_module_runs_as_a_script():
     result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "| Adam, fp32: 4 weights + 4 grads + 8 moments | 16 | 112.00 |" in result.stdout
+
+
+def test_the_cli_starts_without_importing_lightning_and_public_names_resolve():
+    code = "import sys, lightning_compress.size; print('lightning' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert out.stdout.strip() == "False", out.stderr[-2000:]
+    import lightning_compress
+
+    assert sorted(lightning_compress.__all__) == sorted(lightning_compress._HOMES)
+    assert all(callable(getattr(lightning_compress, name)) for name in lightning_compress.__all__)
