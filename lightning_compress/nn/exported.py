@@ -70,9 +70,9 @@ class ExportedLinear(nn.Module, abc.ABC):
         """The input of the float kernel: ``x`` itself here; layers with static activation ranges clip it first."""
         return x
 
+    @abc.abstractmethod
     def _kernel_forward(self, x: Tensor) -> Tensor:
-        """The forward of :attr:`kernel` for the fast paths (subclasses); ``x`` is ``(tokens, in)``."""
-        raise NotImplementedError(f"{type(self).__name__} has no kernel {self.kernel!r}")
+        """The forward of :attr:`kernel` for the fast paths (all but reference and float); ``x`` is ``(tokens, in)``."""
 
     def _prepare(self, kernel: str) -> Any:
         """Build the run-time cache ``kernel`` needs (None when it needs none)."""
