@@ -132,6 +132,8 @@ def _fake_quant_layer(name: str, module: nn.Module, sparse: bool) -> tuple[str, 
             log.info(
                 "layer %s: 2:4 sparse int%d weights are exported as packed int4 (no 2:4 int4 kernel)", name, wq.bits
             )
+        if getattr(module, "act_quantizer", None) is not None:
+            log.warning("layer %s: its activation quantization is dropped (int4 exports weight-only)", name)
         group = wq.group_size or module.in_features
         return f"int4 g{group}", Int4Linear(codes, s, None if wq.symmetric else z, module.bias, group)
     if wq.group_size or not wq.symmetric:
