@@ -10,6 +10,7 @@ from torch.utils.data import DataLoader
 from lightning_compress import DistillationModule, QATFakeQuant
 from lightning_compress.distillation import student_from_teacher, transformer_blocks
 from lightning_compress.nn.fake_quant import is_fake_quant
+from tests.ddp import CloseProcessGroup
 
 VOCAB, SEQ = 50, 12
 
@@ -166,7 +167,8 @@ class SaveStudent(pl.Callback):
 def test_ddp_two_processes(tmp_path):
     teacher = tiny_classifier()
     module = DistillationModule(student_from_teacher(teacher), teacher, hidden_loss="cosine", lr=1e-3)
-    trainer(devices=2, strategy="ddp_spawn", callbacks=[SaveStudent(tmp_path / "s.pt")]).fit(module, loader())
+    callbacks = [SaveStudent(tmp_path / "s.pt"), CloseProcessGroup()]
+    trainer(devices=2, strategy="ddp_spawn", callbacks=callbacks).fit(module, loader())
     state = torch.load(tmp_path / "s.pt", weights_only=True)
     start = student_from_teacher(teacher).state_dict()
     assert any(not torch.equal(state[k], start[k]) for k in start)  # it trained

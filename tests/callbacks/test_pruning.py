@@ -17,6 +17,7 @@ from lightning_compress import CompressionReport, IterativePruning
 from lightning_compress.data import DigitsDataModule
 from lightning_compress.functional.schedules import cubic_sparsity, geometric_rounds
 from lightning_compress.models import ImageClassifier, SmallCNN
+from tests.ddp import CloseProcessGroup
 
 TRAIN_BATCHES = 20  # 1257 training digits / batch 64 = 20 batches (the last one short)
 
@@ -300,7 +301,7 @@ def test_ddp_two_processes_hold_identical_masks(tmp_path):
         devices=2,
         strategy="ddp_spawn",
         max_epochs=2,
-        callbacks=[cb, MaskFingerprint(cb, tmp_path)],
+        callbacks=[cb, MaskFingerprint(cb, tmp_path), CloseProcessGroup()],
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,

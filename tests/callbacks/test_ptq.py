@@ -11,6 +11,7 @@ from lightning_compress.callbacks.base import default_inputs
 from lightning_compress.functional.quant import dequantize, quant_range
 from lightning_compress.nn.calibration import Progress, call_model, relative_error
 from lightning_compress.nn.fake_quant import is_fake_quant
+from tests.ddp import CloseProcessGroup
 from tests.nn.tiny_models import tiny_bert, tiny_llama, token_batches
 
 
@@ -101,7 +102,8 @@ def test_ddp_calibration_gives_the_same_weights_as_one_process(tmp_path):
         pl.seed_everything(0)
         model = LNRegressor(lr=0.0)  # training leaves the weights as they are: only calibration differs
         callbacks = [SmoothQuantCalibrate(targets="net.2", num_batches=None),
-                     GPTQFinalize(bits=3, num_batches=None, act_order=True), SaveWeights(path)]  # fmt: skip
+                     GPTQFinalize(bits=3, num_batches=None, act_order=True), SaveWeights(path),
+                     CloseProcessGroup()]  # fmt: skip
         strategy = "ddp_spawn" if devices > 1 else "auto"
         _trainer(callbacks, devices=devices, strategy=strategy, use_distributed_sampler=True).fit(model, _loader())
         return torch.load(path, weights_only=True)

@@ -19,6 +19,7 @@ from lightning_compress.functional.masks import sparsity_pattern
 from lightning_compress.functional.quant import dequantize, quantize
 from lightning_compress.models import ImageClassifier, SmallCNN
 from lightning_compress.nn.fake_quant import is_fake_quant
+from tests.ddp import CloseProcessGroup
 
 LAYERS = ["net.0", "net.2", "net.6", "net.8"]
 
@@ -175,7 +176,7 @@ class MaskRanks(pl.Callback):
 def test_ddp_keeps_observer_ranges_identical(tmp_path):
     cb = QATFakeQuant(bits=8, act_bits=8, observer="minmax", convert=False)
     pl.seed_everything(0)
-    t = trainer([cb, MaskRanks(cb, tmp_path)], 1, devices=2, strategy="ddp_spawn")
+    t = trainer([cb, MaskRanks(cb, tmp_path), CloseProcessGroup()], 1, devices=2, strategy="ddp_spawn")
     t.fit(ImageClassifier(SmallCNN()), DigitsDataModule())
     assert (tmp_path / "rank0.txt").read_text() == (tmp_path / "rank1.txt").read_text()
 

@@ -14,6 +14,7 @@ from lightning_compress import CompressionReport, IterativePruning, QATFakeQuant
 from lightning_compress.callbacks.report import Stage, fits_lines, log_images, write_report
 from lightning_compress.summary import compression_summary
 from tests.callbacks.test_pruning import fit
+from tests.ddp import CloseProcessGroup
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -132,7 +133,8 @@ def test_ddp_two_processes_write_one_complete_report(tmp_path):
 
     pl.seed_everything(0)
     trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", max_epochs=2, logger=False,
-                         callbacks=[IterativePruning(sparsity=0.5), CompressionReport(dirpath=str(tmp_path))],
+                         callbacks=[IterativePruning(sparsity=0.5), CompressionReport(dirpath=str(tmp_path)),
+                                    CloseProcessGroup()],
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
     trainer.fit(Classifier(), DigitsDataModule())
     text = (tmp_path / "report.md").read_text()
