@@ -27,17 +27,13 @@ from benchmarks import Table, interleaved_medians, quiet
 from lightning_compress.data import read_brown
 from lightning_compress.export import export_for_inference, exported_layers, save_exported
 from lightning_compress.functional.masks import nm_mask
+from lightning_compress.functional.quant import sqnr_db
 from lightning_compress.models import load_pretrained, mean_pool
 from lightning_compress.nn.int8_linear import Int8Linear, compile_w8a8
 
 SHAPES = [(384, 1536, 4096), (1536, 384, 4096), (4096, 4096, 2048)]  # (in, out, tokens)
 BATCH, SEQ, EVAL_BATCHES = 32, 128, 4
 TARGET_E2E_FP32, TARGET_E2E_BF16, TARGET_COSINE, TARGET_LAYER = 2.5, 1.0, 0.99, 2.0
-
-
-def sqnr_db(ref: Tensor, y: Tensor) -> float:
-    """20·log10(‖ref‖ / ‖ref − y‖)."""
-    return float(20 * torch.log10(ref.norm() / (ref - y.float()).norm()))
 
 
 def ao_dynamic(model: nn.Module) -> nn.Module:

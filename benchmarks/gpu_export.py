@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from benchmarks import Table, quiet
 from lightning_compress.functional.masks import nm_mask
+from lightning_compress.functional.quant import sqnr_db
 from lightning_compress.nn.int8_linear import Int8Linear
 from lightning_compress.nn.sparse_linear import SemiStructuredSparseLinear
 
@@ -41,12 +42,6 @@ def cuda_ms(fn, repeats: int = 50, warmup: int = 10) -> float:
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end))
     return sorted(times)[len(times) // 2]
-
-
-def sqnr_db(ref: Tensor, y: Tensor) -> float:
-    """20·log10(‖ref‖ / ‖ref − y‖)."""
-    ref, y = ref.float(), y.float()
-    return float(20 * torch.log10(ref.norm() / (ref - y).norm()))
 
 
 def _pruned(out_f: int, in_f: int) -> nn.Linear:

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from lightning_compress.callbacks.base import replace_layers, select_layers
 from lightning_compress.functional.packing import is_24_sparse
-from lightning_compress.functional.quant import quantize
+from lightning_compress.functional.quant import quantize, sqnr_db
 from lightning_compress.nn.calibration import Progress, call_model, eval_mode, hooks
 from lightning_compress.nn.exported import FLOAT, REFERENCE, ExportedLinear, from_spec_dtype, to_spec_dtype
 from lightning_compress.nn.fake_quant import ActQuantizer, SymmetricActQuantizer, is_fake_quant
@@ -237,11 +237,6 @@ def interleaved_ms(fns: dict[str, Callable[[], Any]], repeats: int = 7, warmup: 
     return {k: sorted(v)[len(v) // 2] * 1e3 for k, v in times.items()}
 
 
-def _sqnr_db(ref: Tensor, y: Tensor) -> float:
-    noise = (ref.float() - y.float()).norm()
-    return math.inf if noise == 0 else float(20 * torch.log10(ref.float().norm() / noise))
-
-
 def choose_kernel(
     layer: ExportedLinear, tokens: int, dtype: torch.dtype, prefer: str, timings: dict[tuple, dict[str, float]]
 ) -> LayerExport:
@@ -265,7 +260,7 @@ def choose_kernel(
         for kernel in timed:
             variant = copy.deepcopy(layer)  # one copy per kernel, so that the kernels can be timed interleaved
             variant.set_kernel(kernel)
-            if kernel not in (REFERENCE, FLOAT) and (db := _sqnr_db(ref, variant(x))) < MIN_SQNR_DB:
+            if kernel not in (REFERENCE, FLOAT) and (db := sqnr_db(ref, variant(x))) < MIN_SQNR_DB:
                 record.note += f"{kernel} rejected (SQNR {db:.1f} dB); "
                 continue
             fns[kernel] = functools.partial(variant, x)

@@ -24,6 +24,7 @@ from matplotlib.patches import Patch
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter, PercentFormatter
 from torch import Tensor
 
+from lightning_compress.functional.quant import sqnr_db
 from lightning_compress.summary import CompressionSummary, LayerRow
 
 FIGSIZE = (7.0, 4.5)
@@ -37,20 +38,6 @@ MAX_RUG = 4096
 BINS = 100
 PATTERN_COLORS = {"dense": "#9e9e9e", "unstructured": "#1f77b4", "2:4": "#ff7f0e", "rows": "#2ca02c"}
 OTHER_COLORS = ("#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22")
-
-
-def sqnr_db(x: Tensor, y: Tensor) -> float:
-    """Signal-to-quantization-noise ratio of ``y`` as an approximation of ``x``: ``20·log10(‖x‖ / ‖x − y‖)`` in dB.
-
-    Computed in float64 over all values (shapes must match; any shape). ``inf`` when ``y == x`` exactly.
-    Example: ``x = [3, 4], y = [3, 3]`` gives ``20·log10(5 / 1) = 13.979...``.
-    """
-    _check_same_shape(x, y, "x", "y")
-    x64, y64 = x.detach().double().flatten(), y.detach().double().flatten()
-    noise, signal = float((x64 - y64).norm()), float(x64.norm())
-    if noise == 0.0:
-        return math.inf
-    return 20.0 * math.log10(signal / noise) if signal > 0 else -math.inf
 
 
 def save_png(fig: Figure, path: str | Path) -> Path:

@@ -89,9 +89,10 @@ def quantized_views(model: nn.Module, snapshots: Mapping[str, Tensor], n: int = 
                 views.append((f"{name} ({type(module).__name__})", snapshots[name], module.dequantized_weight().cpu()))
     if views:
         return views
-    name = largest_layers(model, 1)[0] if largest_layers(model, 1) else None
-    if name is None or isinstance(model.get_submodule(name), ExportedLinear):
+    largest = largest_layers(model, 1)
+    if not largest or isinstance(model.get_submodule(largest[0]), ExportedLinear):
         return []
+    name = largest[0]
     w = model.get_submodule(name).weight.detach().float().cpu()
     s, _ = compute_qparams(w, 8, symmetric=True, axis=0)
     return [(f"{name} (int8 round-to-nearest preview)", w, fake_quantize(w, s, None, 8))]

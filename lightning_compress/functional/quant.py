@@ -328,3 +328,21 @@ def lsq_fake_quantize(x: Tensor, scale: Tensor, bits: int) -> Tensor:
     _, qmax = quant_range(bits)
     per_scale = x.numel() // scale.numel()
     return _LSQ.apply(x, scale, bits, 1.0 / math.sqrt(per_scale * qmax))
+
+
+def sqnr_db(x: Tensor, y: Tensor) -> float:
+    """Signal-to-quantization-noise ratio of ``y`` as an approximation of ``x``: ``20·log10(‖x‖ / ‖x − y‖)`` in dB.
+
+    Computed in float64 over all values (any shape, the same for both). ``inf`` when ``y == x`` exactly.
+    Example: ``x = [3, 4], y = [3, 3]`` gives ``20·log10(5 / 1) = 13.979...``.
+
+    Raises:
+        ValueError: the shapes differ.
+    """
+    if x.shape != y.shape:
+        raise ValueError(f"x and y must have the same shape, got x {tuple(x.shape)} and y {tuple(y.shape)}")
+    x64, y64 = x.detach().double().flatten(), y.detach().double().flatten()
+    noise, signal = float((x64 - y64).norm()), float(x64.norm())
+    if noise == 0.0:
+        return math.inf
+    return 20.0 * math.log10(signal / noise) if signal > 0 else -math.inf

@@ -212,6 +212,11 @@ class ActQuantMixin:
         so the float kernel skips it."""
         return x if getattr(self, "act_scale", None) is None else self.quantized_input(x)
 
+    def code_sums(self, codes: Tensor) -> Tensor | None:
+        """int32 ``(out,)`` sums of the weight codes ``(out, in)`` over inputs: the zero-point correction
+        ``Z_x · colsum(W_q)``, needed only with an activation zero-point (None otherwise)."""
+        return codes.sum(dim=1, dtype=torch.int32) if self.act_zero_point is not None else None
+
     def w8a8(self, x: Tensor, weight_t: Tensor, weight_scale: Tensor, col_sum: Tensor | None) -> Tensor:
         """The fast path on ``(tokens, in)`` with codes ``weight_t (in, out)``."""
         return run_w8a8(
@@ -293,8 +298,8 @@ class Int8Linear(ActQuantMixin, ExportedLinear):
         return kernels
 
     def _prepare(self, kernel: str) -> Any:
-        if kernel == INT8 and self.act_zero_point is not None:
-            return self.weight_t.sum(dim=0, dtype=torch.int32)
+        if kernel == INT8:
+            return self.code_sums(self.weight_t.t())
         return super()._prepare(kernel)
 
     def _kernel_forward(self, x: Tensor) -> Tensor:

@@ -352,14 +352,10 @@ class SemiStructuredSparseLinear(ActQuantMixin, ExportedLinear):
     def _prepare(self, kernel: str) -> Any:
         if kernel == INT8:
             codes_t = self.decompressed().t().contiguous()
-            return codes_t, self._col_sum(codes_t.t())
+            return codes_t, self.code_sums(codes_t.t())
         if kernel == SPARSE:
             return self._sparse_weight(self.sparse_dtype())
         return super()._prepare(kernel)
-
-    def _col_sum(self, codes: Tensor) -> Tensor | None:
-        """int32 ``(out,)`` sums of the codes over inputs, needed with an activation zero-point."""
-        return codes.sum(dim=1, dtype=torch.int32) if self.act_zero_point is not None else None
 
     def _sparse_weight(self, dtype: torch.dtype) -> Any:
         """The ``"sparse"`` cache: a ``SparseSemiStructuredTensor`` (float) or ``(cuSPARSELt packed codes, colsum)``."""
@@ -368,7 +364,7 @@ class SemiStructuredSparseLinear(ActQuantMixin, ExportedLinear):
             raise ValueError(f"kernel='sparse' is not available for {self.extra_repr()}: {reason}")
         dense = self.decompressed().to(dtype).contiguous()
         if self.flavour == INT8:
-            return torch._cslt_compress(dense), self._col_sum(dense)
+            return torch._cslt_compress(dense), self.code_sums(dense)
         return sparse_backend(dense.device).from_dense(dense)
 
     def _kernel_forward(self, x: Tensor) -> Tensor:
