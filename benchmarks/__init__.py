@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import lightning.pytorch as pl
 import torch
 
-from lightning_compress.export import interleaved_ms
+from lightning_compress.export.selfcheck import interleaved_ms
 
 
 @dataclass
@@ -40,7 +40,7 @@ class Table:
 
 def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int = 7, warmup: int = 2) -> dict[str, float]:
     """Median seconds of each callable, timed A, B, C, A, B, C, ... so machine noise hits all alike (the export
-    self-check's timer, :func:`lightning_compress.export.interleaved_ms`)."""
+    self-check's timer, :func:`lightning_compress.export.selfcheck.interleaved_ms`)."""
     return {k: ms / 1e3 for k, ms in interleaved_ms(fns, repeats, warmup).items()}
 
 
@@ -101,8 +101,8 @@ PRETRAIN_EPOCHS = 10
 
 @functools.lru_cache(maxsize=1)
 def _fashion_dense() -> tuple[pl.LightningModule, pl.LightningDataModule, float]:
-    from lightning_compress.data import FashionMNISTDataModule
-    from lightning_compress.models import ImageClassifier, LeNet300
+    from lightning_compress.examples.images import FashionMNISTDataModule
+    from lightning_compress.examples.models import ImageClassifier, LeNet300
 
     dm = FashionMNISTDataModule(batch_size=128)
     pl.seed_everything(0)

@@ -11,8 +11,8 @@ import torch
 
 from benchmarks import Table, interleaved_medians, quiet, test_accuracy, trainer
 from lightning_compress import DistillationModule
-from lightning_compress.data import BrownGenreDataModule
-from lightning_compress.models import TextClassifier
+from lightning_compress.examples.models import TextClassifier
+from lightning_compress.examples.text import BrownGenreDataModule
 
 TEACHER_EPOCHS, STUDENT_EPOCHS = 2, 3
 TEACHER_LR, STUDENT_LR = 1e-4, 2e-4

@@ -24,12 +24,13 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from benchmarks import Table, interleaved_medians, quiet
-from lightning_compress.data import read_brown
-from lightning_compress.export import export_for_inference, exported_layers, save_exported
+from lightning_compress.examples.brown import read_brown
+from lightning_compress.examples.pretrained import load_pretrained, mean_pool
+from lightning_compress.export.int8_linear import Int8Linear, compile_w8a8
+from lightning_compress.export.io import exported_layers, save_exported
+from lightning_compress.export.plan import export_for_inference
 from lightning_compress.functional.masks import nm_mask
 from lightning_compress.functional.quant import sqnr_db
-from lightning_compress.models import load_pretrained, mean_pool
-from lightning_compress.nn.int8_linear import Int8Linear, compile_w8a8
 
 SHAPES = [(384, 1536, 4096), (1536, 384, 4096), (4096, 4096, 2048)]  # (in, out, tokens)
 BATCH, SEQ, EVAL_BATCHES = 32, 128, 4

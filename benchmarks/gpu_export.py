@@ -19,10 +19,10 @@ import torch
 from torch import Tensor, nn
 
 from benchmarks import Table, quiet
+from lightning_compress.export.int8_linear import Int8Linear
+from lightning_compress.export.sparse_linear import SemiStructuredSparseLinear
 from lightning_compress.functional.masks import nm_mask
 from lightning_compress.functional.quant import sqnr_db
-from lightning_compress.nn.int8_linear import Int8Linear
-from lightning_compress.nn.sparse_linear import SemiStructuredSparseLinear
 
 SPARSE_SHAPES = [(3072, 10240), (4096, 4096)]  # (out, in)
 TOKENS, LARGE_TOKENS = 4096, 16384

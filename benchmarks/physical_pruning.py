@@ -13,9 +13,9 @@ import torch
 from torch import nn
 
 from benchmarks import Table, interleaved_medians
+from lightning_compress.examples.models import SmallCNN
+from lightning_compress.export.structured import prune_structured
 from lightning_compress.functional.masks import row_mask
-from lightning_compress.models import SmallCNN
-from lightning_compress.nn.structured import prune_structured
 
 BATCH = 256
 

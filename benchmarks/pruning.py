@@ -15,8 +15,8 @@ from lightning.pytorch.callbacks import ModelPruning
 
 from benchmarks import PRETRAIN_EPOCHS, Table, fashion_dense, finetune, median_step_seconds, quiet
 from lightning_compress import IterativePruning
-from lightning_compress.data import DigitsDataModule
-from lightning_compress.models import ImageClassifier, SmallCNN
+from lightning_compress.examples.images import DigitsDataModule
+from lightning_compress.examples.models import ImageClassifier, SmallCNN
 
 FINETUNE_EPOCHS = 6
 ROUNDS = 3  # iterative: rounds at the end of fine-tune epochs 0..ROUNDS-1, then plain fine-tuning

@@ -27,10 +27,11 @@ from torch import Tensor, nn
 
 from benchmarks import Table, quiet
 from lightning_compress import GPTQFinalize, SmoothQuantCalibrate
-from lightning_compress.data import read_brown, tokenize_batches
+from lightning_compress.examples.brown import read_brown
+from lightning_compress.examples.pretrained import load_pretrained, mean_pool
+from lightning_compress.examples.text import tokenize_batches
 from lightning_compress.functional.gptq import gptq_quantize, hessian_update
 from lightning_compress.functional.quant import compute_qparams, fake_quantize
-from lightning_compress.models import load_pretrained, mean_pool
 
 CALIB_SENTENCES = 512
 EVAL_SENTENCES = 256

@@ -16,9 +16,9 @@ from torch.ao.quantization import get_default_qat_qconfig, prepare_qat
 
 from benchmarks import PRETRAIN_EPOCHS, Table, fashion_dense, finetune, median_step_seconds, quiet, test_accuracy
 from lightning_compress import IterativePruning, QATFakeQuant
-from lightning_compress.data import DigitsDataModule
+from lightning_compress.examples.images import DigitsDataModule
+from lightning_compress.examples.models import ImageClassifier, SmallCNN
 from lightning_compress.functional.quant import compute_qparams, fake_quantize
-from lightning_compress.models import ImageClassifier, SmallCNN
 from lightning_compress.summary import stage_sizes
 
 QAT_EPOCHS = 3

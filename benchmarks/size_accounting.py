@@ -10,11 +10,11 @@ import torch
 from torch import nn
 
 from benchmarks import Table
-from lightning_compress.callbacks.base import select_layers
+from lightning_compress.examples.models import SmallCNN
 from lightning_compress.functional.masks import magnitude_mask, nm_mask
 from lightning_compress.functional.quant import compute_qparams
 from lightning_compress.functional.size import TensorFormat, model_bytes
-from lightning_compress.models import SmallCNN
+from lightning_compress.nn.select import select_layers
 from lightning_compress.summary import compression_summary
 
 

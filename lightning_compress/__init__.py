@@ -18,7 +18,8 @@ if TYPE_CHECKING:
     from lightning_compress.callbacks.report import CompressionReport
     from lightning_compress.callbacks.smoothquant import SmoothQuantCalibrate
     from lightning_compress.distillation import DistillationModule
-    from lightning_compress.export import export_for_inference, load_exported, save_exported
+    from lightning_compress.export.io import load_exported, save_exported
+    from lightning_compress.export.plan import export_for_inference
     from lightning_compress.summary import CompressionSummary, compression_summary
 
 _HOMES = {
@@ -30,9 +31,9 @@ _HOMES = {
     "QATFakeQuant": "lightning_compress.callbacks.qat",
     "SmoothQuantCalibrate": "lightning_compress.callbacks.smoothquant",
     "compression_summary": "lightning_compress.summary",
-    "export_for_inference": "lightning_compress.export",
-    "load_exported": "lightning_compress.export",
-    "save_exported": "lightning_compress.export",
+    "export_for_inference": "lightning_compress.export.plan",
+    "load_exported": "lightning_compress.export.io",
+    "save_exported": "lightning_compress.export.io",
 }
 __all__ = [  # the keys of _HOMES, spelled out for linters and readers
     "CompressionReport",

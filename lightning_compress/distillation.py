@@ -24,10 +24,10 @@ import torch.nn.functional as F
 import torchmetrics
 from torch import Tensor, nn
 
-from lightning_compress.callbacks.base import LABEL_KEYS, default_inputs
+from lightning_compress.calibration.batches import LABEL_KEYS, call_args, first_tensor, split_batch, token_mask
+from lightning_compress.calibration.capture import find_blocks
 from lightning_compress.functional.distill import HIDDEN_LOSSES, hidden_state_loss, kd_loss
-from lightning_compress.models import linear_warmup_decay
-from lightning_compress.nn.calibration import find_blocks, first_tensor, split_inputs, token_mask
+from lightning_compress.functional.schedules import linear_warmup_decay
 
 STUDENT = "student."
 PROJECTIONS = "projections."
@@ -109,7 +109,7 @@ def student_from_teacher(teacher: nn.Module, layers: Sequence[int] | None = None
 
 def _sample_keys(inputs: Any) -> list[str]:
     """One content hash per sample of a batch of model inputs (its first dimension)."""
-    args, kwargs = split_inputs(inputs)
+    args, kwargs = call_args(inputs)
     tensors = [t for t in (*args, *kwargs.values()) if isinstance(t, Tensor) and t.dim() > 0]
     rows = [t.detach().cpu().reshape(t.shape[0], -1) for t in tensors]
     return [hashlib.sha1(b"".join(r[i].numpy().tobytes() for r in rows)).hexdigest() for i in range(len(rows[0]))]
@@ -241,19 +241,18 @@ class DistillationModule(pl.LightningModule):
     # ----------------------------------------------------------------------------------- forward
     @staticmethod
     def split_batch(batch: Any) -> tuple[Any, Tensor]:
-        """``(model inputs, targets)`` of a ``(x, y, ...)`` tuple or a dict with ``labels``."""
-        if isinstance(batch, Mapping):
-            key = next((k for k in LABEL_KEYS if k in batch), None)
-            if key is None:
-                raise ValueError(f"a dict batch needs its targets under one of {sorted(LABEL_KEYS)}")
-            return default_inputs(batch), batch[key]
-        if isinstance(batch, (tuple, list)) and len(batch) >= 2:
-            return batch[0], batch[1]
-        raise ValueError("batches must be (inputs, targets, ...) tuples or dicts with a 'labels' key")
+        """``(model inputs, targets)`` by :func:`~lightning_compress.calibration.batches.split_batch`; ValueError
+        when the batch carries no targets."""
+        inputs, targets = split_batch(batch)
+        if targets is None:
+            raise ValueError(
+                f"batches must be (inputs, targets, ...) tuples or dicts with targets under one of {sorted(LABEL_KEYS)}"
+            )
+        return inputs, targets
 
     @staticmethod
     def _run(model: nn.Module, inputs: Any) -> Any:
-        args, kwargs = split_inputs(inputs)
+        args, kwargs = call_args(inputs)
         return model(*args, **kwargs)
 
     def forward(self, inputs: Any) -> Tensor:
@@ -331,7 +330,7 @@ class DistillationModule(pl.LightningModule):
         self._evaluate(batch, "test", self.test_acc)
 
     def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
-        inputs = self.split_batch(batch)[0] if isinstance(batch, (Mapping, tuple, list)) else batch
+        inputs = split_batch(batch)[0]
         return self(inputs)
 
     def configure_optimizers(self) -> Any:

@@ -21,8 +21,8 @@ import yaml
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from lightning_compress.callbacks.base import select_layers
 from lightning_compress.functional.masks import check_sparsity, magnitude_mask, row_mask
+from lightning_compress.nn.select import select_layers
 
 log = logging.getLogger(__name__)
 

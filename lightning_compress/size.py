@@ -3,7 +3,7 @@ which GPUs hold them.
 
 ```bash
 python -m lightning_compress.size --params 7e9                                   # by count: 7e9, 7B, 1.5M, 350m
-python -m lightning_compress.size --model lightning_compress.models:SmallCNN     # import, call, count
+python -m lightning_compress.size --model lightning_compress.examples.models:SmallCNN     # import, call, count
 python -m lightning_compress.size --ckpt PATH/last.ckpt --gpus 24 48 80          # .ckpt / .pt / .safetensors
 ```
 
@@ -73,7 +73,7 @@ def model_params(spec: str) -> int:
     """Parameters of the model built by ``spec`` = ``"dotted.module:Callable"``, called with no arguments.
 
     A name that is already a model (an object with ``.parameters()``, not a class) is counted as it is.
-    Example: ``model_params("lightning_compress.models:SmallCNN")`` is 38,282. Shared parameters count once.
+    Example: ``model_params("lightning_compress.examples.models:SmallCNN")`` is 38,282. Shared parameters count once.
     """
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:

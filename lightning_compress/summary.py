@@ -12,11 +12,11 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import nn
 
+from lightning_compress.export.layer import ExportedLinear
+from lightning_compress.export.sparse_linear import SemiStructuredSparseLinear
 from lightning_compress.functional.kmeans import deep_compression_bits
 from lightning_compress.functional.masks import sparsity_pattern
 from lightning_compress.functional.size import TensorFormat, index_bits, ratio, tensor_bits
-from lightning_compress.nn.exported import ExportedLinear
-from lightning_compress.nn.sparse_linear import SemiStructuredSparseLinear
 
 
 @dataclass(frozen=True)

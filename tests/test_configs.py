@@ -48,7 +48,7 @@ def test_unknown_recipe_is_a_clear_error(tmp_path):
 def test_export_config_composes_with_a_recipe_and_names_real_arguments():
     import inspect
 
-    from lightning_compress.export import export_for_inference
+    from lightning_compress.export.plan import export_for_inference
 
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose(config_name="export", overrides=["+compress=[prune_24,qat_int8]", "ckpt_path=last.ckpt"])

@@ -15,9 +15,9 @@ import yaml
 from torch import nn
 
 from lightning_compress.callbacks.pruning import load_plan
-from lightning_compress.data import DigitsDataModule
+from lightning_compress.examples.images import DigitsDataModule
+from lightning_compress.examples.models import ImageClassifier, SmallCNN
 from lightning_compress.functional.masks import magnitude_mask
-from lightning_compress.models import ImageClassifier, SmallCNN
 from lightning_compress.sensitivity import SensitivityResult, evaluate_accuracy, save_plan, sensitivity_scan
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -120,15 +120,15 @@ def test_sources_are_mutually_exclusive_and_required(capsys):
 
 
 def test_model_counts_parameters(capsys):
-    assert model_params("lightning_compress.models:SmallCNN") == 38_282
-    out = run_cli(capsys, "--model", "lightning_compress.models:SmallCNN")
+    assert model_params("lightning_compress.examples.models:SmallCNN") == 38_282
+    out = run_cli(capsys, "--model", "lightning_compress.examples.models:SmallCNN")
     assert "38,282 parameters" in out and "| KB |" in out
 
 
 def test_bad_model_is_an_argparse_error(capsys):
-    assert "'dotted.module:Callable'" in cli_error(capsys, "--model", "lightning_compress.models")
+    assert "'dotted.module:Callable'" in cli_error(capsys, "--model", "lightning_compress.examples.models")
     assert "No module named" in cli_error(capsys, "--model", "no_such_module:Net")
-    assert "argument --model" in cli_error(capsys, "--model", "lightning_compress.models:NoSuchNet")
+    assert "argument --model" in cli_error(capsys, "--model", "lightning_compress.examples.models:NoSuchNet")
 
 
 def test_ckpt_state_dict(tmp_path, capsys):

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lightning_compress.models import ImageClassifier, SmallCNN
+from lightning_compress.examples.models import ImageClassifier, SmallCNN
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -77,7 +77,7 @@ def test_distill_minilm_experiment_runs_end_to_end(tmp_path):
     assert "student.net.bert.encoder.layer.3." not in proc.stdout
     assert (tmp_path / "teacher.ckpt").is_file()
     from lightning_compress.distillation import student_from_teacher
-    from lightning_compress.models import TextClassifier
+    from lightning_compress.examples.models import TextClassifier
 
     student_model = student_from_teacher(TextClassifier("all-MiniLM-L6-v2", num_labels=2), [0, 2, 4])
     ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)

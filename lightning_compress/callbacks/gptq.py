@@ -9,10 +9,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_compress.callbacks.base import CalibrationCallback, replace_layers, restored_on_error, select_layers
+from lightning_compress.calibration.gptq import gptq_model, is_gptq_layer, weight_matrix
+from lightning_compress.callbacks.base import CalibrationCallback
 from lightning_compress.functional.quant import QParams
 from lightning_compress.nn.fake_quant import WeightQuantizer, check_weight_quant, fake_quant_class, is_fake_quant
-from lightning_compress.nn.gptq import gptq_model, is_gptq_layer, weight_matrix
+from lightning_compress.nn.select import replace_layers, restored_on_error, select_layers
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,6 @@ import torch
 import yaml
 from torch import Tensor, nn
 
-from lightning_compress.callbacks.base import select_layers
 from lightning_compress.functional.masks import (
     check_sparsity,
     global_magnitude_masks,
@@ -24,6 +23,7 @@ from lightning_compress.functional.masks import (
     row_mask,
 )
 from lightning_compress.functional.schedules import cubic_sparsity, geometric_rounds
+from lightning_compress.nn.select import select_layers
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,6 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from lightning_compress.callbacks.base import replace_layers, select_layers
 from lightning_compress.functional.quant import check_bits
 from lightning_compress.nn.fake_quant import (
     ActQuantizer,
@@ -21,6 +20,7 @@ from lightning_compress.nn.fake_quant import (
     is_fake_quant,
 )
 from lightning_compress.nn.observers import make_observer
+from lightning_compress.nn.select import replace_layers, select_layers
 
 log = logging.getLogger(__name__)
 

@@ -21,11 +21,11 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor, nn
 
 from lightning_compress import plots
-from lightning_compress.callbacks.base import is_default_layer
+from lightning_compress.export.layer import ExportedLinear
 from lightning_compress.functional.quant import compute_qparams, fake_quantize
 from lightning_compress.functional.size import ratio
-from lightning_compress.nn.exported import ExportedLinear
 from lightning_compress.nn.fake_quant import is_fake_quant
+from lightning_compress.nn.select import is_default_layer
 from lightning_compress.sensitivity import SensitivityResult
 from lightning_compress.summary import CompressionSummary, compression_summary, stage_markdown, stage_sizes
 

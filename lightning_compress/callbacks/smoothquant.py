@@ -9,15 +9,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_compress.callbacks.base import (
-    CalibrationCallback,
-    compile_patterns,
-    replace_layers,
-    restored_on_error,
-    select_layers,
-)
+from lightning_compress.calibration.capture import eval_mode
+from lightning_compress.calibration.smoothquant import activation_absmax, find_mappings, smooth_model
+from lightning_compress.callbacks.base import CalibrationCallback
 from lightning_compress.functional.quant import check_bits, quant_range
-from lightning_compress.nn.calibration import eval_mode
 from lightning_compress.nn.fake_quant import (
     ACT_GRANULARITIES,
     FakeQuantLinear,
@@ -25,7 +20,7 @@ from lightning_compress.nn.fake_quant import (
     WeightQuantizer,
     is_fake_quant,
 )
-from lightning_compress.nn.smoothquant import activation_absmax, find_mappings, smooth_model
+from lightning_compress.nn.select import compile_patterns, replace_layers, restored_on_error, select_layers
 
 log = logging.getLogger(__name__)
 

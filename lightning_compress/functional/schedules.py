@@ -66,3 +66,14 @@ def geometric_rounds(target: float, rate: float) -> list[float]:
     rounds = math.ceil(math.log1p(-target) / math.log1p(-rate) - 1e-9)
     levels = [1.0 - (1.0 - rate) ** k for k in range(1, rounds)]
     return [*levels, float(target)]
+
+
+def linear_warmup_decay(step: int, warmup_steps: int, total_steps: int) -> float:
+    """The learning-rate factor of BERT fine-tuning (Devlin et al. 2019): linear from 0 to 1 over ``warmup_steps``,
+    then linear down to 0 at ``total_steps`` (transformers' ``get_linear_schedule_with_warmup``).
+
+    ``step / warmup`` for ``step < warmup``, else ``max(0, (total - step) / max(1, total - warmup))``.
+    """
+    if step < warmup_steps:
+        return step / warmup_steps
+    return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))

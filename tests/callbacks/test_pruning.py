@@ -14,9 +14,9 @@ from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 
 from lightning_compress import CompressionReport, IterativePruning
-from lightning_compress.data import DigitsDataModule
+from lightning_compress.examples.images import DigitsDataModule
+from lightning_compress.examples.models import ImageClassifier, SmallCNN
 from lightning_compress.functional.schedules import cubic_sparsity, geometric_rounds
-from lightning_compress.models import ImageClassifier, SmallCNN
 from tests.ddp import CloseProcessGroup
 
 TRAIN_BATCHES = 20  # 1257 training digits / batch 64 = 20 batches (the last one short)

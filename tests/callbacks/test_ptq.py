@@ -7,12 +7,12 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_compress import GPTQFinalize, SmoothQuantCalibrate
-from lightning_compress.callbacks.base import default_inputs
+from lightning_compress.calibration.batches import call_model, relative_error, split_batch
+from lightning_compress.calibration.progress import Progress
 from lightning_compress.functional.quant import dequantize, quant_range
-from lightning_compress.nn.calibration import Progress, call_model, relative_error
 from lightning_compress.nn.fake_quant import is_fake_quant
 from tests.ddp import CloseProcessGroup
-from tests.nn.tiny_models import tiny_bert, tiny_llama, token_batches
+from tests.tiny_models import tiny_bert, tiny_llama, token_batches
 
 
 class LNRegressor(pl.LightningModule):
@@ -148,11 +148,11 @@ def test_float32_hessians_give_nearly_the_same_weights():
         assert (ea[name]["int_weight"] != eb[name]["int_weight"]).float().mean() < 0.01
 
 
-def test_default_inputs_strip_labels():
+def test_split_batch_strips_labels():
     x = torch.ones(2)
-    assert default_inputs((x, 1)) is x
-    assert default_inputs({"input_ids": x, "labels": 1}) == {"input_ids": x}
-    assert default_inputs(x) is x
+    assert split_batch((x, 1))[0] is x
+    assert split_batch({"input_ids": x, "labels": 1})[0] == {"input_ids": x}
+    assert split_batch(x)[0] is x
 
 
 @pytest.mark.parametrize(
@@ -194,7 +194,7 @@ def test_bad_selection_or_batches_fail_before_the_model_changes():
 
 
 def test_a_failure_midway_leaves_the_model_untouched(monkeypatch):
-    import lightning_compress.nn.gptq as nn_gptq
+    import lightning_compress.calibration.gptq as nn_gptq
 
     calls = []
     real = nn_gptq.gptq_quantize

@@ -14,10 +14,10 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 
 from lightning_compress import IterativePruning, QATFakeQuant
-from lightning_compress.data import DigitsDataModule
+from lightning_compress.examples.images import DigitsDataModule
+from lightning_compress.examples.models import ImageClassifier, SmallCNN
 from lightning_compress.functional.masks import sparsity_pattern
 from lightning_compress.functional.quant import dequantize, quantize
-from lightning_compress.models import ImageClassifier, SmallCNN
 from lightning_compress.nn.fake_quant import is_fake_quant
 from tests.ddp import CloseProcessGroup
 
@@ -78,8 +78,8 @@ def test_checkpoint_loads_plain_and_tests_in_a_fresh_process(tmp_path):
     script = f"""
 import lightning.pytorch as pl
 from lightning_compress import QATFakeQuant
-from lightning_compress.data import DigitsDataModule
-from lightning_compress.models import ImageClassifier, SmallCNN
+from lightning_compress.examples.images import DigitsDataModule
+from lightning_compress.examples.models import ImageClassifier, SmallCNN
 cb = QATFakeQuant(bits=4, lsq=True, act_bits=8, observer="minmax")
 t = pl.Trainer(accelerator="cpu", callbacks=[cb], logger=False, enable_progress_bar=False)
 print("ACC", t.test(ImageClassifier(SmallCNN()), DigitsDataModule(), ckpt_path=r"{tmp_path / "last.ckpt"}",

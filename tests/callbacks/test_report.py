@@ -66,7 +66,7 @@ def test_report_numbers_match_the_model_and_plots_are_written(tmp_path):
 def test_test_stage_carries_the_test_metric(tmp_path):
     report = CompressionReport(dirpath=str(tmp_path))
     trainer, model = fit([report], max_epochs=1, tmp_path=tmp_path)
-    from lightning_compress.data import DigitsDataModule
+    from lightning_compress.examples.images import DigitsDataModule
 
     result = trainer.test(model, DigitsDataModule(), verbose=False)[0]
     assert report.stages[-1].name == "test" and report.stages[-1].metric == pytest.approx(result["test/acc"])
@@ -128,7 +128,7 @@ def test_bad_arguments(kwargs, match):
 def test_ddp_two_processes_write_one_complete_report(tmp_path):
     import lightning.pytorch as pl
 
-    from lightning_compress.data import DigitsDataModule
+    from lightning_compress.examples.images import DigitsDataModule
     from tests.callbacks.test_pruning import Classifier
 
     pl.seed_everything(0)

@@ -3,10 +3,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lightning_compress.export.int4_linear import Int4Linear, kernel_group_size
 from lightning_compress.functional.packing import pack_bits
 from lightning_compress.functional.quant import compute_qparams, quantize
 from lightning_compress.nn.fake_quant import FakeQuantLinear, WeightQuantizer
-from lightning_compress.nn.int4_linear import Int4Linear, kernel_group_size
 from tests.conftest import sqnr_db
 
 

@@ -1,8 +1,8 @@
 import pytest
 from torch import nn
 
-from lightning_compress.callbacks.base import select_layers
-from lightning_compress.models import SmallCNN
+from lightning_compress.examples.models import SmallCNN
+from lightning_compress.nn.select import select_layers
 
 
 def test_default_selects_every_linear_and_conv():

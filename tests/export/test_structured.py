@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_compress.examples.models import SmallCNN
+from lightning_compress.export.structured import plan_structured, prune_structured
 from lightning_compress.functional.masks import row_mask
-from lightning_compress.models import SmallCNN
-from lightning_compress.nn.structured import plan_structured, prune_structured
 
 
 def _mask_rows(layer: nn.Module, sparsity: float, bias: bool = True) -> Tensor:
@@ -156,7 +156,7 @@ def test_zero_padded_reader_of_shifted_channels_left_unpruned(caplog):
     model = _bn_net(pad=1)
     mask = _mask_rows(model[0], 0.5)
     x = torch.randn(2, 3, 10, 10)
-    with caplog.at_level(logging.WARNING, logger="lightning_compress.nn.structured"):
+    with caplog.at_level(logging.WARNING, logger="lightning_compress.export.structured"):
         pruned = prune_structured(model, x)
     assert pruned[0].out_channels == 8 and pruned[1].num_features == 8 and pruned[3].in_channels == 8
     assert any(
@@ -193,7 +193,7 @@ def test_unfollowable_outputs_left_unpruned_with_warning(caplog):
     for layer in (model.inp, model.mid, model.skip, model.twice, model.out):
         _mask_rows(layer, 0.5)
     x = torch.randn(4, 10)
-    with caplog.at_level(logging.WARNING, logger="lightning_compress.nn.structured"):
+    with caplog.at_level(logging.WARNING, logger="lightning_compress.export.structured"):
         pruned = prune_structured(model, x)
     torch.testing.assert_close(pruned(x), model(x), atol=1e-5, rtol=0)
     assert (pruned.inp.out_features, pruned.mid.in_features) == (8, 8)

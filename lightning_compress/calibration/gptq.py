@@ -19,24 +19,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_compress.functional.gptq import GPTQResult, gptq_quantize, hessian_update
-from lightning_compress.nn.calibration import (
-    Progress,
+from lightning_compress.calibration.batches import call_model, first_tensor, real_tokens, token_mask
+from lightning_compress.calibration.capture import (
     StopForward,
-    all_reduce_,
-    broadcast_,
-    call_model,
     capture_inputs,
-    dataflow,
     eval_mode,
     find_blocks,
-    first_tensor,
     hooks,
-    real_tokens,
     replace_hidden,
     run_until,
-    token_mask,
 )
+from lightning_compress.calibration.dataflow import dataflow
+from lightning_compress.calibration.progress import Progress
+from lightning_compress.functional.gptq import GPTQResult, gptq_quantize, hessian_update
+from lightning_compress.nn.distributed import all_reduce_, broadcast_
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +139,7 @@ def gptq_model(
 
     Args:
         model: the model; its ``forward`` takes each batch (Tensor, tuple or dict, see
-            :func:`~lightning_compress.nn.calibration.split_inputs`).
+            :func:`~lightning_compress.calibration.batches.call_args`).
         layers: ``{qualified name: layer}``, Linear or Conv2d (see :func:`is_gptq_layer`).
         batches: calibration inputs, held in memory for the whole run.
         true_sequential: calibrate each group of layers on inputs from already-quantized predecessors; False

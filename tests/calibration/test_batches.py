@@ -4,30 +4,21 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_compress.nn.calibration import (
-    call_model,
-    capture_inputs,
-    dataflow,
-    find_blocks,
-    head,
-    real_tokens,
-    relative_error,
-    replace_hidden,
-    split_inputs,
-    token_mask,
-)
-from tests.nn.tiny_models import tiny_bert, tiny_llama, token_batches
+from lightning_compress.calibration.batches import call_args, call_model, head, real_tokens, relative_error, token_mask
+from lightning_compress.calibration.capture import capture_inputs, find_blocks, replace_hidden
+from lightning_compress.calibration.dataflow import dataflow
+from tests.tiny_models import tiny_bert, tiny_llama, token_batches
 
 
-def test_split_inputs_accepts_tensor_tuple_and_dict():
+def test_call_args_accepts_tensor_tuple_and_dict():
     x = torch.ones(2)
-    assert split_inputs(x) == ((x,), {})
-    assert split_inputs((x, 3)) == ((x, 3), {})
-    assert split_inputs([x]) == ((x,), {})
-    args, kwargs = split_inputs({"input_ids": x})
+    assert call_args(x) == ((x,), {})
+    assert call_args((x, 3)) == ((x, 3), {})
+    assert call_args([x]) == ((x,), {})
+    args, kwargs = call_args({"input_ids": x})
     assert args == () and kwargs == {"input_ids": x}
     with pytest.raises(TypeError, match="got int"):
-        split_inputs(3)
+        call_args(3)
 
 
 def test_call_model_passes_tuples_positionally_and_dicts_as_keywords():

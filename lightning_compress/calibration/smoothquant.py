@@ -22,6 +22,10 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from lightning_compress.calibration.batches import call_model, head, real_tokens, relative_error, token_mask
+from lightning_compress.calibration.capture import hooks
+from lightning_compress.calibration.dataflow import dataflow
+from lightning_compress.calibration.progress import Progress
 from lightning_compress.functional.smoothquant import (
     fold_into_linear,
     fold_into_norm,
@@ -29,17 +33,7 @@ from lightning_compress.functional.smoothquant import (
     smoothing_factors,
     weight_absmax,
 )
-from lightning_compress.nn.calibration import (
-    Progress,
-    all_reduce_,
-    call_model,
-    dataflow,
-    head,
-    hooks,
-    real_tokens,
-    relative_error,
-    token_mask,
-)
+from lightning_compress.nn.distributed import all_reduce_
 
 log = logging.getLogger(__name__)
 

@@ -10,10 +10,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_compress.export.int8_linear import Int8Linear, w8a8_linear
+from lightning_compress.export.sparse_linear import SemiStructuredSparseLinear
 from lightning_compress.functional.masks import nm_mask
 from lightning_compress.functional.quant import compute_qparams, quantize
-from lightning_compress.nn.int8_linear import Int8Linear, w8a8_linear
-from lightning_compress.nn.sparse_linear import SemiStructuredSparseLinear
 from tests.conftest import sqnr_db
 
 ACT_CONFIGS = {
@@ -238,7 +238,7 @@ def test_sparse_glue_with_the_cuda_ops_faked_on_cpu(monkeypatch):
     """The casts, cache rebuilds, row padding and transposes around the CUDA 2:4 ops, with CPU stand-ins."""
     from torch.sparse import SparseSemiStructuredTensorCUSPARSELT as Cslt
 
-    from lightning_compress.nn import sparse_linear
+    from lightning_compress.export import sparse_linear
 
     monkeypatch.setattr(sparse_linear, "sparse_backend", lambda device: Cslt)
     monkeypatch.setattr(sparse_linear, "_probe_ok", lambda *args: True)

@@ -4,10 +4,10 @@ import pytest
 import torch
 from torch import nn
 
+from lightning_compress.calibration.batches import call_model, real_tokens
+from lightning_compress.calibration.gptq import gptq_model, is_gptq_layer, layer_inputs, weight_matrix
 from lightning_compress.functional.gptq import gptq_quantize, hessian_update
-from lightning_compress.nn.calibration import call_model, real_tokens
-from lightning_compress.nn.gptq import gptq_model, is_gptq_layer, layer_inputs, weight_matrix
-from tests.nn.tiny_models import tiny_bert, token_batches
+from tests.tiny_models import tiny_bert, token_batches
 
 
 def test_conv_unfolding_reproduces_the_convolution():

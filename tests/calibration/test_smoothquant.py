@@ -5,11 +5,11 @@ import torch
 from torch import nn
 
 from lightning_compress import SmoothQuantCalibrate
+from lightning_compress.calibration.batches import call_model, relative_error
+from lightning_compress.calibration.smoothquant import activation_absmax, find_mappings, is_foldable_norm, smooth_model
 from lightning_compress.functional.smoothquant import smoothing_factors, weight_absmax
-from lightning_compress.nn.calibration import call_model, relative_error
 from lightning_compress.nn.fake_quant import is_fake_quant
-from lightning_compress.nn.smoothquant import activation_absmax, find_mappings, is_foldable_norm, smooth_model
-from tests.nn.tiny_models import tiny_bert, tiny_llama, token_batches
+from tests.tiny_models import tiny_bert, tiny_llama, token_batches
 
 
 class PreLNBlock(nn.Module):

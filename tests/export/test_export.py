@@ -16,24 +16,24 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_compress import GPTQFinalize, IterativePruning, QATFakeQuant, SmoothQuantCalibrate
-from lightning_compress.export import (
+from lightning_compress.export.int4_linear import Int4Linear
+from lightning_compress.export.int8_linear import Int8Linear
+from lightning_compress.export.io import (
     FORMAT_VERSION,
     MANIFEST,
     WEIGHTS_FILE,
-    export_for_inference,
     exported_layers,
     load_exported,
     save_exported,
 )
-from lightning_compress.nn.exported import ExportedLinear
+from lightning_compress.export.layer import ExportedLinear
+from lightning_compress.export.plan import export_for_inference
+from lightning_compress.export.sparse_linear import SemiStructuredSparseLinear
 from lightning_compress.nn.fake_quant import FakeQuantLinear, WeightQuantizer
-from lightning_compress.nn.int4_linear import Int4Linear
-from lightning_compress.nn.int8_linear import Int8Linear
-from lightning_compress.nn.sparse_linear import SemiStructuredSparseLinear
 from tests.conftest import sqnr_db
-from tests.nn.tiny_models import tiny_bert, token_batches
+from tests.tiny_models import tiny_bert, token_batches
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 class MLP(pl.LightningModule):
@@ -83,7 +83,7 @@ FRESH = """
 import sys, torch
 from safetensors.torch import load_file, save_file
 from lightning_compress.export import load_exported
-from tests.test_export import MLP
+from tests.export.test_export import MLP
 model = load_exported(sys.argv[1], MLP())
 x = load_file(sys.argv[2])["x"]
 with torch.no_grad():
@@ -357,7 +357,7 @@ def test_export_script_from_a_checkpoint_and_recipe(tmp_path):
         "net.6": "SemiStructuredSparseLinear",  # the Linears are 2:4 + int8; the convs stay float on their grid
         "net.8": "SemiStructuredSparseLinear",
     }
-    from lightning_compress.models import ImageClassifier, SmallCNN
+    from lightning_compress.examples.models import ImageClassifier, SmallCNN
 
     model = load_exported(path, ImageClassifier(SmallCNN()))
     assert model(torch.randn(2, 1, 8, 8)).shape == (2, 10)

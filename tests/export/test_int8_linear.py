@@ -4,9 +4,9 @@ import pytest
 import torch
 from torch import nn
 
+from lightning_compress.export.int8_linear import Int8Linear, compile_w8a8, int_mm_ok, w8a8_linear
 from lightning_compress.functional.quant import compute_qparams, quantize
 from lightning_compress.nn.fake_quant import ActQuantizer, FakeQuantLinear, SymmetricActQuantizer, WeightQuantizer
-from lightning_compress.nn.int8_linear import Int8Linear, compile_w8a8, int_mm_ok, w8a8_linear
 from lightning_compress.nn.observers import make_observer
 from tests.conftest import sqnr_db
 

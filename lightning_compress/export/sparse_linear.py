@@ -7,7 +7,7 @@ of two flavours:
 
 - **float**: the values in the weight's own float dtype; ``y = x W^T + b`` with ``W = decompress(values, indices)``.
 - **int8**: int8 codes with one float32 scale per output channel, activations quantized to int8 at run time exactly
-  as :class:`~lightning_compress.nn.int8_linear.Int8Linear` does (per token or static, SmoothQuant divisor):
+  as :class:`~lightning_compress.export.int8_linear.Int8Linear` does (per token or static, SmoothQuant divisor):
   ``y = (q_x C^T - Z_x colsum(C)) (S_x ⊗ S_w) + b`` with ``C = decompress(values, indices)``. 4 + 1 bits per weight
   (value + position) instead of 32: ``(in/2 + in/8) / (4 in) = 0.156`` of the fp32 weight.
 
@@ -34,18 +34,7 @@ from torch.sparse import (
     SparseSemiStructuredTensorCUTLASS,
 )
 
-from lightning_compress.functional.masks import nm_mask
-from lightning_compress.functional.packing import compress_24, decompress_24, pack_bits
-from lightning_compress.functional.quant import dequantize
-from lightning_compress.nn.exported import (
-    FLOAT,
-    REFERENCE,
-    ExportedLinear,
-    float_bias,
-    from_spec_dtype,
-    to_spec_dtype,
-)
-from lightning_compress.nn.int8_linear import (
+from lightning_compress.export.int8_linear import (
     INT8,
     ActQuantMixin,
     channel_scale,
@@ -53,6 +42,10 @@ from lightning_compress.nn.int8_linear import (
     int_mm_ok,
     w8a8_linear,
 )
+from lightning_compress.export.layer import FLOAT, REFERENCE, ExportedLinear, float_bias, from_spec_dtype, to_spec_dtype
+from lightning_compress.functional.masks import nm_mask
+from lightning_compress.functional.packing import compress_24, decompress_24, pack_bits
+from lightning_compress.functional.quant import dequantize
 
 SPARSE = "sparse"
 FLAVOURS = (FLOAT, INT8)
@@ -196,7 +189,7 @@ class SemiStructuredSparseLinear(ActQuantMixin, ExportedLinear):
         bias: ``(out,)`` float or None.
         weight_scale: ``(out,)`` or ``(out, 1)`` per-channel scales; required with int8 codes, None otherwise.
         act_bits, act_scale, act_zero_point, smooth: the int8 flavour's activation quantization, exactly as
-            :class:`~lightning_compress.nn.int8_linear.Int8Linear`; defaults (8, None, None, None) for float.
+            :class:`~lightning_compress.export.int8_linear.Int8Linear`; defaults (8, None, None, None) for float.
 
     Raises:
         TypeError: ``weight`` not a 2-D float / int8 tensor, ``bias`` not float.

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_compress.export.layer import FLOAT, REFERENCE, ExportedLinear, float_bias
 from lightning_compress.functional.quant import (
     check_bits,
     compute_qparams,
@@ -27,7 +28,6 @@ from lightning_compress.functional.quant import (
     quantize,
     token_scale,
 )
-from lightning_compress.nn.exported import FLOAT, REFERENCE, ExportedLinear, float_bias
 
 log = logging.getLogger(__name__)
 

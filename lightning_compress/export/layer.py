@@ -158,3 +158,14 @@ def from_spec_dtype(name: str) -> torch.dtype:
     if not isinstance(dtype, torch.dtype):
         raise ValueError(f"unknown dtype {name!r} in the manifest")
     return dtype
+
+
+def float_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of the model's first float parameter or buffer outside the exported layers (float32 if none)."""
+    for module in model.modules():
+        if isinstance(module, ExportedLinear):
+            continue
+        for t in [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
+            if t.is_floating_point():
+                return t.dtype
+    return torch.float32

@@ -22,9 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_compress.export.layer import FLOAT, REFERENCE, ExportedLinear, float_bias
 from lightning_compress.functional.packing import pack_bits, unpack_bits
 from lightning_compress.functional.quant import compute_qparams, dequantize, quant_range, quantize
-from lightning_compress.nn.exported import FLOAT, REFERENCE, ExportedLinear, float_bias
 
 INT4 = "int4"
 BITS = 4

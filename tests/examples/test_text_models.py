@@ -10,8 +10,10 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from lightning_compress.data import BrownGenreDataModule
-from lightning_compress.models import TextClassifier, linear_warmup_decay, load_tokenizer
+from lightning_compress.examples.models import TextClassifier
+from lightning_compress.examples.pretrained import load_tokenizer
+from lightning_compress.examples.text import BrownGenreDataModule
+from lightning_compress.functional.schedules import linear_warmup_decay
 
 
 def trainer(**kwargs: object) -> pl.Trainer:

@@ -1,0 +1,181 @@
+"""Image data: scikit-learn's bundled 8×8 digits (no download) and Fashion-MNIST (Debian's files or torchvision)."""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from torch.utils.data import TensorDataset
+
+from lightning_compress.examples.datamodule import InMemoryDataModule, seeded_split
+
+if TYPE_CHECKING:
+    pass
+
+
+class DigitsDataModule(InMemoryDataModule):
+    """scikit-learn's 1,797 bundled 8×8 handwritten digits as ``(B, 1, 8, 8)`` float images in [0, 1], 10 classes.
+
+    Args:
+        batch_size: batch size of every loader.
+        val_fraction, test_fraction: seeded split sizes.
+        seed: the split's seed.
+        num_workers: DataLoader workers (0 is fastest for this tiny set).
+    """
+
+    num_classes = 10
+
+    def __init__(
+        self,
+        batch_size: int = 64,
+        val_fraction: float = 0.15,
+        test_fraction: float = 0.15,
+        seed: int = 0,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__(batch_size, num_workers)
+        self.fractions = (val_fraction, test_fraction)
+        self.seed = seed
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits:
+            return
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
+        y = torch.tensor(digits.target, dtype=torch.long)
+        train, val, test = seeded_split(len(y), self.fractions, self.seed)
+        self.splits = {k: TensorDataset(x[i], y[i]) for k, i in (("train", train), ("val", val), ("test", test))}
+
+
+FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"  # where Debian's `dataset-fashion-mnist` puts the files
+
+
+FASHION_MNIST_CACHE = Path.home() / ".cache" / "lightning_compress"  # torchvision downloads land here by default
+
+
+_FASHION_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+
+
+@functools.lru_cache(maxsize=4)
+def read_idx(path: str) -> torch.Tensor:
+    """Read an idx file (plain or ``.gz``) of unsigned bytes into a uint8 tensor of the shape its header declares.
+
+    Format (LeCun's MNIST page): 2 zero bytes, dtype code ``0x08`` (ubyte), ndim, then ndim big-endian int32 sizes.
+    """
+    with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
+        data = f.read()
+    if data[:3] != b"\x00\x00\x08":
+        raise ValueError(f"{path} is not an idx file of unsigned bytes (header {data[:4].hex()})")
+    ndim = data[3]
+    shape = tuple(int(d) for d in np.frombuffer(data, ">i4", count=ndim, offset=4))
+    array = np.frombuffer(data, np.uint8, offset=4 + 4 * ndim)
+    if array.size != int(np.prod(shape)):
+        raise ValueError(f"{path} holds {array.size} bytes of data, its header declares shape {shape}")
+    return torch.from_numpy(array.reshape(shape).copy())
+
+
+def _find_idx(directory: Path, name: str) -> Path | None:
+    """``name`` or ``name.gz`` in ``directory`` (Debian layout) or ``directory/FashionMNIST/raw`` (torchvision's)."""
+    for folder in (directory, directory / "FashionMNIST" / "raw"):
+        for candidate in (folder / name, folder / f"{name}.gz"):
+            if candidate.is_file():
+                return candidate
+    return None
+
+
+def find_fashion_mnist(roots: list[Path]) -> dict[str, Path] | None:
+    """The four Fashion-MNIST idx files from the first root that has all of them, keyed by file stem; else None."""
+    for root in roots:
+        found = {name: _find_idx(root, name) for pair in _FASHION_FILES.values() for name in pair}
+        if all(found.values()):
+            return found
+    return None
+
+
+class FashionMNISTDataModule(InMemoryDataModule):
+    """Fashion-MNIST (Xiao et al. 2017) as normalised ``(B, 1, 28, 28)`` float32 images, 10 classes, all in memory.
+
+    60,000 training images minus a seeded validation split of ``val_size`` taken from them, and the official 10,000
+    test images. Pixels become ``(x / 255 - 0.2860) / 0.3530``. Files are read from ``root`` (default: Debian's
+    ``/usr/share/datasets/fashion-mnist``, then ``~/.cache/lightning_compress``), either flat or in torchvision's
+    ``FashionMNIST/raw/`` layout, gzipped or not; with ``download=True`` and nothing found, torchvision downloads them
+    into ``root`` (default: the cache folder).
+
+    Args:
+        root: folder holding the idx files; None searches the Debian package's folder and the cache folder.
+        batch_size: batch size of every loader.
+        val_size: number of training images held out for validation.
+        seed: the validation split's seed.
+        num_workers: DataLoader workers (0 is fastest: the tensors are already in memory).
+        download: fetch the files with torchvision when they are not found.
+    """
+
+    num_classes = 10
+    mean, std = 0.2860, 0.3530
+
+    def __init__(
+        self,
+        root: str | None = None,
+        batch_size: int = 128,
+        val_size: int = 5000,
+        seed: int = 0,
+        num_workers: int = 0,
+        download: bool = False,
+    ) -> None:
+        super().__init__(batch_size, num_workers)
+        if not 0 < val_size < 60000:
+            raise ValueError(f"val_size must be in (0, 60000), got {val_size}")
+        self.root = root
+        self.val_size = val_size
+        self.seed = seed
+        self.download = download
+
+    def _roots(self) -> list[Path]:
+        return [Path(self.root)] if self.root is not None else [Path(FASHION_MNIST_ROOT), FASHION_MNIST_CACHE]
+
+    def _files(self) -> dict[str, Path]:
+        files = find_fashion_mnist(self._roots())
+        if files is None and self.download:
+            from torchvision.datasets import FashionMNIST
+
+            target = self._roots()[-1]
+            for train in (True, False):
+                FashionMNIST(os.fspath(target), train=train, download=True)
+            files = find_fashion_mnist([target])
+        if files is None:
+            searched = ", ".join(str(r) for r in self._roots())
+            raise FileNotFoundError(
+                f"Fashion-MNIST idx files not found in {searched}. Install the Debian package "
+                "(apt-get install dataset-fashion-mnist, or scripts/setup_data.sh) or pass download=True."
+            )
+        return files
+
+    def prepare_data(self) -> None:
+        self._files()
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits:
+            return
+        files = self._files()
+        data = {}
+        for split, (images, labels) in _FASHION_FILES.items():
+            x = read_idx(os.fspath(files[images])).unsqueeze(1).float().div_(255).sub_(self.mean).div_(self.std)
+            data[split] = (x, read_idx(os.fspath(files[labels])).long())
+        (x, y), n = data["train"], len(data["train"][1])
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed))
+        train, val = perm[self.val_size :], perm[: self.val_size]
+        self.splits = {
+            "train": TensorDataset(x[train], y[train]),
+            "val": TensorDataset(x[val], y[val]),
+            "test": TensorDataset(*data["test"]),
+        }

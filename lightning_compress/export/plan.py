@@ -1,0 +1,231 @@
+"""What each selected Linear becomes, and ``export_for_inference``, which plans, validates, swaps and self-checks.
+
+``export_for_inference(model)`` replaces each selected ``nn.Linear`` by an inference layer chosen from the layer
+itself: a fake-quant layer (QAT, GPTQ, SmoothQuant) by its integer codes and scales, a 2:4-pruned weight by its
+kept values and positions, a plain float layer by round-to-nearest codes when ``weights`` asks for them. Every
+layer is planned and validated before the first one is replaced, so an error leaves the model as it was. Then the
+self-check (:mod:`~lightning_compress.export.selfcheck`) picks each layer's kernel on the current device."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_compress.calibration.progress import Progress
+from lightning_compress.export.int4_linear import Int4Linear
+from lightning_compress.export.int8_linear import Int8Linear
+from lightning_compress.export.layer import ExportedLinear, float_dtype
+from lightning_compress.export.selfcheck import ExportReport, choose_kernel, kernel_note, layer_tokens
+from lightning_compress.export.sparse_linear import SemiStructuredSparseLinear
+from lightning_compress.functional.packing import is_24_sparse
+from lightning_compress.functional.quant import quantize
+from lightning_compress.nn.fake_quant import ActQuantizer, SymmetricActQuantizer, is_fake_quant
+from lightning_compress.nn.select import replace_layers, select_layers
+
+log = logging.getLogger(__name__)
+
+
+WEIGHTS = (None, "int8", "int4")
+
+
+SPARSITIES = (None, "auto", "2:4")
+
+
+PREFERENCES = ("speed", "memory", "reference")
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+# ------------------------------------------------------------------------------------------------ planning
+def _choice(name: str, value: Any, allowed: Sequence[Any]) -> Any:
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is not supported; allowed: {list(allowed)}")
+    return value
+
+
+def check_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """``dtype`` as a torch float dtype (names such as ``"bfloat16"`` accepted, for YAML); None passes."""
+    if isinstance(dtype, str):
+        dtype = DTYPES.get(dtype.removeprefix("torch."), dtype)
+    if dtype is not None and dtype not in DTYPES.values():
+        raise ValueError(f"dtype={dtype!r} is not supported; allowed: None, {list(DTYPES)}")
+    return dtype
+
+
+def _act_args(module: nn.Module) -> dict[str, Any]:
+    """Int8Linear activation arguments reproducing ``module``'s activation quantizer (weight-only if it has none)."""
+    aq = getattr(module, "act_quantizer", None)
+    if isinstance(aq, SymmetricActQuantizer):
+        scale = aq.scale if aq.granularity == "tensor" else None
+        return {"act_bits": aq.bits, "act_scale": scale, "smooth": aq.smooth}
+    if isinstance(aq, ActQuantizer) and int(aq.observer.num_batches) > 0:
+        s, z = aq.observer.qparams(aq.bits, symmetric=False)
+        return {"act_bits": aq.bits, "act_scale": s.reshape(()), "act_zero_point": z.reshape(())}
+    return {"act_bits": None}
+
+
+def _fake_quant_layer(name: str, module: nn.Module, sparse: bool) -> tuple[str, ExportedLinear]:
+    """The exported layer of a fake-quant Linear: its own codes and scales (int8 / int4, 2:4 when ``sparse``)."""
+    wq = module.weight_quantizer
+    if not module.enabled:
+        raise ValueError(f"layer {name!r} has quantization disabled (QAT before start_epoch); allowed: enabled layers")
+    s, z = wq.qparams(module.weight)
+    codes = quantize(module.weight.detach().float(), s, z, wq.bits)
+    if wq.bits <= 4:
+        if sparse:
+            log.info(
+                "layer %s: 2:4 sparse int%d weights are exported as packed int4 (no 2:4 int4 kernel)", name, wq.bits
+            )
+        if getattr(module, "act_quantizer", None) is not None:
+            log.warning("layer %s: its activation quantization is dropped (int4 exports weight-only)", name)
+        group = wq.group_size or module.in_features
+        return f"int4 g{group}", Int4Linear(codes, s, None if wq.symmetric else z, module.bias, group)
+    if wq.group_size or not wq.symmetric:
+        raise ValueError(
+            f"layer {name!r}: int{wq.bits} weights with group_size={wq.group_size}, symmetric={wq.symmetric} have no "
+            "integer kernel; allowed: symmetric per-channel weights for 5-8 bits, any granularity for 2-4 bits"
+        )
+    act = _act_args(module)
+    if sparse:
+        return "2:4 int8", SemiStructuredSparseLinear(codes, module.bias, weight_scale=s, **act)
+    return "int8", Int8Linear(codes, s, module.bias, **act)
+
+
+def _float_layer(
+    module: nn.Linear, weights: str | None, sparse: bool, group_size: int, dtype: torch.dtype | None
+) -> tuple[str, ExportedLinear] | None:
+    """The exported layer of a plain float Linear (round-to-nearest when ``weights`` asks), or None: stays float."""
+    if weights == "int4":
+        group = group_size if module.in_features % group_size == 0 else module.in_features
+        return f"int4 g{group} (RTN)", Int4Linear.from_float(module, group)
+    if weights == "int8":
+        rtn = Int8Linear.from_float(module)
+        if sparse:
+            codes = rtn.weight_t.t()
+            return "2:4 int8 (RTN)", SemiStructuredSparseLinear(codes, module.bias, weight_scale=rtn.weight_scale)
+        return "int8 (RTN)", rtn
+    if sparse:
+        return "2:4", SemiStructuredSparseLinear(module.weight.detach().to(dtype or module.weight.dtype), module.bias)
+    return None
+
+
+def plan_layers(
+    model: nn.Module,
+    weights: str | None,
+    sparsity: str | None,
+    targets: str | Sequence[str] | None,
+    ignore: str | Sequence[str] | None,
+    group_size: int = 128,
+    dtype: torch.dtype | None = None,
+) -> dict[str, tuple[str, ExportedLinear]]:
+    """``{name: (scheme, exported layer)}`` for the selected Linears; the model is not touched. Float 2:4 values are
+    kept in ``dtype`` (the weight's own when None).
+
+    Raises:
+        ValueError: a layer that cannot be exported as asked (naming it), ``sparsity="2:4"`` on a layer that is
+            not 2:4 sparse, or nothing to export at all.
+    """
+    selected = select_layers(model, targets, ignore, accept=lambda m: isinstance(m, nn.Linear), kind="Linear")
+    plan: dict[str, tuple[str, ExportedLinear]] = {}
+    for name, module in selected.items():
+        if is_fake_quant(module) and module.weight_quantizer.scheme == "kmeans":
+            raise ValueError(f"layer {name!r} holds k-means codes; allowed: linear quantization (no k-means kernel)")
+        weight = module.quantized_weight() if is_fake_quant(module) else module.weight
+        sparse = sparsity is not None and module.in_features % 8 == 0 and is_24_sparse(weight.detach())
+        if sparsity == "2:4" and not sparse:
+            raise ValueError(f"sparsity='2:4' but layer {name!r} is not 2:4 sparse; allowed: 2:4-pruned layers")
+        if is_fake_quant(module):
+            plan[name] = _fake_quant_layer(name, module, sparse)
+        elif (found := _float_layer(module, weights, sparse, group_size, dtype)) is not None:
+            plan[name] = found
+    if not plan:
+        raise ValueError(
+            f"nothing to export with weights={weights!r}, sparsity={sparsity!r}: the selected layers are plain float "
+            "and not 2:4 sparse; allowed: weights='int8' or 'int4', or a model compressed by the callbacks"
+        )
+    return plan
+
+
+# ------------------------------------------------------------------------------------------------ export
+def export_for_inference(
+    model: nn.Module,
+    weights: str | None = None,
+    sparsity: str | None = "auto",
+    targets: str | Sequence[str] | None = None,
+    ignore: str | Sequence[str] | None = None,
+    dtype: torch.dtype | str | None = None,
+    prefer: str = "speed",
+    example_inputs: Any = None,
+    tokens: int = 2048,
+    group_size: int = 128,
+) -> nn.Module:
+    """Replace the selected Linears of ``model`` (in place) by real int8 / int4 / 2:4 inference layers.
+
+    Args:
+        model: a model as the callbacks left it (fake-quant and/or pruned layers), or a plain float model.
+        weights: ``"int8"`` (per-channel round-to-nearest, dynamic per-token int8 activations) or ``"int4"``
+            (group-wise, weight-only) for plain float layers; None leaves them float. Fake-quant layers always
+            keep their own codes and scales.
+        sparsity: ``"auto"`` uses the 2:4 layout where a weight is 2:4 sparse, ``"2:4"`` requires it of every
+            selected layer, None never uses it.
+        targets, ignore: regexes over Linear layer names (as the callbacks take them).
+        dtype: float dtype the rest of the model computes in afterwards (``torch.bfloat16`` on CPUs with bf16
+            matrix units); None keeps it.
+        prefer: ``"speed"`` (fastest verified kernel per layer), ``"memory"`` (fastest among those that hold no
+            dense copy of the weight), ``"reference"`` (the slow reference paths, for checking).
+        example_inputs: one batch of model inputs; each layer is then timed at the rows it really sees.
+        tokens: rows to time layers at when ``example_inputs`` is None.
+        group_size: int4 group size for plain float layers (per channel where it does not divide the input).
+
+    Returns:
+        ``model`` itself, in eval mode, with ``model.export_report`` (:class:`ExportReport`).
+    """
+    _choice("weights", weights, WEIGHTS), _choice("sparsity", sparsity, SPARSITIES)
+    _choice("prefer", prefer, PREFERENCES)
+    dtype = check_dtype(dtype)
+    if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
+        raise ValueError(f"tokens must be a positive int, got {tokens!r}")
+    with torch.no_grad():
+        plan = plan_layers(model, weights, sparsity, targets, ignore, group_size, dtype)
+    rows = layer_tokens(model, list(plan), example_inputs) if example_inputs is not None else {}
+    device = next(iter(model.parameters())).device
+    _unwrap_fake_quant(model, exclude=plan)
+    if dtype is not None:
+        model.to(dtype)
+    replace_layers(model, {name: layer.to(device) for name, (_, layer) in plan.items()})
+    compute = dtype or float_dtype(model)
+    report, timings = ExportReport(), {}
+    with Progress(len(plan), "export self-check") as bar:
+        for name, (scheme, layer) in plan.items():
+            record = choose_kernel(layer, rows.get(name, tokens), compute, prefer, timings)
+            record.name, record.scheme = name, scheme
+            record.note = (record.note + kernel_note(layer, record)).strip("; ")
+            report.layers.append(record)
+            bar.step(f"{name}: {record.kernel}")
+    model.eval()
+    model.export_report = report
+    log.info("export_for_inference:\n%s", report.to_markdown())
+    return model
+
+
+def _unwrap_fake_quant(model: nn.Module, exclude: dict[str, Any]) -> None:
+    """Turn fake-quant layers that are not exported into plain layers holding their quantized weights."""
+    rest = {n: m for n, m in model.named_modules() if is_fake_quant(m) and n not in exclude}
+    if rest:
+        log.warning(
+            "not exported, kept as float layers with their quantized weights (activations unquantized): %s",
+            sorted(rest),
+        )
+    plain = {}
+    for name, module in rest.items():
+        with torch.no_grad():
+            q = module.quantized_weight().detach()
+            layer = module.to_module()
+            layer.weight = nn.Parameter(q, requires_grad=False)
+        plain[name] = layer
+    replace_layers(model, plain)

@@ -1,0 +1,98 @@
+"""Choosing the layers to compress by ``targets`` / ``ignore`` regexes, swapping them, and undoing a failed change."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+# Layers a compression callback acts on unless the user says otherwise.
+DEFAULT_LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def compile_patterns(patterns: str | Sequence[str] | None, name: str) -> list[re.Pattern[str]]:
+    """Compile regexes given as one string or a list; raises ValueError naming ``name`` on a bad regex."""
+    if patterns is None:
+        return []
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    compiled = []
+    for p in patterns:
+        if not isinstance(p, str):
+            raise TypeError(f"{name} must be a regex string or a list of them, got {p!r}")
+        try:
+            compiled.append(re.compile(p))
+        except re.error as err:
+            raise ValueError(f"{name} holds an invalid regex {p!r}: {err}") from None
+    return compiled
+
+
+def is_default_layer(module: nn.Module) -> bool:
+    """Whether ``module`` is a Linear or Conv layer (the default selection)."""
+    return isinstance(module, DEFAULT_LAYER_TYPES)
+
+
+def select_layers(
+    model: nn.Module,
+    targets: str | Sequence[str] | None = None,
+    ignore: str | Sequence[str] | None = None,
+    accept: Callable[[nn.Module], bool] = is_default_layer,
+    kind: str = "Linear / Conv",
+) -> dict[str, nn.Module]:
+    """Pick the layers a callback compresses, by name.
+
+    A layer is selected when ``accept(module)`` holds (Linear and Conv by default), its qualified name (as in
+    ``model.named_modules()``) fully matches one of ``targets`` (every such layer when ``targets`` is None),
+    and it matches none of ``ignore`` (``re.fullmatch``, so ``"fc.*"`` means names starting with "fc").
+
+    Args:
+        model: the model to search.
+        targets: regex or list of regexes; None means every accepted layer.
+        ignore: regex or list of regexes to exclude.
+        accept: which modules can be selected at all.
+        kind: how to name those modules in the error message.
+
+    Returns:
+        ``{name: module}`` in ``named_modules()`` order.
+
+    Raises:
+        ValueError: the selection is empty (naming the patterns and the candidate layers).
+    """
+    wanted = compile_patterns(targets, "targets")
+    unwanted = compile_patterns(ignore, "ignore")
+    candidates = {n: m for n, m in model.named_modules() if n and accept(m)}
+    chosen = {
+        n: m
+        for n, m in candidates.items()
+        if (not wanted or any(p.fullmatch(n) for p in wanted)) and not any(p.fullmatch(n) for p in unwanted)
+    }
+    if not chosen:
+        raise ValueError(
+            f"targets={targets!r} with ignore={ignore!r} match no layer; allowed: regexes over the names of "
+            f"the model's {kind} layers: {sorted(candidates) or 'none'}"
+        )
+    return chosen
+
+
+def replace_layers(model: nn.Module, new: Mapping[str, nn.Module]) -> None:
+    """Put each ``new[name]`` in place of the submodule ``name`` of ``model``."""
+    for name, module in new.items():
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, module)
+
+
+@contextmanager
+def restored_on_error(model: nn.Module) -> Iterator[None]:
+    """Snapshot ``model``'s parameters and buffers and put them back if the body raises: never half-converted."""
+    snapshot = {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()}
+    try:
+        yield
+    except BaseException:
+        with torch.no_grad():
+            for k, v in model.state_dict(keep_vars=True).items():
+                if k in snapshot:
+                    v.copy_(snapshot[k])
+        raise
