@@ -23,6 +23,8 @@ from lightning_compress.functional.masks import (
     row_mask,
 )
 from lightning_compress.functional.schedules import cubic_sparsity, geometric_rounds
+from lightning_compress.nn.attention import AttentionLayout, attention_kind, attention_layout
+from lightning_compress.nn.distributed import broadcast_
 from lightning_compress.nn.select import select_layers
 
 log = logging.getLogger(__name__)
@@ -55,36 +57,30 @@ def _part(name: str, param: nn.Parameter, dim: int = 0, view: tuple[int, ...] | 
     return _Part(name, param, tuple(view or param.shape), dim)
 
 
-def _attention_parts(name: str, module: nn.Module, model: nn.Module) -> tuple[list[_Part], int] | None:
-    """The projections of an attention block and its head size, or None when ``module`` is not one.
+def _attention_parts(layout: AttentionLayout, model: nn.Module) -> list[_Part]:
+    """The parameters one head decision covers in attention ``layout`` of ``model``, each with its head dim.
 
-    Knows ``nn.MultiheadAttention`` (packed q/k/v ``in_proj_weight``) and Hugging Face BERT-style self-attention
-    (``query`` / ``key`` / ``value`` Linear children, ``attention_head_size``; the output projection is the
-    parent's ``output.dense``).
+    ``"mha"``: the packed ``in_proj_weight`` viewed ``(3, E, E)`` and its bias ``(3, E)`` (heads along dim 1), and
+    the ``out_proj`` columns. ``"bert"`` / ``"llama"``: the rows of the query / key / value Linears and their biases,
+    and the columns of the output projection (``<parent>.output.dense`` / ``o_proj``) when there is one.
     """
-    if isinstance(module, nn.MultiheadAttention):
-        if not module._qkv_same_embed_dim:
-            return None
-        e, hs = module.embed_dim, module.head_dim
-        parts = [_part(f"{name}.in_proj_weight", module.in_proj_weight, 1, (3, e, e))]
-        if module.in_proj_bias is not None:
-            parts.append(_part(f"{name}.in_proj_bias", module.in_proj_bias, 1, (3, e)))
-        parts.append(_part(f"{name}.out_proj.weight", module.out_proj.weight, 1))
-        return parts, hs
-    children = [getattr(module, k, None) for k in ("query", "key", "value")]
-    hs = getattr(module, "attention_head_size", None)
-    if not (all(isinstance(c, nn.Linear) for c in children) and isinstance(hs, int)):
-        return None
+    if layout.kind == "mha":
+        mha = model.get_submodule(layout.name)
+        e = mha.embed_dim
+        parts = [_part(f"{layout.name}.in_proj_weight", mha.in_proj_weight, 1, (3, e, e))]
+        if mha.in_proj_bias is not None:
+            parts.append(_part(f"{layout.name}.in_proj_bias", mha.in_proj_bias, 1, (3, e)))
+        parts.append(_part(f"{layout.output}.weight", mha.out_proj.weight, 1))
+        return parts
     parts = []
-    for key, child in zip(("query", "key", "value"), children, strict=True):
-        parts.append(_part(f"{name}.{key}.weight", child.weight))
-        if child.bias is not None:
-            parts.append(_part(f"{name}.{key}.bias", child.bias))
-    parent_name = name.rpartition(".")[0]
-    dense = getattr(getattr(model.get_submodule(parent_name), "output", None), "dense", None)
-    if isinstance(dense, nn.Linear):
-        parts.append(_part(f"{parent_name}.output.dense.weight", dense.weight, 1))
-    return parts, hs
+    for proj in layout.projections:
+        linear = model.get_submodule(proj)
+        parts.append(_part(f"{proj}.weight", linear.weight))
+        if linear.bias is not None:
+            parts.append(_part(f"{proj}.bias", linear.bias))
+    if layout.output is not None:
+        parts.append(_part(f"{layout.output}.weight", model.get_submodule(layout.output).weight, 1))
+    return parts
 
 
 def load_plan(plan: Mapping[str, float] | str | Path) -> dict[str, float]:
@@ -106,7 +102,8 @@ class IterativePruning(pl.Callback):
 
     Methods: ``"magnitude"`` (unstructured, per layer or ``scope="global"``), ``"nm"`` (``pattern="2:4"``, any
     N < M, along the input dimension), ``"rows"`` (output rows / conv filters by L1 norm, with their bias),
-    ``"heads"`` (whole attention heads of ``nn.MultiheadAttention`` or BERT-style self-attention, q/k/v rows and
+    ``"heads"`` (whole attention heads of ``nn.MultiheadAttention``, BERT-style or Llama-style self-attention
+    without grouped key/value heads, found by :mod:`lightning_compress.nn.attention`; q/k/v rows and
     output columns together). Schedules: ``"oneshot"`` (at fit start), ``"iterative"`` (prune ``rate`` of what
     remains at the end of every ``every_n_epochs`` epochs until the target, fine-tuning in between), ``"cubic"``
     (Zhu & Gupta 2017, by optimizer step from ``begin_step`` to ``end_step``, every ``frequency`` steps).
@@ -228,13 +225,21 @@ class IterativePruning(pl.Callback):
                 model,
                 self.targets,
                 self.ignore,
-                accept=lambda m: _attention_parts("", m, model) is not None,
-                kind="attention (nn.MultiheadAttention or query/key/value)",
+                accept=lambda m: attention_kind(m) is not None,
+                kind="attention (nn.MultiheadAttention, query/key/value or q_proj/k_proj/v_proj/o_proj)",
             )
             units = []
             for name, module in found.items():
-                parts, head_size = _attention_parts(name, module, model)
-                units.append(_Unit(name, parts, head_size))
+                layout = attention_layout(model, name, module)
+                if layout.grouped:
+                    raise ValueError(
+                        f"method='heads': attention {name!r} has {layout.num_kv_heads} key/value heads for "
+                        f"{layout.num_heads} query heads (grouped-query attention), which head pruning does not "
+                        f"support; allowed: num_kv_heads == num_heads; add {name!r} to ignore"
+                    )
+                if why := layout.mismatch(model):
+                    raise ValueError(f"method='heads': attention {name!r} does not split into heads: {why}")
+                units.append(_Unit(name, _attention_parts(layout, model), layout.head_size))
         else:
             layers = select_layers(model, self.targets, self.ignore)
             units = [self._layer_unit(name, layer) for name, layer in layers.items()]
@@ -297,8 +302,7 @@ class IterativePruning(pl.Callback):
     def prune_to(self, trainer: pl.Trainer | None, level: Callable[[_Unit], float]) -> None:
         """Compute masks at ``level``, make every rank agree, and apply them to weights and optimizer state."""
         masks = self.compute_masks(level)
-        if trainer is not None and trainer.world_size > 1:
-            masks = trainer.strategy.broadcast(masks, src=0)
+        masks = {k: broadcast_(m.contiguous()) for k, m in masks.items()}  # every rank holds rank 0's masks
         self.masks = {k: m.to(self._params[k].device) for k, m in masks.items()}
         self.apply_masks(trainer)
         log.info("pruned to global sparsity %.4f", self.global_sparsity())

@@ -18,7 +18,9 @@ Heads of Hugging Face BERT-style self-attention (``query`` / ``key`` / ``value``
 value rows are all pruned are removed with the model's own ``PreTrainedModel.prune_heads`` (which records them in
 ``config.pruned_heads``), else the parent's ``prune_heads``, else by slicing the four projections. Heads of
 ``torch.nn.MultiheadAttention`` are not removed: its ``embed_dim`` is both the heads' total width and the model
-width (``out_proj`` maps back to it), so removing heads would need a different module.
+width (``out_proj`` maps back to it), so removing heads would need a different module. Nor are those of Llama-style
+attention (``q_proj`` / ``k_proj`` / ``v_proj`` / ``o_proj``): its pruned q / k / v rows stay, reported in
+``StructuredPlan.skipped``. The layouts come from :mod:`lightning_compress.nn.attention`.
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
+
+from lightning_compress.nn.attention import AttentionLayout, attention_layouts
 
 logger = logging.getLogger(__name__)
 
@@ -468,42 +472,61 @@ def _slice_norm(norm: nn.Module, edit: _Edit) -> None:
     norm.num_features = int(edit.rows.sum())
 
 
-def _is_self_attention(module: nn.Module) -> bool:
-    """BERT-style self-attention: ``query`` / ``key`` / ``value`` Linears and the head count and size."""
-    linears = all(isinstance(getattr(module, a, None), nn.Linear) for a in ("query", "key", "value"))
-    return linears and hasattr(module, "num_attention_heads") and hasattr(module, "attention_head_size")
-
-
 def _plan_heads(model: nn.Module, masks: dict[str, Tensor] | None, plan: StructuredPlan) -> set[str]:
     """Plan the heads of every BERT-style self-attention whose q / k / v rows are all pruned.
 
+    Llama-style attention (``q_proj`` / ``k_proj`` / ``v_proj`` / ``o_proj``) keeps its heads: pruned q / k / v rows
+    are reported in ``plan.skipped``. ``nn.MultiheadAttention`` is left to the row planning (see the module
+    docstring).
+
     Returns:
-        Names of the projections attention owns (query, key, value, output.dense), which rows pruning leaves alone.
+        Names of the projections attention owns (query, key, value, output.dense; q_proj, k_proj, v_proj), which
+        rows pruning leaves alone.
     """
     excluded: set[str] = set()
-    for name, att in model.named_modules():
-        if not name or not _is_self_attention(att):
+    for name, layout in attention_layouts(model).items():
+        if not name or layout.kind == "mha":
             continue
-        parent = name.rpartition(".")[0]
-        dense = getattr(getattr(model.get_submodule(parent), "output", None), "dense", None)
-        projections = [f"{name}.{p}" for p in ("query", "key", "value")]
-        excluded.update(projections + [f"{parent}.output.dense".lstrip(".")])
-        n, d = int(att.num_attention_heads), int(att.attention_head_size)
-        pruned = torch.stack([~_kept_rows(p, model.get_submodule(p), masks).cpu() for p in projections])
-        if not pruned.any():
+        if layout.kind == "llama":
+            excluded.update(layout.projections)
+            if any(rows.any() for rows in _pruned_projection_rows(model, layout, masks)):
+                plan.skipped[name] = (
+                    "heads of Llama-style q_proj / k_proj / v_proj / o_proj attention are not removed "
+                    "(only BERT-style self-attention heads are); its pruned q / k / v rows stay"
+                )
             continue
-        if pruned.shape[1] != n * d or not isinstance(dense, nn.Linear) or dense.in_features != n * d:
-            plan.skipped[name] = f"its q / k / v / {parent}.output.dense are not {n} heads of {d} features"
-            continue
-        gone = pruned.all(dim=0).view(n, d).all(dim=1)
-        if (pruned.any(dim=0) & ~gone.repeat_interleave(d)).any():
-            plan.skipped[name] = "query / key / value rows that do not make up whole heads (pruned in all three) stay"
-        if gone.all():
-            plan.skipped[name] = "every head is pruned; remove the attention block itself"
-        elif gone.any():
-            plan.heads[name] = gone.nonzero().flatten().tolist()
-            plan.removed[name] = (n, n - int(gone.sum()))
+        if hasattr(model.get_submodule(name), "num_attention_heads"):  # the count removal rewrites
+            excluded.update(_plan_bert_heads(model, layout, masks, plan))
     return excluded
+
+
+def _pruned_projection_rows(model: nn.Module, layout: AttentionLayout, masks: dict[str, Tensor] | None) -> list[Tensor]:
+    """(rows,) bool each: the pruned rows of the query, key and value projections of ``layout``."""
+    return [~_kept_rows(p, model.get_submodule(p), masks).cpu() for p in layout.projections]
+
+
+def _plan_bert_heads(
+    model: nn.Module, layout: AttentionLayout, masks: dict[str, Tensor] | None, plan: StructuredPlan
+) -> list[str]:
+    """Plan removing the whole pruned heads of BERT-style self-attention ``layout``; the projections it owns."""
+    name, parent = layout.name, layout.name.rpartition(".")[0]
+    owned = [*layout.projections, f"{parent}.output.dense".lstrip(".")]
+    n, d = layout.num_heads, layout.head_size
+    pruned = torch.stack(_pruned_projection_rows(model, layout, masks))
+    if not pruned.any():
+        return owned
+    if layout.output is None or layout.mismatch(model):
+        plan.skipped[name] = f"its q / k / v / {parent}.output.dense are not {n} heads of {d} features"
+        return owned
+    gone = pruned.all(dim=0).view(n, d).all(dim=1)
+    if (pruned.any(dim=0) & ~gone.repeat_interleave(d)).any():
+        plan.skipped[name] = "query / key / value rows that do not make up whole heads (pruned in all three) stay"
+    if gone.all():
+        plan.skipped[name] = "every head is pruned; remove the attention block itself"
+    elif gone.any():
+        plan.heads[name] = gone.nonzero().flatten().tolist()
+        plan.removed[name] = (n, n - int(gone.sum()))
+    return owned
 
 
 def _remove_heads(model: nn.Module, name: str, heads: list[int]) -> None:
