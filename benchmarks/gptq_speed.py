@@ -1,7 +1,8 @@
 """GPTQ solver speed on CPU, one layer, the Hessian given (16k calibration tokens).
 
 Weights ``(out, in)`` of 384→1536, 1536→384 and 4096→4096 layers at 4 bits: per channel (the targets), group 128
-and ``act_order``. Each call of ``gptq_quantize`` (dampening, Cholesky, the blocked solve) is timed quiet and beside
+and ``act_order``. Each call of ``gptq_quantize`` (dampening, Cholesky, the blocked solve), with the thread policy the
+GPTQ driver uses (``threads=gptq_threads``: one thread but for the large products), is timed quiet and beside
 a busy neighbour: a subprocess spinning single-threaded matrix products, i.e. one core of this 2-core host taken by
 another job. The neighbour is started once and paused (SIGSTOP) for the quiet runs, so quiet and busy calls
 alternate in one process; medians reported.
@@ -23,6 +24,7 @@ from functools import partial
 import torch
 
 from benchmarks import Table
+from lightning_compress.calibration.threads import gptq_threads
 from lightning_compress.functional.gptq import gptq_quantize, hessian_update
 
 TOKENS = 16_384
@@ -113,7 +115,7 @@ def speed_table() -> Table:
         for (n_in, n_out), (target, repeats) in SHAPES.items():
             w, h = problem(n_in, n_out)
             for name, kwargs in CONFIGS.items():
-                fn = partial(gptq_quantize, w, h, bits=4, **kwargs)
+                fn = partial(gptq_quantize, w, h, bits=4, threads=gptq_threads, **kwargs)
                 row(f"{n_in}→{n_out}", name, fn, repeats, "" if kwargs else f"≤ {target:g} s")
         row("control", "one-thread matrix products", _control, 15)
     finally:

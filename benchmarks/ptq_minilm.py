@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from benchmarks import Table, quiet
 from lightning_compress import GPTQFinalize, SmoothQuantCalibrate
+from lightning_compress.calibration.threads import gptq_threads
 from lightning_compress.examples.brown import read_brown
 from lightning_compress.examples.pretrained import load_pretrained, mean_pool
 from lightning_compress.examples.text import tokenize_batches
@@ -131,8 +132,8 @@ def layer_errors(
             relative_error(w, q, g)
             for q in (
                 rtn(w, bits, group),
-                gptq_quantize(w, h, bits=bits, group_size=group).weight,
-                gptq_quantize(w, h, bits=bits, group_size=group, act_order=True).weight,
+                gptq_quantize(w, h, bits=bits, group_size=group, threads=gptq_threads).weight,
+                gptq_quantize(w, h, bits=bits, group_size=group, act_order=True, threads=gptq_threads).weight,
             )
         )
     return out

@@ -7,13 +7,19 @@ the not-yet-quantized columns through the Hessian ``H = 2 XᵀX`` of that object
 factor of ``H⁻¹`` equals Babai's nearest-plane step with the triangular factor of ``H`` itself (Chen et al. 2025,
 "The Geometry of LLM Quantization: GPTQ as Babai's Nearest Plane Algorithm"), which needs no inverse. All rows are
 solved at once (the Hessian is shared), columns in blocks with lazy updates.
+
+Two solvers: :func:`gptq_quantize`, the fast one (float32, the factor of ``H``), and
+:func:`gptq_quantize_reference`, the paper's Algorithm 1 as written (float64, the factor of ``H⁻¹``), the definition
+the tests hold the fast one to. Neither touches torch's global thread state: the caller may pass a thread policy
+(:data:`ThreadPolicy`, e.g. :func:`lightning_compress.calibration.threads.gptq_threads`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from itertools import pairwise
 from typing import NamedTuple
 
@@ -32,15 +38,15 @@ from lightning_compress.functional.quant import (
 MAX_DAMP_RETRIES = 10
 # A Cholesky pivot² below this fraction of max(|diag H|) counts as a failure: the matrix is numerically singular.
 MIN_PIVOT = 1e-12
-# Matrix products and factorisations with fewer multiply-adds (~25 ms on one core) run on one thread, as does all
-# elementwise work: beside a busy process, every parallel step of two threads waits ~10 ms for the descheduled one.
-PARALLEL_MIN_WORK = 2**30
 # Columns per sub-block inside a block: elementwise updates within it, a matrix product after it.
 SUB_BLOCK = 16
 
+ThreadPolicy = Callable[[int], AbstractContextManager[None]]
+"""``policy(work)`` is entered around an operation of ``work`` multiply-adds, and with 0 around a loop of small ops."""
+
 
 class GPTQResult(NamedTuple):
-    """Output of :func:`gptq_quantize`.
+    """Output of :func:`gptq_quantize` and :func:`gptq_quantize_reference`.
 
     Attributes:
         weight: float32 ``(out, in)``, exactly ``dequantize(codes, scale, zero_point)``.
@@ -81,18 +87,12 @@ def hessian_update(hessian: Tensor | None, x: Tensor, dtype: torch.dtype = torch
     return hessian.addmm_(x.T, x, alpha=2.0)
 
 
-@contextlib.contextmanager
-def _threads(n: int) -> Iterator[int]:
-    """Run the body on ``n`` torch threads; yields the count before, restored after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield before
-    finally:
-        torch.set_num_threads(before)
+def _unchanged_threads(work: int) -> AbstractContextManager[None]:
+    """The default :data:`ThreadPolicy`: a no-op context, every operation on the threads the caller has set."""
+    return contextlib.nullcontext()
 
 
-def _compensation(flipped: Tensor, percdamp: float, threads: int) -> tuple[Tensor, float]:
+def _compensation(flipped: Tensor, percdamp: float, threads: ThreadPolicy) -> tuple[Tensor, float]:
     """``V = R / diag(R)`` (float32) of the upper-triangular ``R`` with ``H + λI = RRᵀ``, and ``λ``.
 
     ``flipped`` is ``JHJ`` (``H`` with rows and columns reversed, float64), dampened in place by
@@ -105,7 +105,7 @@ def _compensation(flipped: Tensor, percdamp: float, threads: int) -> tuple[Tenso
     for attempt in range(MAX_DAMP_RETRIES + 1):
         diag.add_(damp - added)
         added = damp
-        with _threads(threads if n**3 // 6 >= PARALLEL_MIN_WORK else 1):  # n³/6 multiply-adds
+        with threads(n**3 // 6):  # multiply-adds of the factorisation
             chol, info = torch.linalg.cholesky_ex(flipped)
         if info.item() == 0 and chol.diagonal().min() ** 2 > MIN_PIVOT * max_diag:  # not (numerically) singular
             if attempt:
@@ -145,19 +145,41 @@ def gptq_quantize(
     static_groups: bool = False,
     percdamp: float = 0.01,
     block_size: int = 128,
+    threads: ThreadPolicy | None = None,
 ) -> GPTQResult:
-    """Quantize a linear weight with GPTQ (Frantar et al. 2023), minimising ``||X(W - Q)ᵀ||²``.
+    """Quantize a linear weight with GPTQ (Frantar et al. 2023), minimising ``||X(W - Q)ᵀ||²``; the fast solver.
 
-    With ``R`` upper triangular, ``H + λI = RRᵀ``, for each column ``i`` (all rows at once), ``W`` the original weight::
+    It computes what :func:`gptq_quantize_reference` (the paper's Algorithm 1) computes, but in float32 (rare
+    rounding ties fall the other way) and with the triangular factor of ``H`` instead of that of ``H⁻¹`` (Babai's
+    nearest plane, Chen et al. 2025). With ``H + λI = RRᵀ``, ``R`` upper triangular, ``U = R⁻¹`` is the paper's
+    ``Cholesky(H⁻¹)ᵀ``. Let ``δ = W - Q`` (original weight minus quantized, per column). The paper's error
+    ``E_j = (w_j - q_j) / U_jj`` is then ``(δR)_j``, and the paper's ``w_j = W_j - Σ_{k<j} E_k U_kj`` at the time
+    column ``j`` is quantized equals, for all rows at once::
 
-        q_i = dequantize(quantize(w_i))        w_i = W_i + Σ_{k<i} (W_k - q_k) · R_ki / R_ii
+        w_j = W_j + Σ_{k<j} δ_k · V_kj,        V = R · diag(R)⁻¹
 
-    which is GPTQ's ``err = (w_i - q_i) / U_ii``, ``w_j -= err · U_ij`` with ``U = R⁻¹`` the upper Cholesky factor of
-    ``H⁻¹``, without the inverse. The sum is applied inside blocks of ``block_size`` columns and lazily (one matrix
-    product) for each block. Everything runs on one thread but the large factorisation and products (a loop of small
-    ops at two threads slows 30× or more when another process shares the CPU).
-    Min-max qparams (:func:`compute_qparams`) are per row: per channel from the whole weight up front, per group
-    from the current (error-updated) weights when the solver reaches the group's first column.
+    which needs no inverse. Algorithm 1, line by line, and the code that does it (``wt`` is the weight transposed,
+    one row per column, in solve order; ``delta`` is ``δ`` alike; the paper's column ``j`` is ``i`` in ``_solve``)::
+
+        Algorithm 1                              here
+        U ← Cholesky(H⁻¹)ᵀ                       _compensation: chol = cholesky_ex(JHJ) (H reversed, = LLᵀ), so
+                                                 R = JLJ = U⁻¹; returns v = V (diag R divided out: the U_jj)
+        for i1 = 0, B, 2B, ...                   _solve: for i1 in range(0, n, block_size)
+          (W[:, i1:i2] is current: implicit)     w1 = addmm(wt[i1:i2], v[:i1, i1:i2].T, delta[:i1]), one product
+          for j = i1, ..., i2 - 1                for k1, k2 in sub-blocks (SUB_BLOCK columns, cut at group starts):
+                                                   for i in range(k1, k2):
+            Q[:, j] ← quant(W[:, j])                 c = codes[i] = clamp(round(w1[i - i1] / s + z)), = quantize()
+            E[:, j] ← (W - Q)[:, j] / U_jj           delta[i] = wt[i] - (c - z) · s: against the original column
+            W[:, j:i2] -= E[:, j] ⊗ U[j, j:i2]       w1[i - i1 + 1 : k2 - i1] += outer(v[i, i + 1 : k2], delta[i]),
+                                                   then w1[k2 - i1 :] += v[k1:k2, k2:i2].T @ delta[k1:k2] (lazy)
+          W[:, i2:] -= E · U[i1:i2, i2:]         nothing: the next block's addmm pulls in all earlier delta
+                                                 (i1 · B multiply-adds per row, not (n - i2) · B; n²/2 in all)
+
+    ``w1`` rows are the paper's ``w`` only for columns whose predecessors are all in. A group's qparams (taken at
+    its first column from the current weights of the whole group, as in the paper) need the paper's intermediate
+    weights there, ``W + (w1 - W) · V_gg⁻¹`` on the group's columns ``g``: one triangular solve. Min-max qparams
+    (:func:`compute_qparams`) are per row: per channel from the whole weight up front, per group from those current
+    weights (or up front with ``static_groups``).
 
     Args:
         weight: ``(out, in)`` float weight.
@@ -171,6 +193,10 @@ def gptq_quantize(
         percdamp: dampening ``λ = percdamp · mean(diag H)`` added to the diagonal; ×10 (with a warning) while the
             Cholesky factorisation fails.
         block_size: columns per lazy-update block.
+        threads: a context manager factory: ``threads(work)`` is entered around an operation of ``work``
+            multiply-adds (the Cholesky, each block's product) and around the whole solve with ``work=0`` (the loop
+            of small ops), e.g. :func:`lightning_compress.calibration.threads.gptq_threads`. ``None``: everything
+            runs on the threads the caller has set for torch. The results do not depend on it.
 
     Returns:
         :class:`GPTQResult`; inputs with ``H_ii = 0`` (never active) get weight 0.
@@ -178,7 +204,8 @@ def gptq_quantize(
     Raises:
         ValueError: a bad argument (named). RuntimeError: the Hessian cannot be factorised or the result is not finite.
     """
-    with _threads(1) as threads:  # elementwise ops and small products; see PARALLEL_MIN_WORK
+    threads = threads or _unchanged_threads
+    with threads(0):  # elementwise ops and small products
         check_bits(bits)
         _validate(weight, hessian, group_size, percdamp, block_size)
         w, h = weight.detach().float(), hessian.detach().to(torch.float64)  # read only: not copied
@@ -226,7 +253,7 @@ def _solve(
     symmetric: bool,
     group_size: int | None,
     block_size: int,
-    threads: int,
+    threads: ThreadPolicy,
 ) -> Tensor:
     """The blocked GPTQ loop over the rows of ``wt``, the weight transposed (in, out); returns the float codes alike.
 
@@ -234,15 +261,14 @@ def _solve(
     (groups, out). With ``group_size`` (then ``group[i] = i // group_size``) that row is computed from the current
     weights at the group's first column. Each block gets the compensation for all earlier columns in one product;
     inside it, sub-blocks of ``SUB_BLOCK`` columns (split at group starts) update each other by one small product.
-    Called on one thread; only the per-block product uses ``threads``, when it has ``PARALLEL_MIN_WORK``
-    multiply-adds.
+    Each block's product runs under ``threads(multiply-adds)``, the rest under the caller's ``threads(0)``.
     """
     qmin, qmax = quant_range(bits)
     n, g = wt.shape[0], group_size or wt.shape[0]
     codes, delta = torch.empty_like(wt), torch.empty_like(wt)  # delta: W - Q, one row per column
     for i1 in range(0, n, block_size):
         i2 = min(i1 + block_size, n)
-        with _threads(threads if i1 * (i2 - i1) * wt.shape[1] >= PARALLEL_MIN_WORK else 1):
+        with threads(i1 * (i2 - i1) * wt.shape[1]):
             w1 = torch.addmm(wt[i1:i2], v[:i1, i1:i2].T, delta[:i1])  # the current weights of the block
         bounds = sorted({*range(i1, i2, SUB_BLOCK), *range(i1 + -i1 % g, i2, g), i2})  # sub-blocks
         for k1, k2 in pairwise(bounds):
@@ -262,3 +288,77 @@ def _solve(
                 w1[i - i1 + 1 : k2 - i1].addr_(v[i, i + 1 : k2], delta[i])
             w1[k2 - i1 :].addmm_(v[k1:k2, k2:i2].T, delta[k1:k2])
     return codes
+
+
+def gptq_quantize_reference(
+    weight: Tensor,
+    hessian: Tensor,
+    bits: int = 4,
+    group_size: int | None = None,
+    symmetric: bool = True,
+    act_order: bool = False,
+    static_groups: bool = False,
+    percdamp: float = 0.01,
+    block_size: int = 128,
+) -> GPTQResult:
+    """GPTQ as the paper writes it (Algorithm 1 of Frantar et al. 2023), in float64: the definition, slow.
+
+    The same options and results as :func:`gptq_quantize`, which must match it (up to rare rounding ties: that one
+    runs in float32); the tests compare them. With ``U = Cholesky((H + λI)⁻¹)ᵀ`` (upper, ``UᵀU = (H + λI)⁻¹``),
+    ``λ = percdamp · mean(diag H)``, for blocks ``[i1, i2)`` of ``block_size`` columns and each column ``j`` in them::
+
+        Q[:, j] = quant(W[:, j])
+        E[:, j - i1] = (W[:, j] - Q[:, j]) / U[j, j]
+        W[:, j:i2] -= E[:, j - i1] ⊗ U[j, j:i2]
+        W[:, i2:] -= E · U[i1:i2, i2:]                 (lazily, once per block)
+
+    Per-channel qparams come from the whole weight up front; group qparams from the group's current weights when
+    ``j`` is its first column (with the block's pending update applied where the group runs past the block), or up
+    front in the original column order with ``static_groups``. ``act_order`` solves columns in descending
+    ``diag(H)`` order. Inputs with ``H_jj = 0`` get weight 0 (and ``H_jj = 1``). No dampening retries: a Hessian
+    that is not positive definite after ``λ`` raises ``torch.linalg.LinAlgError``.
+
+    Args:
+        weight: ``(out, in)`` float weight.
+        hessian: ``(in, in)`` Hessian ``2 XᵀX`` (any positive scale).
+        bits, group_size, symmetric, act_order, static_groups, percdamp, block_size: as for :func:`gptq_quantize`.
+
+    Returns:
+        :class:`GPTQResult` with the shapes :func:`gptq_quantize` returns.
+    """
+    check_bits(bits)
+    _validate(weight, hessian, group_size, percdamp, block_size)
+    w, h = weight.detach().double().clone(), hessian.detach().double().clone()
+    dead = h.diagonal() == 0
+    w[:, dead], h[dead, dead] = 0.0, 1.0
+    n, dynamic = w.shape[1], group_size is not None and not static_groups
+    perm = torch.argsort(h.diagonal(), descending=True, stable=True) if act_order else torch.arange(n, device=w.device)
+    qp = compute_qparams(w.float(), bits, symmetric, axis=0 if group_size is None else None, group_size=group_size)
+    damp = percdamp * h.diagonal().mean().item()
+    h = h + damp * torch.eye(n, dtype=h.dtype, device=h.device)
+    w, h = w[:, perm], h[perm][:, perm]
+    u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)  # H⁻¹ = UᵀU
+    qmin, qmax, order = *quant_range(bits), perm.tolist()
+    codes, scale, zero = torch.empty_like(w), torch.empty_like(w), torch.empty_like(w)  # per column, solve order
+    for i1 in range(0, n, block_size):
+        i2 = min(i1 + block_size, n)
+        err = w.new_zeros(w.shape[0], i2 - i1)  # E: the block's errors
+        for j in range(i1, i2):
+            if dynamic and j % group_size == 0:  # the group's current weights, past the block with E so far
+                cur = w[:, j : j + group_size].clone()
+                cur[:, i2 - j :] -= err[:, : j - i1] @ u[i1:j, i2 : j + group_size]
+                s, z = compute_qparams(cur.float(), bits, symmetric, axis=0)
+            elif not dynamic:  # up front, in the original order: column perm[j]'s channel or group
+                col = order[j] // group_size if group_size else 0
+                s, z = qp.scale[:, col : col + 1], qp.zero_point[:, col : col + 1]
+            scale[:, j], zero[:, j] = s[:, 0], z[:, 0]
+            codes[:, j] = torch.round(w[:, j] / scale[:, j] + zero[:, j]).clamp(qmin, qmax)
+            err[:, j - i1] = (w[:, j] - (codes[:, j] - zero[:, j]) * scale[:, j]) / u[j, j]
+            w[:, j:i2] -= torch.outer(err[:, j - i1], u[j, j:i2])
+        w[:, i2:] -= err @ u[i1:i2, i2:]
+    back = torch.argsort(perm)
+    codes = codes[:, back].to(torch.int8)
+    if dynamic:  # the qparams each column used, original order: per column under act_order, else per group
+        step = 1 if act_order else group_size
+        qp = QParams(scale[:, back][:, ::step].float(), zero[:, back][:, ::step].float())
+    return GPTQResult(dequantize(codes, qp.scale, qp.zero_point), codes, qp.scale, qp.zero_point, damp)

@@ -1,7 +1,12 @@
+import contextlib
+from collections.abc import Iterator
+
 import pytest
 import torch
 
-from lightning_compress.functional.gptq import gptq_quantize, hessian_update
+import lightning_compress.calibration.threads as threads_module
+from lightning_compress.calibration.threads import PARALLEL_MIN_WORK, gptq_threads
+from lightning_compress.functional.gptq import gptq_quantize, gptq_quantize_reference, hessian_update
 from lightning_compress.functional.quant import compute_qparams, dequantize, quant_range, quantize
 
 
@@ -45,24 +50,6 @@ def test_gptq_beats_rtn_on_correlated_inputs(problem, bits, group_size):
     assert _out_err(x, w, ordered.weight) < err_gptq  # strictly better on these uneven input scales
 
 
-def _unblocked_gptq(w, h, bits, group_size, symmetric):
-    """GPTQ as first published (errors spread through ``U``, the upper Cholesky factor of ``H⁻¹``), column by column
-    in float64, no blocks: the definition that the blocked float32 solver (through the factor of ``H``) must match."""
-    w, h = w.double().clone(), h.double() + 0.01 * h.diagonal().mean() * torch.eye(h.shape[0], dtype=torch.float64)
-    u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
-    qmin, qmax = quant_range(bits)
-    codes = torch.empty_like(w)
-    for i in range(w.shape[1]):
-        if i % (group_size or w.shape[1]) == 0:
-            scale, zero_point = compute_qparams(
-                w[:, i : i + (group_size or w.shape[1])].float(), bits, symmetric, axis=0
-            )
-            s, z = scale[:, 0].double(), zero_point[:, 0].double()
-        codes[:, i] = torch.round(w[:, i] / s + z).clamp(qmin, qmax)
-        w[:, i + 1 :] -= torch.outer((w[:, i] - (codes[:, i] - z) * s) / u[i, i], u[i, i + 1 :])
-    return codes
-
-
 @pytest.mark.parametrize(
     ("group_size", "symmetric", "block_size", "act_order"),
     [
@@ -72,23 +59,102 @@ def _unblocked_gptq(w, h, bits, group_size, symmetric):
         (32, False, 40, False),
         (64, True, 40, False),
         (32, True, 40, True),
+        (32, False, 40, True),
+        (None, True, 40, True),
     ],
 )
 def test_blocked_solver_matches_unblocked_definition(problem, group_size, symmetric, block_size, act_order):
     # blocks of 40 columns: sub-blocks split at group starts, groups straddling blocks
     _, w, h = problem
     res = gptq_quantize(w, h, 4, group_size, symmetric, act_order=act_order, block_size=block_size)
-    perm = torch.argsort(h.diagonal(), descending=True) if act_order else torch.arange(w.shape[1])
-    ref = _unblocked_gptq(w[:, perm], h[perm][:, perm], 4, group_size, symmetric)[:, torch.argsort(perm)]
-    assert (res.codes.double() == ref).double().mean() > 0.995  # float32 vs float64: rare ties round apart
+    ref = gptq_quantize_reference(w, h, 4, group_size, symmetric, act_order=act_order, block_size=w.shape[1])
+    assert (res.codes.double() == ref.codes).double().mean() > 0.995  # float32 vs float64: rare ties round apart
 
 
-def test_thread_count_restored(problem):
-    threads = torch.get_num_threads()
-    gptq_quantize(problem[1], problem[2])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {},
+        {"group_size": 32, "symmetric": False},
+        {"group_size": 64, "act_order": True},
+        {"group_size": 32, "act_order": True, "static_groups": True},
+    ],
+)
+def test_fast_solver_matches_reference(problem, kwargs):
+    # blocks of 40: groups of 32 and 64 straddle them (the reference's pending update, the fast one's sub-blocks)
+    _, w, h = problem
+    res, ref = gptq_quantize(w, h, block_size=40, **kwargs), gptq_quantize_reference(w, h, block_size=40, **kwargs)
+    assert (res.codes == ref.codes).double().mean() > 0.995  # float32 vs float64: rare ties round apart
+    torch.testing.assert_close(res.scale, ref.scale, rtol=1e-4, atol=1e-6)  # group qparams from float32 weights
+    torch.testing.assert_close(res.zero_point, ref.zero_point)
+    assert torch.equal(dequantize(ref.codes, ref.scale, ref.zero_point), ref.weight)
+    assert res.damp == pytest.approx(ref.damp)  # mean(diag H), summed in another order
+    unblocked = gptq_quantize_reference(w, h, block_size=w.shape[1], **kwargs)
+    assert (ref.codes == unblocked.codes).double().mean() > 0.999  # lazy blocks only reorder float64 sums
+
+
+def test_reference_zeroes_dead_inputs():
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(200, 24, generator=g)
+    x[:, 5] = 0
+    w = torch.randn(8, 24, generator=g)
+    ref = gptq_quantize_reference(w, hessian_update(None, x), bits=3, group_size=8, act_order=True)
+    assert torch.all(ref.weight[:, 5] == 0) and torch.isfinite(ref.weight).all()
+
+
+@pytest.mark.parametrize("threads", [None, gptq_threads])
+def test_thread_count_restored(problem, threads):
+    before = torch.get_num_threads()
+    gptq_quantize(problem[1], problem[2], threads=threads)
     with pytest.raises(RuntimeError, match="Cholesky"):
-        gptq_quantize(torch.randn(2, 2), torch.tensor([[1.0, 1e20], [1e20, 1.0]]))
-    assert torch.get_num_threads() == threads
+        gptq_quantize(torch.randn(2, 2), torch.tensor([[1.0, 1e20], [1e20, 1.0]]), threads=threads)
+    assert torch.get_num_threads() == before
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"group_size": 32, "act_order": True}])
+def test_thread_policy_does_not_change_results(problem, kwargs):
+    _, w, h = problem
+    plain, policed = gptq_quantize(w, h, **kwargs), gptq_quantize(w, h, threads=gptq_threads, **kwargs)
+    for a, b in zip(plain, policed, strict=True):
+        assert torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
+
+
+@pytest.fixture
+def fake_threads(monkeypatch) -> dict[str, int]:
+    """torch's thread count as a dict entry (6 to begin with), set and read through ``torch.*_num_threads``."""
+    state = {"n": 6}
+    monkeypatch.setattr(torch, "get_num_threads", lambda: state["n"])
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: state.update(n=n))
+    return state
+
+
+def test_gptq_threads_policy(fake_threads):
+    with gptq_threads(0):  # the solve's loop of small ops: one thread
+        assert fake_threads["n"] == 1
+        with gptq_threads(PARALLEL_MIN_WORK):  # large: the count in force when the solve began
+            assert fake_threads["n"] == 6
+        with gptq_threads(PARALLEL_MIN_WORK - 1):
+            assert fake_threads["n"] == 1
+        assert fake_threads["n"] == 1
+    assert fake_threads["n"] == 6
+    with gptq_threads(PARALLEL_MIN_WORK):  # outside a solve: the count as set
+        assert fake_threads["n"] == 6
+
+
+def test_solver_enters_the_policy_around_its_operations(problem, fake_threads, monkeypatch):
+    monkeypatch.setattr(threads_module, "PARALLEL_MIN_WORK", 10**5)
+    seen = []
+
+    @contextlib.contextmanager
+    def recording(work: int) -> Iterator[None]:
+        with gptq_threads(work):
+            seen.append((work, fake_threads["n"]))
+            yield
+
+    gptq_quantize(problem[1], problem[2], block_size=40, threads=recording)  # (64, 128), blocks of 40
+    works = [0, 128**3 // 6, 0, 40 * 40 * 64, 80 * 40 * 64, 120 * 8 * 64]  # solve, Cholesky, each block's product
+    assert seen == [(work, 6 if work >= 10**5 else 1) for work in works]
+    assert fake_threads["n"] == 6
 
 
 @pytest.mark.parametrize(
