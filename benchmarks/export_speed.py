@@ -63,7 +63,7 @@ def layer_table() -> Table:
         lin = nn.Linear(k, n).eval()
         x = torch.randn(m, k)
         bf16, ao = copy.deepcopy(lin).bfloat16(), ao_dynamic(nn.Sequential(lin))
-        int8 = Int8Linear.from_float(lin)
+        int8 = Int8Linear.from_module(lin)
         int8.set_kernel("int8")
         xb = x.bfloat16()
         with torch.inference_mode():

@@ -63,11 +63,11 @@ def sparse_table() -> Table:
         # fp16: dense nn.Linear in fp16 against the 2:4 kernel
         dense = nn.Linear(in_f, out_f, device="cuda", dtype=torch.float16)
         dense.load_state_dict(lin.state_dict())
-        sparse = SemiStructuredSparseLinear.from_dense(lin).cuda()
+        sparse = SemiStructuredSparseLinear.from_module(lin).cuda()
         row = _row(sparse, functools.partial(dense, x), x)
         table.rows.append([f"{out_f} × {in_f}", "fp16", *row])
         # int8: dense Int8Linear (torch._int_mm) against the 2:4 int8 kernel, the same codes
-        int8 = Int8Linear.from_float(lin).cuda()
+        int8 = Int8Linear.from_module(lin).cuda()
         int8.set_kernel("int8")
         codes = int8.weight_t.t().contiguous()
         sparse8 = SemiStructuredSparseLinear(codes, lin.bias, weight_scale=int8.weight_scale).cuda()
@@ -98,7 +98,7 @@ def int8_table() -> Table:
         lin = nn.Linear(in_f, out_f, device="cuda")
         bf16 = nn.Linear(in_f, out_f, device="cuda", dtype=torch.bfloat16)
         bf16.load_state_dict(lin.state_dict())
-        int8 = Int8Linear.from_float(lin).cuda()
+        int8 = Int8Linear.from_module(lin).cuda()
         int8.set_kernel("int8")
         x = torch.randn(LARGE_TOKENS, in_f, device="cuda", dtype=torch.bfloat16)
         with torch.inference_mode():

@@ -102,7 +102,7 @@ def deep_compression_table(dm: pl.LightningDataModule, fp32_epochs: int = DC_EPO
     prune_steps = (DC_KMEANS_FROM - 1) * len(dm.train_dataloader())
     callbacks = [
         IterativePruning(sparsity=0.92, scope="global", schedule="cubic", end_step=prune_steps, frequency=20),
-        QATFakeQuant(scheme="kmeans", bits=DC_BITS, start_epoch=min(DC_KMEANS_FROM, fp32_epochs - 1)),
+        QATFakeQuant(method="kmeans", bits=DC_BITS, start_epoch=min(DC_KMEANS_FROM, fp32_epochs - 1)),
     ]
     acc = finetune(model, dm, fp32_epochs, callbacks)[0]
     sizes = stage_sizes(model)

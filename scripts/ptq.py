@@ -5,7 +5,8 @@ python scripts/ptq.py +compress=[smoothquant_w8a8]     # SmoothQuant W8A8
 python scripts/ptq.py +compress=gptq_int3 pretrained=bert-base-uncased
 
 Writes the compression summary, the embedding cosine to FP32 on held-out sentences, and the int tensors each
-callback produced (``quantized.safetensors``: ``<layer>/<field>``) into the run directory.
+callback produced (``quantized.safetensors``: ``<layer>/weight.codes``, ``<layer>/weight.scale``, ...) into the run
+directory.
 """
 
 from __future__ import annotations
@@ -70,8 +71,8 @@ def main(cfg: DictConfig) -> dict[str, float]:
     start = time.perf_counter()
     tensors = {}
     for callback in callbacks:
-        for layer, state in callback.apply(model, batches).items():
-            tensors.update({f"{layer}/{k}": v.detach().cpu().clone() for k, v in state.items()})  # unshared
+        for layer, quantized in callback.apply(model, batches).items():
+            tensors.update({f"{layer}/{k}": v for k, v in quantized.tensors().items()})
     metrics = {"seconds": time.perf_counter() - start, "embedding_cosine": embedding_cosine(model, fp32, eval_batches)}
     out = Path(HydraConfig.get().runtime.output_dir)
     summary = compression_summary(model).to_markdown()

@@ -27,7 +27,7 @@ def test_recipes_run_one_shot_on_minilm(tmp_path, recipe, bits, min_cosine):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert _metric(proc.stdout, "embedding_cosine") >= min_cosine
     tensors = load_file(tmp_path / "quantized.safetensors")
-    codes = tensors["encoder.layer.0.intermediate.dense/int_weight"]
+    codes = tensors["encoder.layer.0.intermediate.dense/weight.codes"]
     assert codes.shape == (1536, 384) and int(codes.abs().max()) <= 2 ** (bits - 1)
     assert "| encoder.layer.5.output.dense | FakeQuantLinear | 384×1536 |" in (tmp_path / "report.md").read_text()
 

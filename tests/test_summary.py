@@ -43,7 +43,7 @@ def _kmeans_model():
     layer = nn.Linear(64, 16)
     with torch.no_grad():
         layer.weight[layer.weight.abs() < 0.08] = 0
-    fq = FakeQuantLinear.from_module(layer, WeightQuantizer(layer.weight, bits=4, scheme="kmeans"))
+    fq = FakeQuantLinear.from_module(layer, WeightQuantizer(layer.weight, bits=4, method="kmeans"))
     with torch.no_grad():
         fq.weight_quantizer.convert(fq.weight)
     return nn.Sequential(fq)

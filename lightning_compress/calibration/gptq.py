@@ -1,36 +1,30 @@
 """GPTQ over a whole model: Hessians gathered by hooks, layers solved true-sequentially, block by block.
 
-For a transformer (a repeated ``nn.ModuleList`` of blocks, found by :func:`~.calibration.find_blocks`)
-the inputs of block 0 are captured once; each block's layers are then calibrated on inputs that already went through
-the quantized blocks before it, and within a block group by group in execution order (q/k/v, then the attention
-output, then the MLP), as Frantar et al. do with ``true_sequential``. Only the current block's inputs are held
-beyond the calibration batches. Layers outside the stack (a pooler, a classifier head) and models without a stack
-are calibrated through the whole model, with everything before them already quantized.
+The walk is the calibration engine's (:func:`~lightning_compress.calibration.engine.sequential_stages`): each
+block's layers are calibrated on inputs that already went through the quantized blocks before it, and within a block
+group by group in execution order (q/k/v, then the attention output, then the MLP), as Frantar et al. do with
+``true_sequential``. Layers outside the stack (a pooler, a classifier head) and models without a stack are
+calibrated through the whole model, with everything before them already quantized.
 """
 
 from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_compress.calibration.batches import call_model, first_tensor, real_tokens, token_mask
 from lightning_compress.calibration.capture import (
-    StopForward,
-    capture_inputs,
     eval_mode,
-    find_blocks,
-    hooks,
-    replace_hidden,
-    run_until,
 )
 from lightning_compress.calibration.dataflow import dataflow
+from lightning_compress.calibration.engine import Pass, accumulate_inputs, sequential_stages
 from lightning_compress.calibration.progress import Progress
+from lightning_compress.calibration.threads import gptq_threads
 from lightning_compress.functional.gptq import GPTQResult, gptq_quantize, hessian_update
 from lightning_compress.nn.distributed import all_reduce_, broadcast_
 
@@ -59,33 +53,11 @@ def layer_inputs(module: nn.Module, x: Tensor) -> Tensor:
     return x.reshape(-1, x.shape[-1])
 
 
-# One forward pass over a calibration batch, and the batch's real-token mask (None without padding information).
-Pass = tuple[Callable[[], Any], Tensor | None]
-
-
 def _collect_hessians(layers: Mapping[str, nn.Module], passes: Sequence[Pass], dtype: torch.dtype) -> dict[str, Tensor]:
-    """Run ``passes`` with hooks adding every layer's inputs (real tokens only) to its Hessian sum; all-reduced
-    (sum) across ranks. Each pass stops as soon as every layer has seen its input (a layer called twice in one
-    forward contributes its first call)."""
+    """``H = 2 XᵀX`` of every layer over ``passes`` (real tokens only), all-reduced (sum) across ranks."""
     hessians = {n: torch.zeros(weight_matrix(m).shape[1], weight_matrix(m).shape[1], dtype=dtype,
                                 device=m.weight.device) for n, m in layers.items()}  # fmt: skip
-    current: list[Tensor | None] = [None]
-    seen: set[str] = set()
-
-    def make_hook(name: str) -> Callable[..., None]:
-        def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
-            hessian_update(hessians[name], layer_inputs(module, real_tokens(args[0], current[0])))
-            seen.add(name)
-            if len(seen) == len(hessians):  # every layer has its input: the rest of the forward is not needed
-                raise StopForward
-
-        return hook
-
-    with hooks([m.register_forward_pre_hook(make_hook(n)) for n, m in layers.items()]), torch.no_grad():
-        for run, mask in passes:
-            current[0] = mask
-            seen.clear()
-            run_until(run)
+    accumulate_inputs(layers, passes, lambda name, module, x: hessian_update(hessians[name], layer_inputs(module, x)))
     for h in hessians.values():
         all_reduce_(h, "sum")
     return hessians
@@ -97,7 +69,7 @@ def _solve_layer(name: str, module: nn.Module, hessian: Tensor, options: Mapping
     if hessian.diagonal().sum() == 0:
         warnings.warn(f"GPTQ: layer {name!r} saw no calibration input; rounded to nearest instead", stacklevel=4)
         hessian = torch.eye(hessian.shape[0], dtype=hessian.dtype, device=hessian.device)
-    result = gptq_quantize(weight_matrix(module), hessian, **options)
+    result = gptq_quantize(weight_matrix(module), hessian, **options, threads=gptq_threads)
     for t in result[:4]:
         broadcast_(t)
     module.weight.copy_(result.weight.reshape(module.weight.shape).to(module.weight.dtype))
@@ -117,7 +89,7 @@ def _quantize_stage(
 
     Linears reading the very same input (q, k, v) share one Hessian, computed once.
     """
-    groups = dataflow(passes[0][0], layers).groups
+    groups = dataflow(passes[0].run, layers).groups
     owner = {n: g[0] if all(type(layers[m]) is nn.Linear for m in g) else n for g in groups for n in g}
     for stage in groups if true_sequential else [[n for g in groups for n in g]]:
         hessians = _collect_hessians({o: layers[o] for o in dict.fromkeys(owner[n] for n in stage)}, passes,
@@ -152,22 +124,7 @@ def gptq_model(
     """
     results: dict[str, GPTQResult] = {}
     with eval_mode(model), torch.no_grad(), Progress(len(layers), "GPTQ layers") as bar:
-        found = find_blocks(model, layers)
-        rest = dict(layers)
-        masks = [token_mask(b) for b in batches]
-        if found is not None:
-            prefix, blocks = found
-            inputs = capture_inputs(model, blocks[0], batches)
-            for i, block in enumerate(blocks):
-                inner = {n: rest.pop(n) for n in list(rest) if n.startswith(f"{prefix}.{i}.")}
-                if inner:
-                    passes = [(lambda b=block, a=a: b(*a[0], **a[1]), m) for a, m in zip(inputs, masks, strict=True)]
-                    _quantize_stage(inner, passes, options, true_sequential, hessian_dtype, results, bar)
-                for j, (args, kwargs) in enumerate(inputs):  # in place: one block's activations at a time
-                    inputs[j] = replace_hidden((args, kwargs), first_tensor(block(*args, **kwargs)))
-            del inputs
-        if rest:
-            passes = [(lambda b=b: call_model(model, b), token_mask(b)) for b in batches]
-            _quantize_stage(rest, passes, options, true_sequential, hessian_dtype, results, bar)
+        for stage in sequential_stages(model, layers, batches):
+            _quantize_stage(stage.layers, stage.passes, options, true_sequential, hessian_dtype, results, bar)
     log.info("GPTQ: %d layers quantized", len(results))
     return results

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import sys
 
-import torch.distributed as dist
-
-from lightning_compress.nn.distributed import is_distributed
+from lightning_compress.nn.distributed import is_rank_zero
 
 
 class Progress:
@@ -16,7 +14,7 @@ class Progress:
     """
 
     def __init__(self, total: int, desc: str) -> None:
-        quiet = not sys.stderr.isatty() or (is_distributed() and dist.get_rank() != 0)
+        quiet = not sys.stderr.isatty() or not is_rank_zero()
         self.bar = None
         if not quiet:
             from tqdm.auto import tqdm

@@ -16,15 +16,15 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
-from lightning_compress.calibration.batches import call_model, head, real_tokens, relative_error, token_mask
-from lightning_compress.calibration.capture import hooks
+from lightning_compress.calibration.batches import call_model, head, relative_error, token_mask
 from lightning_compress.calibration.dataflow import dataflow
+from lightning_compress.calibration.engine import Pass, accumulate_inputs
 from lightning_compress.calibration.progress import Progress
 from lightning_compress.functional.smoothquant import (
     fold_into_linear,
@@ -104,22 +104,18 @@ def activation_absmax(
 ) -> list[Tensor]:
     """Per group, the running per-input-channel ``max |X_j|`` ``(in,)`` over all batches' real tokens (float32,
     DDP ``max``)."""
+    first = {g.layers[0]: i for i, g in enumerate(groups)}
     stats: list[Tensor | None] = [None] * len(groups)
-    current: list[Tensor | None] = [None]
 
-    def make_hook(index: int) -> Callable[..., None]:
-        def hook(_: nn.Module, args: tuple[Any, ...]) -> None:
-            x = real_tokens(args[0].detach(), current[0])
-            cur = x.abs().reshape(-1, x.shape[-1]).amax(dim=0).float()
-            stats[index] = cur if stats[index] is None else torch.maximum(stats[index], cur)
+    def update(name: str, _: nn.Module, x: Tensor) -> None:
+        i = first[name]
+        cur = x.abs().reshape(-1, x.shape[-1]).amax(dim=0).float()
+        stats[i] = cur if stats[i] is None else torch.maximum(stats[i], cur)
 
-        return hook
-
-    handles = [layers[g.layers[0]].register_forward_pre_hook(make_hook(i)) for i, g in enumerate(groups)]
-    with hooks(handles), Progress(len(batches), "SmoothQuant calibration") as bar:
+    with Progress(len(batches), "SmoothQuant calibration") as bar:
         for i, batch in enumerate(batches):
-            current[0] = token_mask(batch)
-            call_model(model, batch)
+            passes = [Pass(lambda b=batch: call_model(model, b), token_mask(batch))]
+            accumulate_inputs({n: layers[n] for n in first}, passes, update, stop_early=False)
             bar.step(f"batch {i}")
     result = []
     for g, s in zip(groups, stats, strict=True):

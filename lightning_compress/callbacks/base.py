@@ -8,9 +8,10 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
-from torch import Tensor, nn
+from torch import nn
 
 from lightning_compress.calibration.batches import split_batch
+from lightning_compress.nn.quantized import QuantizedLayer
 from lightning_compress.nn.select import compile_patterns
 
 
@@ -36,20 +37,22 @@ class CalibrationCallback(pl.Callback, abc.ABC):
             raise ValueError(f"num_batches must be a positive int or None (all batches), got {num_batches!r}")
         compile_patterns(targets, "targets"), compile_patterns(ignore, "ignore")
         self.num_batches, self.calibration_data = num_batches, calibration_data
-        self.input_fn = input_fn or (lambda batch: split_batch(batch)[0])
+        self.input_fn = input_fn  # None: the inputs of split_batch (a lambda here could not be pickled for DDP)
         self.targets, self.ignore = targets, ignore
-        self.exported: dict[str, dict[str, Tensor]] = {}
+        self.quantized: dict[str, QuantizedLayer] = {}
 
     def calibration_batches(self, trainer: pl.Trainer) -> list[Any]:
         """The model inputs to calibrate on, from ``calibration_data`` or the train dataloader."""
         source = self.calibration_data if self.calibration_data is not None else trainer.train_dataloader
         if source is None:
             raise RuntimeError(f"{type(self).__name__}: no calibration_data and the Trainer has no train dataloader")
-        return [self.input_fn(b) for b in itertools.islice(source, self.num_batches)]
+        batches = itertools.islice(source, self.num_batches)
+        return [self.input_fn(b) if self.input_fn else split_batch(b)[0] for b in batches]
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.apply(pl_module, self.calibration_batches(trainer))
 
     @abc.abstractmethod
-    def apply(self, model: nn.Module, batches: Iterable[Any]) -> dict[str, dict[str, Tensor]]:
-        """Quantize ``model`` in place on ``batches`` (model inputs: Tensor, tuple or dict); returns the int state."""
+    def apply(self, model: nn.Module, batches: Iterable[Any]) -> dict[str, QuantizedLayer]:
+        """Quantize ``model`` in place on ``batches`` (model inputs: Tensor, tuple or dict); returns
+        ``{name: QuantizedLayer}`` of the layers it quantized (also kept in :attr:`quantized`)."""

@@ -7,12 +7,12 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from lightning_compress.calibration.gptq import gptq_model, is_gptq_layer, weight_matrix
 from lightning_compress.callbacks.base import CalibrationCallback
-from lightning_compress.functional.quant import QParams
 from lightning_compress.nn.fake_quant import WeightQuantizer, check_weight_quant, fake_quant_class, is_fake_quant
+from lightning_compress.nn.quantized import QuantizedLayer, QuantizedWeight
 from lightning_compress.nn.select import replace_layers, restored_on_error, select_layers
 
 log = logging.getLogger(__name__)
@@ -29,7 +29,7 @@ class GPTQFinalize(CalibrationCallback):
     the factorisation fails). Transformers are calibrated true-sequentially, block by block: each layer sees inputs
     that already went through the quantized layers before it. Afterwards each layer is a fake-quant layer frozen at
     its GPTQ grid (weights exactly on the grid; the same weight keys, so checkpoints load into the plain model), and
-    :attr:`exported` holds the int codes, scales and zero-points for export.
+    :attr:`quantized` holds each layer's codes, scales and zero-points (:class:`QuantizedLayer`) for export.
 
     YAML (``conf/compress/gptq_int4.yaml``)::
 
@@ -107,25 +107,24 @@ class GPTQFinalize(CalibrationCallback):
                 )
         return layers
 
-    def apply(self, model: nn.Module, batches: Iterable[Any]) -> dict[str, dict[str, Tensor]]:
-        """GPTQ-quantize ``model``'s selected layers in place on ``batches``; returns ``{name: int state}``."""
+    def apply(self, model: nn.Module, batches: Iterable[Any]) -> dict[str, QuantizedLayer]:
+        """GPTQ-quantize ``model``'s selected layers in place on ``batches``; returns ``{name: QuantizedLayer}``."""
         layers = self.select(model)
         batches = list(batches)
         if not batches:
             raise ValueError("batches is empty; GPTQ needs at least one calibration batch")
         with restored_on_error(model):
             results = gptq_model(model, layers, batches, self.true_sequential, self.hessian_dtype, **self.options)
-            built, exported = {}, {}
+            built, quantized = {}, {}
             for name, layer in layers.items():
-                res = results[name]
-                qparams = QParams(res.scale, res.zero_point)
-                wq = WeightQuantizer.from_qparams(
-                    layer.weight, qparams, self.options["bits"], self.options["symmetric"], self.options["group_size"]
-                )
+                res, symmetric = results[name], self.options["symmetric"]
+                weight = QuantizedWeight(res.codes.reshape(layer.weight.shape), res.scale,
+                                         None if symmetric else res.zero_point, self.options["bits"],
+                                         self.options["group_size"])  # fmt: skip
+                wq = WeightQuantizer.from_quantized(layer.weight, weight)
                 built[name] = fake_quant_class(layer).from_module(layer, wq)
-                exported[name] = {"int_weight": res.codes.reshape(layer.weight.shape), "scale": res.scale,
-                                  "zero_point": res.zero_point}  # fmt: skip
+                quantized[name] = QuantizedLayer(weight)
         replace_layers(model, built)
-        self.exported.update(exported)
+        self.quantized.update(quantized)
         log.info("GPTQFinalize: %d layers at %d bits", len(built), self.options["bits"])
-        return exported
+        return quantized

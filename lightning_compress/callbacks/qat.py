@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
-import torch.distributed as dist
-from torch import Tensor, nn
+from torch import nn
 
 from lightning_compress.functional.quant import check_bits
 from lightning_compress.nn.fake_quant import (
@@ -19,12 +19,11 @@ from lightning_compress.nn.fake_quant import (
     fake_quant_class,
     is_fake_quant,
 )
-from lightning_compress.nn.observers import make_observer
+from lightning_compress.nn.observers import MovingAverageMinMaxObserver, MSEObserver, Observer, sync_observers
+from lightning_compress.nn.quantized import QuantizedLayer
 from lightning_compress.nn.select import replace_layers, select_layers
 
 log = logging.getLogger(__name__)
-
-_REDUCE = {"min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX, "mean": dist.ReduceOp.SUM}
 
 
 class QATFakeQuant(pl.Callback):
@@ -33,14 +32,16 @@ class QATFakeQuant(pl.Callback):
     In ``setup()`` every selected Linear / Conv becomes a fake-quant layer that reuses the same Parameter objects
     (optimizer state and weight keys are unchanged: checkpoints load into the plain model with ``strict=True``).
     Weights: symmetric per output channel by default, per group (``group_size``) or asymmetric, 2..8 bits,
-    min-max scales or learned ones (``lsq=True``, Esser et al. 2020); or ``scheme="kmeans"``: ``2^bits`` shared
+    min-max scales or learned ones (``lsq=True``, Esser et al. 2020); or ``method="kmeans"``: ``2^bits`` shared
     centroids per layer (Han et al., Deep Compression), fine-tuned by the summed gradients of their members.
-    Activations (``act_bits``): asymmetric per tensor, ranges from an observer (``"minmax"``, ``"ema"``,
-    ``"percentile"``, ``"mse"``) that can freeze after ``freeze_observers_step`` optimizer steps; under DDP the
-    ranges are all-reduced every step so all ranks agree. The backward pass is the straight-through estimator.
-    With ``convert=True`` (default), fit end puts each weight exactly on its grid and keeps the integer codes,
-    scales and zero-points in :attr:`exported`. Quantizer state (learned scales, codebooks, observer ranges, freeze
-    state) is this callback's checkpoint state, so resume and ``Trainer.test(ckpt_path=...)`` restore it.
+    Activations (``act_bits``): asymmetric per tensor, ranges from an observer (any
+    :class:`~lightning_compress.nn.observers.Observer`: ``MinMaxObserver``, ``MovingAverageMinMaxObserver``,
+    ``PercentileObserver``, ``MSEObserver``; one copy per layer) that can freeze after ``freeze_observers_step``
+    optimizer steps; under DDP the ranges are all-reduced every step so all ranks agree. The backward pass is the
+    straight-through estimator. With ``convert=True`` (default), fit end puts each weight exactly on its grid and
+    keeps each layer's :class:`~lightning_compress.nn.quantized.QuantizedLayer` in :attr:`quantized`. Quantizer
+    state (learned scales, codebooks, observer ranges, freeze state) is this callback's checkpoint state, so resume
+    and ``Trainer.test(ckpt_path=...)`` restore it.
 
     YAML (``conf/compress/qat_int4.yaml``)::
 
@@ -53,19 +54,20 @@ class QATFakeQuant(pl.Callback):
 
     Python::
 
-        trainer = L.Trainer(callbacks=[QATFakeQuant(bits=8, act_bits=8, observer="ema")])
+        trainer = L.Trainer(callbacks=[QATFakeQuant(bits=8, act_bits=8, observer=PercentileObserver(99.99))])
         trainer = L.Trainer(callbacks=[IterativePruning(method="nm"), QATFakeQuant(bits=8)])  # 2:4 + int8
 
     Args:
         bits: weight code width, 2..8 (k-means: ``log2`` of the codebook size).
         symmetric: symmetric (zero-point 0) or asymmetric weights.
         group_size: one scale per ``group_size`` inputs of each row instead of one per row.
-        scheme: ``"linear"`` or ``"kmeans"``.
+        method: ``"linear"`` or ``"kmeans"``.
         lsq: learn the weight scales (LSQ); symmetric linear only.
         kmeans_init: k-means initialisation, ``"linear"``, ``"kmeans++"`` or ``"density"``.
         act_bits: activation code width (2..8), or None for weight-only.
-        observer: activation observer name.
-        observer_kwargs: extra arguments of the observer.
+        observer: the activation observer: an :class:`Observer` (copied for every layer; in YAML a ``_target_``
+            with its arguments) or a callable returning a new one. An ``MSEObserver`` must be built for
+            ``bits=act_bits, symmetric=False``.
         freeze_observers_step: freeze activation ranges after this many optimizer steps (None: never).
         start_epoch: quantize from this epoch on (full precision before it, e.g. while pruning finishes).
         convert: put weights on their grid at fit end.
@@ -77,46 +79,62 @@ class QATFakeQuant(pl.Callback):
         bits: int = 8,
         symmetric: bool = True,
         group_size: int | None = None,
-        scheme: str = "linear",
+        method: str = "linear",
         lsq: bool = False,
         kmeans_init: str = "linear",
         act_bits: int | None = None,
-        observer: str = "ema",
-        observer_kwargs: dict[str, Any] | None = None,
+        observer: Observer | Callable[[], Observer] = MovingAverageMinMaxObserver,
         freeze_observers_step: int | None = None,
         start_epoch: int = 0,
         convert: bool = True,
         targets: str | Sequence[str] | None = None,
         ignore: str | Sequence[str] | None = None,
     ) -> None:
-        check_weight_quant(bits, symmetric, group_size, scheme, lsq, kmeans_init)
+        check_weight_quant(bits, symmetric, group_size, method, lsq, kmeans_init)
         self.bits = bits
         self.act_bits = None if act_bits is None else check_bits(act_bits, "act_bits")
-        self.observer_kwargs = dict(observer_kwargs or {})
+        self.observer = observer
         if act_bits is not None:
-            make_observer(observer, **self._observer_args(observer))  # validates the name and arguments now
+            self.new_observer()  # validates the observer now
         if freeze_observers_step is not None and freeze_observers_step < 0:
             raise ValueError(f"freeze_observers_step must be >= 0 or None, got {freeze_observers_step}")
         if start_epoch < 0:
             raise ValueError(f"start_epoch must be >= 0, got {start_epoch}")
-        self.weight_kwargs = dict(bits=bits, symmetric=symmetric, group_size=group_size, scheme=scheme, lsq=lsq)
+        self.weight_kwargs = dict(bits=bits, symmetric=symmetric, group_size=group_size, method=method, lsq=lsq)
         self.weight_kwargs["kmeans_init"] = kmeans_init
-        self.observer = observer
         self.freeze_observers_step, self.start_epoch, self.convert = freeze_observers_step, start_epoch, convert
         self.targets, self.ignore = targets, ignore
         self.layers: dict[str, nn.Module] = {}
-        self.exported: dict[str, dict[str, Tensor]] = {}
+        self.quantized: dict[str, QuantizedLayer] = {}
         self.step = 0
         self.converted = False
         self._pending_state: dict[str, Any] | None = None
 
-    def _observer_args(self, name: str) -> dict[str, Any]:
-        extra = {"bits": self.act_bits, "symmetric": False} if name == "mse" else {}
-        return {**extra, **self.observer_kwargs}
+    def new_observer(self) -> Observer:
+        """A fresh observer for one layer (a copy of ``observer``, or what calling it returns).
+
+        Raises:
+            TypeError: ``observer`` gives something that is not an Observer. ValueError: an ``MSEObserver`` built
+                for other bits than ``act_bits`` or symmetric (QAT's activations are asymmetric).
+        """
+        made = copy.deepcopy(self.observer) if isinstance(self.observer, Observer) else None
+        if made is None and callable(self.observer):
+            made = self.observer()
+        if not isinstance(made, Observer):
+            raise TypeError(
+                f"observer={self.observer!r} is not an Observer; allowed: an Observer instance or class "
+                "(lightning_compress.nn.observers), or a callable returning one"
+            )
+        if isinstance(made, MSEObserver) and (made.bits, made.symmetric) != (self.act_bits, False):
+            raise ValueError(
+                f"observer=MSEObserver(bits={made.bits}, symmetric={made.symmetric}) does not match act_bits="
+                f"{self.act_bits} with asymmetric activations; allowed: MSEObserver(bits={self.act_bits})"
+            )
+        return made
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(bits=self.bits, scheme=self.weight_kwargs["scheme"], targets=self.targets)
+        return self._generate_state_key(bits=self.bits, method=self.weight_kwargs["method"], targets=self.targets)
 
     # ------------------------------------------------------------------------------------------- swap
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -141,7 +159,7 @@ class QATFakeQuant(pl.Callback):
                 raise ValueError(f"layer {name!r}: {err}") from None
             aq = None
             if self.act_bits is not None:
-                aq = ActQuantizer(make_observer(self.observer, **self._observer_args(self.observer)), self.act_bits)
+                aq = ActQuantizer(self.new_observer(), self.act_bits)
             built[name] = fake_quant_class(layer).from_module(layer, wq, aq)
             built[name].enabled = self.start_epoch == 0
         replace_layers(model, built)
@@ -157,35 +175,20 @@ class QATFakeQuant(pl.Callback):
         self.step += 1
         if self.act_bits is None:
             return
-        if trainer.world_size > 1 and dist.is_available() and dist.is_initialized():
-            self.sync_observers()
+        if trainer.world_size > 1:
+            sync_observers([layer.act_quantizer.observer for layer in self.layers.values()])
         if self.freeze_observers_step is not None and self.step >= self.freeze_observers_step:
             for layer in self.layers.values():
                 layer.act_quantizer.observer.freeze()
-
-    @torch.no_grad()
-    def sync_observers(self) -> None:
-        """All-reduce every observer statistic by its declared op (one collective per op for all layers)."""
-        by_op: dict[str, list[tuple[Any, str]]] = {}
-        for layer in self.layers.values():
-            obs = layer.act_quantizer.observer
-            for attr, op in obs.reduce_ops().items():
-                by_op.setdefault(op, []).append((obs, attr))
-        for op, entries in by_op.items():
-            flat = torch.stack([getattr(o, a).detach().float().reshape(()) for o, a in entries])
-            dist.all_reduce(flat, op=_REDUCE[op])
-            if op == "mean":
-                flat /= dist.get_world_size()
-            for (obs, attr), value in zip(entries, flat, strict=True):
-                getattr(obs, attr).copy_(value)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.convert:
             self.convert_layers()
 
     @torch.no_grad()
-    def convert_layers(self) -> dict[str, dict[str, Tensor]]:
-        """Put every weight exactly on its grid, freeze scales and observers; returns (and keeps) the int tensors."""
+    def convert_layers(self) -> dict[str, QuantizedLayer]:
+        """Put every weight exactly on its grid, freeze scales and observers; returns (and keeps) the layers' codes,
+        scales and activation ranges."""
         for name, layer in self.layers.items():  # check everything before changing anything
             if layer.act_quantizer is not None and int(layer.act_quantizer.observer.num_batches) == 0:
                 raise RuntimeError(
@@ -194,14 +197,12 @@ class QATFakeQuant(pl.Callback):
                 )
         for name, layer in self.layers.items():
             layer.enabled = True
-            self.exported[name] = layer.weight_quantizer.convert(layer.weight)
+            layer.weight_quantizer.convert(layer.weight)
             if layer.act_quantizer is not None:
-                obs = layer.act_quantizer.observer
-                obs.freeze()
-                scale, zero_point = obs.qparams(self.act_bits, symmetric=False)
-                self.exported[name].update(act_scale=scale, act_zero_point=zero_point)
+                layer.act_quantizer.observer.freeze()
+            self.quantized[name] = layer.quantized()
         self.converted = True
-        return self.exported
+        return self.quantized
 
     # ------------------------------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:

@@ -83,7 +83,7 @@ def quantized_views(model: nn.Module, snapshots: Mapping[str, Tensor], n: int = 
         with torch.no_grad():
             if is_fake_quant(module):
                 original = snapshots.get(name, module.weight.detach().float().cpu())
-                quantized = module.quantized_weight().detach().float().cpu()
+                quantized = module.fake_quantized_weight().detach().float().cpu()
                 views.append((f"{name} (int{module.weight_quantizer.bits})", original, quantized))
             elif isinstance(module, ExportedLinear) and name in snapshots:
                 views.append((f"{name} ({type(module).__name__})", snapshots[name], module.dequantized_weight().cpu()))

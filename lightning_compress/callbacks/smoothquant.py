@@ -20,6 +20,7 @@ from lightning_compress.nn.fake_quant import (
     WeightQuantizer,
     is_fake_quant,
 )
+from lightning_compress.nn.quantized import QuantizedLayer
 from lightning_compress.nn.select import compile_patterns, replace_layers, restored_on_error, select_layers
 
 log = logging.getLogger(__name__)
@@ -95,8 +96,8 @@ class SmoothQuantCalibrate(CalibrationCallback):
         self.act_granularity, self.explicit_scales, self.convert = act_granularity, explicit_scales, convert
         self.mappings = None if mappings is None else [tuple(p) for p in mappings]
 
-    def apply(self, model: nn.Module, batches: Iterable[Any]) -> dict[str, dict[str, Tensor]]:
-        """Smooth and W8A8-quantize ``model``'s selected Linears in place; returns ``{name: int state}``."""
+    def apply(self, model: nn.Module, batches: Iterable[Any]) -> dict[str, QuantizedLayer]:
+        """Smooth and W8A8-quantize ``model``'s selected Linears in place; returns ``{name: QuantizedLayer}``."""
         accept = lambda m: isinstance(m, nn.Linear) and not is_fake_quant(m)  # noqa: E731
         layers = select_layers(model, self.targets, self.ignore, accept=accept, kind="Linear")
         batches = list(batches)
@@ -109,27 +110,26 @@ class SmoothQuantCalibrate(CalibrationCallback):
                 smoothing = [None] * len(groups)
             else:
                 smoothing = smooth_model(model, layers, groups, absmax, batches[0], self.alpha, self.explicit_scales)
-            built, exported = {}, {}
+            built = {}
             for group, a, sm in zip(groups, absmax, smoothing, strict=True):
                 smoothed = a if sm is None else a / sm.s
                 for name in group.layers:
-                    built[name], exported[name] = self._quantized(layers[name], smoothed, sm)
+                    built[name] = self._fake_quant(layers[name], smoothed, sm)
         replace_layers(model, built)
-        self.exported.update(exported)
+        quantized = {name: layer.quantized() for name, layer in built.items()}
+        self.quantized.update(quantized)
         log.info("SmoothQuantCalibrate: %d Linears to W%dA%d", len(built), self.bits, self.act_bits)
-        return exported
+        return quantized
 
-    def _quantized(self, layer: nn.Linear, act_absmax: Tensor, smoothing: Any) -> tuple[nn.Module, dict[str, Tensor]]:
-        """The W8A8 fake-quant version of one (already smoothed) layer and its int state."""
+    def _fake_quant(self, layer: nn.Linear, act_absmax: Tensor, smoothing: Any) -> nn.Module:
+        """The W8A8 fake-quant version of one (already smoothed) layer; its weight on the int8 grid with
+        ``convert``."""
         explicit = smoothing.s if smoothing is not None and smoothing.explicit else None
         qmax = quant_range(self.act_bits)[1]
         static = act_absmax.max().clamp_min(1e-8) / qmax if self.act_granularity == "tensor" else None
         aq = SymmetricActQuantizer(self.act_bits, self.act_granularity, static, explicit)
         wq = WeightQuantizer(layer.weight, bits=self.bits, symmetric=True)
         new = FakeQuantLinear.from_module(layer, wq, aq)
-        state = wq.convert(layer.weight) if self.convert else {}
-        if static is not None:
-            state["act_scale"] = static
-        if explicit is not None:
-            state["smooth"] = explicit
-        return new, state
+        if self.convert:
+            wq.convert(layer.weight)
+        return new

@@ -24,7 +24,8 @@ from torch import Tensor, nn
 
 from lightning_compress.export.layer import FLOAT, REFERENCE, ExportedLinear, float_bias
 from lightning_compress.functional.packing import pack_bits, unpack_bits
-from lightning_compress.functional.quant import compute_qparams, dequantize, quant_range, quantize
+from lightning_compress.functional.quant import dequantize, quant_range
+from lightning_compress.nn.quantized import QuantizedWeight, round_to_nearest
 
 INT4 = "int4"
 BITS = 4
@@ -118,7 +119,7 @@ class Int4Linear(ExportedLinear):
 
     # ------------------------------------------------------------------------------ construction
     @classmethod
-    def from_float(cls, linear: nn.Linear, group_size: int | None = 128, symmetric: bool = True) -> Int4Linear:
+    def from_module(cls, linear: nn.Linear, group_size: int | None = 128, symmetric: bool = True) -> Int4Linear:
         """Round-to-nearest int4 of a float ``nn.Linear`` with min-max scales (as the fake-quant layers compute).
 
         ``(S, Z) = compute_qparams(W, 4, symmetric, group_size=g)``, ``q = quantize(W, S, Z, 4)``.
@@ -133,11 +134,21 @@ class Int4Linear(ExportedLinear):
         """
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
-        weight = linear.weight.detach().float()
-        axis = 0 if group_size is None else None
-        scale, zero_point = compute_qparams(weight, BITS, symmetric, axis=axis, group_size=group_size)
-        codes = quantize(weight, scale, zero_point, BITS)
-        return cls(codes, scale, None if symmetric else zero_point, linear.bias, group_size)
+        return cls.from_quantized(round_to_nearest(linear.weight, BITS, symmetric, group_size), linear.bias)
+
+    @classmethod
+    def from_quantized(cls, weight: QuantizedWeight, bias: Tensor | None = None) -> Int4Linear:
+        """The layer for integer codes of 4 bits or fewer (any group size, symmetric or not); weight-only.
+
+        Raises:
+            ValueError: codes of format ``"codebook"`` or wider than 4 bits.
+        """
+        if weight.format != "int" or weight.bits > BITS:
+            raise ValueError(
+                f"Int4Linear takes integer codes of at most {BITS} bits, got format={weight.format!r}, "
+                f"bits={weight.bits}"
+            )
+        return cls(weight.codes, weight.scale, weight.zero_point, bias, weight.group_size)
 
     def spec(self) -> dict[str, Any]:
         """``{"in_features", "out_features", "group_size", "symmetric", "bias"}`` (what :meth:`from_spec` reads)."""

@@ -21,13 +21,12 @@ from torch import Tensor, nn
 from lightning_compress.export.layer import FLOAT, REFERENCE, ExportedLinear, float_bias
 from lightning_compress.functional.quant import (
     check_bits,
-    compute_qparams,
     dequantize,
     fake_quantize,
     quant_range,
-    quantize,
     token_scale,
 )
+from lightning_compress.nn.quantized import QuantizedInput, QuantizedWeight, round_to_nearest
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +34,15 @@ INT8 = "int8"
 # torch._int_mm on CUDA needs more than 16 rows and inner / output sizes that are multiples of 8.
 CUDA_MIN_ROWS = 17
 CUDA_MULTIPLE = 8
+
+
+def check_int_channel_codes(weight: QuantizedWeight) -> None:
+    """Raise ValueError unless ``weight`` is symmetric per-channel integer codes (what the int8 kernels take)."""
+    if weight.format != "int" or weight.group_size is not None or not weight.symmetric:
+        raise ValueError(
+            f"int{weight.bits} weights of format {weight.format!r} with group_size={weight.group_size}, "
+            f"symmetric={weight.symmetric} have no int8 kernel; allowed: symmetric per-channel integer codes"
+        )
 
 
 def int_mm_ok(k: int, n: int, device: torch.device) -> bool:
@@ -175,6 +183,18 @@ class ActQuantMixin:
         register("act_zero_point", None if zero_point is None else zero_point.detach().float().reshape(()).clone())
         register("smooth", None if smooth is None else smooth.detach().float().clone())
 
+    @staticmethod
+    def act_arguments(quantized: QuantizedInput | None) -> dict[str, Any]:
+        """The activation constructor arguments for ``quantized`` (``act_bits=None``, weight-only, for None)."""
+        if quantized is None:
+            return {"act_bits": None}
+        return {
+            "act_bits": quantized.bits,
+            "act_scale": quantized.scale,
+            "act_zero_point": quantized.zero_point,
+            "smooth": quantized.smooth,
+        }
+
     def act_spec(self) -> dict[str, Any]:
         """The activation-quantization part of a spec."""
         return {
@@ -195,7 +215,7 @@ class ActQuantMixin:
             "smooth": torch.ones(spec["in_features"]) if spec["smooth"] else None,
         }
 
-    def quantized_input(self, x: Tensor) -> Tensor:
+    def fake_quantized_input(self, x: Tensor) -> Tensor:
         """The input as the layer sees it: divided by ``smooth``, fake-quantized per token or statically (``x`` as
         is when weight-only)."""
         if self.act_bits is None:
@@ -210,7 +230,7 @@ class ActQuantMixin:
         """The float kernel's input: a static (calibrated or QAT) activation range clips, and the model was trained or
         calibrated with that clipping, so it is kept (fake-quantized); dynamic per-token quantization only rounds,
         so the float kernel skips it."""
-        return x if getattr(self, "act_scale", None) is None else self.quantized_input(x)
+        return x if getattr(self, "act_scale", None) is None else self.fake_quantized_input(x)
 
     def code_sums(self, codes: Tensor) -> Tensor | None:
         """int32 ``(out,)`` sums of the weight codes ``(out, in)`` over inputs: the zero-point correction
@@ -268,11 +288,24 @@ class Int8Linear(ActQuantMixin, ExportedLinear):
         self._register_act(act_bits, act_scale, act_zero_point, smooth, in_features)
 
     @classmethod
-    def from_float(cls, linear: nn.Linear, act_bits: int = 8) -> Int8Linear:
-        """Round-to-nearest int8 per output channel of a float ``linear``, dynamic per-token activations."""
-        w = linear.weight.detach().float()
-        s, z = compute_qparams(w, 8, symmetric=True, axis=0)
-        return cls(quantize(w, s, z, 8), s, linear.bias, act_bits=act_bits)
+    def from_module(cls, linear: nn.Linear, act_bits: int | None = 8) -> Int8Linear:
+        """Round-to-nearest int8 per output channel of a float ``linear``, dynamic per-token activations (none
+        with ``act_bits=None``)."""
+        act = None if act_bits is None else QuantizedInput(act_bits)
+        return cls.from_quantized(round_to_nearest(linear.weight, 8), linear.bias, act)
+
+    @classmethod
+    def from_quantized(
+        cls, weight: QuantizedWeight, bias: Tensor | None = None, input: QuantizedInput | None = None
+    ) -> Int8Linear:
+        """The layer for symmetric per-channel codes of 8 bits or fewer and their input quantization (None:
+        weight-only).
+
+        Raises:
+            ValueError: codes with groups, zero-points or of format ``"codebook"`` (no integer kernel for them).
+        """
+        check_int_channel_codes(weight)
+        return cls(weight.codes, weight.scale, bias, **cls.act_arguments(input))
 
     def spec(self) -> dict[str, Any]:
         shape = {"in_features": self.in_features, "out_features": self.out_features, "bias": self.bias is not None}
@@ -289,7 +322,7 @@ class Int8Linear(ActQuantMixin, ExportedLinear):
 
     def reference(self, x: Tensor) -> Tensor:
         b = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(self.quantized_input(x), self.dequantized_weight().to(x.dtype), b)
+        return F.linear(self.fake_quantized_input(x), self.dequantized_weight().to(x.dtype), b)
 
     def available_kernels(self) -> list[str]:
         kernels = super().available_kernels()

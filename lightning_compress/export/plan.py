@@ -22,8 +22,8 @@ from lightning_compress.export.layer import ExportedLinear, float_dtype
 from lightning_compress.export.selfcheck import ExportReport, choose_kernel, kernel_note, layer_tokens
 from lightning_compress.export.sparse_linear import SemiStructuredSparseLinear
 from lightning_compress.functional.packing import is_24_sparse
-from lightning_compress.functional.quant import quantize
-from lightning_compress.nn.fake_quant import ActQuantizer, SymmetricActQuantizer, is_fake_quant
+from lightning_compress.nn.fake_quant import is_fake_quant
+from lightning_compress.nn.quantized import QuantizedInput, round_to_nearest
 from lightning_compress.nn.select import replace_layers, select_layers
 
 log = logging.getLogger(__name__)
@@ -57,43 +57,29 @@ def check_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     return dtype
 
 
-def _act_args(module: nn.Module) -> dict[str, Any]:
-    """Int8Linear activation arguments reproducing ``module``'s activation quantizer (weight-only if it has none)."""
-    aq = getattr(module, "act_quantizer", None)
-    if isinstance(aq, SymmetricActQuantizer):
-        scale = aq.scale if aq.granularity == "tensor" else None
-        return {"act_bits": aq.bits, "act_scale": scale, "smooth": aq.smooth}
-    if isinstance(aq, ActQuantizer) and int(aq.observer.num_batches) > 0:
-        s, z = aq.observer.qparams(aq.bits, symmetric=False)
-        return {"act_bits": aq.bits, "act_scale": s.reshape(()), "act_zero_point": z.reshape(())}
-    return {"act_bits": None}
-
-
 def _fake_quant_layer(name: str, module: nn.Module, sparse: bool) -> tuple[str, ExportedLinear]:
     """The exported layer of a fake-quant Linear: its own codes and scales (int8 / int4, 2:4 when ``sparse``)."""
-    wq = module.weight_quantizer
     if not module.enabled:
         raise ValueError(f"layer {name!r} has quantization disabled (QAT before start_epoch); allowed: enabled layers")
-    s, z = wq.qparams(module.weight)
-    codes = quantize(module.weight.detach().float(), s, z, wq.bits)
-    if wq.bits <= 4:
+    quantized = module.quantized()
+    weight = quantized.weight
+    if weight.bits <= 4:
         if sparse:
             log.info(
-                "layer %s: 2:4 sparse int%d weights are exported as packed int4 (no 2:4 int4 kernel)", name, wq.bits
+                "layer %s: 2:4 sparse int%d weights are exported as packed int4 (no 2:4 int4 kernel)", name, weight.bits
             )
         if getattr(module, "act_quantizer", None) is not None:
             log.warning("layer %s: its activation quantization is dropped (int4 exports weight-only)", name)
-        group = wq.group_size or module.in_features
-        return f"int4 g{group}", Int4Linear(codes, s, None if wq.symmetric else z, module.bias, group)
-    if wq.group_size or not wq.symmetric:
+        return f"int4 g{weight.group_size or module.in_features}", Int4Linear.from_quantized(weight, module.bias)
+    if weight.group_size or not weight.symmetric:
         raise ValueError(
-            f"layer {name!r}: int{wq.bits} weights with group_size={wq.group_size}, symmetric={wq.symmetric} have no "
-            "integer kernel; allowed: symmetric per-channel weights for 5-8 bits, any granularity for 2-4 bits"
+            f"layer {name!r}: int{weight.bits} weights with group_size={weight.group_size}, symmetric="
+            f"{weight.symmetric} have no integer kernel; allowed: symmetric per-channel weights for 5-8 bits, any "
+            "granularity for 2-4 bits"
         )
-    act = _act_args(module)
     if sparse:
-        return "2:4 int8", SemiStructuredSparseLinear(codes, module.bias, weight_scale=s, **act)
-    return "int8", Int8Linear(codes, s, module.bias, **act)
+        return "2:4 int8", SemiStructuredSparseLinear.from_quantized(weight, module.bias, quantized.input)
+    return "int8", Int8Linear.from_quantized(weight, module.bias, quantized.input)
 
 
 def _float_layer(
@@ -102,13 +88,12 @@ def _float_layer(
     """The exported layer of a plain float Linear (round-to-nearest when ``weights`` asks), or None: stays float."""
     if weights == "int4":
         group = group_size if module.in_features % group_size == 0 else module.in_features
-        return f"int4 g{group} (RTN)", Int4Linear.from_float(module, group)
+        return f"int4 g{group} (RTN)", Int4Linear.from_module(module, group)
     if weights == "int8":
-        rtn = Int8Linear.from_float(module)
         if sparse:
-            codes = rtn.weight_t.t()
-            return "2:4 int8 (RTN)", SemiStructuredSparseLinear(codes, module.bias, weight_scale=rtn.weight_scale)
-        return "int8 (RTN)", rtn
+            rtn = round_to_nearest(module.weight, 8)
+            return "2:4 int8 (RTN)", SemiStructuredSparseLinear.from_quantized(rtn, module.bias, QuantizedInput(8))
+        return "int8 (RTN)", Int8Linear.from_module(module)
     if sparse:
         return "2:4", SemiStructuredSparseLinear(module.weight.detach().to(dtype or module.weight.dtype), module.bias)
     return None
@@ -123,7 +108,7 @@ def plan_layers(
     group_size: int = 128,
     dtype: torch.dtype | None = None,
 ) -> dict[str, tuple[str, ExportedLinear]]:
-    """``{name: (scheme, exported layer)}`` for the selected Linears; the model is not touched. Float 2:4 values are
+    """``{name: (layout, exported layer)}`` for the selected Linears; the model is not touched. Float 2:4 values are
     kept in ``dtype`` (the weight's own when None).
 
     Raises:
@@ -133,9 +118,9 @@ def plan_layers(
     selected = select_layers(model, targets, ignore, accept=lambda m: isinstance(m, nn.Linear), kind="Linear")
     plan: dict[str, tuple[str, ExportedLinear]] = {}
     for name, module in selected.items():
-        if is_fake_quant(module) and module.weight_quantizer.scheme == "kmeans":
+        if is_fake_quant(module) and module.weight_quantizer.method == "kmeans":
             raise ValueError(f"layer {name!r} holds k-means codes; allowed: linear quantization (no k-means kernel)")
-        weight = module.quantized_weight() if is_fake_quant(module) else module.weight
+        weight = module.fake_quantized_weight() if is_fake_quant(module) else module.weight
         sparse = sparsity is not None and module.in_features % 8 == 0 and is_24_sparse(weight.detach())
         if sparsity == "2:4" and not sparse:
             raise ValueError(f"sparsity='2:4' but layer {name!r} is not 2:4 sparse; allowed: 2:4-pruned layers")
@@ -201,9 +186,9 @@ def export_for_inference(
     compute = dtype or float_dtype(model)
     report, timings = ExportReport(), {}
     with Progress(len(plan), "export self-check") as bar:
-        for name, (scheme, layer) in plan.items():
+        for name, (layout, layer) in plan.items():
             record = choose_kernel(layer, rows.get(name, tokens), compute, prefer, timings)
-            record.name, record.scheme = name, scheme
+            record.name, record.layout = name, layout
             record.note = (record.note + kernel_note(layer, record)).strip("; ")
             report.layers.append(record)
             bar.step(f"{name}: {record.kernel}")
@@ -224,7 +209,7 @@ def _unwrap_fake_quant(model: nn.Module, exclude: dict[str, Any]) -> None:
     plain = {}
     for name, module in rest.items():
         with torch.no_grad():
-            q = module.quantized_weight().detach()
+            q = module.fake_quantized_weight().detach()
             layer = module.to_module()
             layer.weight = nn.Parameter(q, requires_grad=False)
         plain[name] = layer

@@ -28,10 +28,11 @@ MIN_SQNR_DB = 40.0
 
 @dataclass
 class LayerExport:
-    """What the export did with one layer: its scheme, the kernels timed (ms at ``tokens`` rows) and the choice."""
+    """What the export did with one layer: its layout (what it became), the kernels timed (ms at ``tokens`` rows)
+    and the choice."""
 
     name: str
-    scheme: str
+    layout: str
     in_features: int
     out_features: int
     tokens: int
@@ -47,16 +48,16 @@ class ExportReport:
     layers: list[LayerExport] = field(default_factory=list)
 
     def to_markdown(self) -> str:
-        """A markdown table: layer, scheme, shape, kernel chosen, its speed against the dense float kernel, note."""
+        """A markdown table: layer, layout, shape, kernel chosen, its speed against the dense float kernel, note."""
         rows = [
-            "| layer | scheme | in → out | tokens | kernel | vs dense float | note |",
+            "| layer | layout | in → out | tokens | kernel | vs dense float | note |",
             "|---|---|---|---|---|---|---|",
         ]
         for r in self.layers:
             dense, chosen = r.times_ms.get(FLOAT), r.times_ms.get(r.kernel)
             speed = f"{dense / chosen:.2f}×" if dense and chosen else "–"
             rows.append(
-                f"| {r.name} | {r.scheme} | {r.in_features} → {r.out_features} | {r.tokens} | {r.kernel} | {speed} "
+                f"| {r.name} | {r.layout} | {r.in_features} → {r.out_features} | {r.tokens} | {r.kernel} | {speed} "
                 f"| {r.note} |"
             )
         return "\n".join(rows)

@@ -39,6 +39,7 @@ from lightning_compress.export.int8_linear import (
     ActQuantMixin,
     channel_scale,
     check_codes,
+    check_int_channel_codes,
     int_mm_ok,
     w8a8_linear,
 )
@@ -46,6 +47,7 @@ from lightning_compress.export.layer import FLOAT, REFERENCE, ExportedLinear, fl
 from lightning_compress.functional.masks import nm_mask
 from lightning_compress.functional.packing import compress_24, decompress_24, pack_bits
 from lightning_compress.functional.quant import dequantize
+from lightning_compress.nn.quantized import QuantizedInput, QuantizedWeight
 
 SPARSE = "sparse"
 FLAVOURS = (FLOAT, INT8)
@@ -230,7 +232,7 @@ class SemiStructuredSparseLinear(ActQuantMixin, ExportedLinear):
 
     # ------------------------------------------------------------------------------ construction
     @classmethod
-    def from_dense(cls, linear: nn.Linear) -> SemiStructuredSparseLinear:
+    def from_module(cls, linear: nn.Linear) -> SemiStructuredSparseLinear:
         """The float flavour of a 2:4-pruned float ``nn.Linear`` (values kept in its weight's dtype).
 
         Raises:
@@ -239,6 +241,19 @@ class SemiStructuredSparseLinear(ActQuantMixin, ExportedLinear):
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
         return cls(linear.weight.detach(), linear.bias)
+
+    @classmethod
+    def from_quantized(
+        cls, weight: QuantizedWeight, bias: Tensor | None = None, input: QuantizedInput | None = None
+    ) -> SemiStructuredSparseLinear:
+        """The int8 flavour for 2:4-sparse symmetric per-channel codes and their input quantization (None:
+        weight-only).
+
+        Raises:
+            ValueError: codes with groups, zero-points or of format ``"codebook"``, or not 2:4 sparse.
+        """
+        check_int_channel_codes(weight)
+        return cls(weight.codes, bias, weight_scale=weight.scale, **cls.act_arguments(input))
 
     def spec(self) -> dict[str, Any]:
         """``{"in_features", "out_features", "bias", "flavour"}`` plus ``"dtype"`` (float) or the activation spec."""
@@ -295,7 +310,7 @@ class SemiStructuredSparseLinear(ActQuantMixin, ExportedLinear):
         bias = None if self.bias is None else self.bias.to(x.dtype)
         if self.flavour == FLOAT:
             return F.linear(x, self.decompressed().to(x.dtype), bias)
-        return F.linear(self.quantized_input(x), self.dequantized_weight().to(x.dtype), bias)
+        return F.linear(self.fake_quantized_input(x), self.dequantized_weight().to(x.dtype), bias)
 
     # ------------------------------------------------------------------------------ kernels
     def available_kernels(self) -> list[str]:

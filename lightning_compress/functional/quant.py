@@ -6,7 +6,7 @@ Codes are signed N-bit integers in ``[qmin, qmax] = [-2^(N-1), 2^(N-1) - 1]``, N
 Granularity is one code path: the scale and zero-point have the same number of dimensions as the tensor,
 and along each dimension either one value (shared), one value per index, or one value per block of
 ``size // params_size`` consecutive indices. Per-tensor, per-channel (any axis) and per-group are three
-block shapes of that one rule (see :func:`block_size`). Tensors with more than two dimensions quantized per
+block shapes of that one rule (see :func:`group_shape`). Tensors with more than two dimensions quantized per
 group are grouped along their flattened input dimension ``prod(shape[1:])`` (a conv weight as ``(out, in*kh*kw)``).
 """
 
@@ -57,7 +57,7 @@ def quant_range(bits: int) -> tuple[int, int]:
     return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
 
 
-def block_size(
+def group_shape(
     shape: tuple[int, ...] | torch.Size, axis: int | None = None, group_size: int | None = None
 ) -> tuple[int, ...]:
     """Block shape that one scale covers, for a tensor of ``shape``.
@@ -175,7 +175,7 @@ def compute_qparams(
         ``QParams`` in block shape: per-tensor ``(1,)*ndim``; per-channel ``shape`` with 1 everywhere but ``axis``;
         per-group ``(out, in / group_size)``.
     """
-    block = block_size(x.shape, axis, group_size)
+    block = group_shape(x.shape, axis, group_size)
     blocks = _blocked(x.detach(), block)
     n = blocks.dim() // 2
     params_shape = blocks.shape[0::2]

@@ -1,9 +1,18 @@
-"""Collectives across data-parallel ranks, each a no-op without an initialised process group."""
+"""The one collective helper: every cross-rank reduction and broadcast in the library goes through here.
+
+Each call is a no-op without an initialised process group of more than one process, so the same code runs in one
+process and under any Lightning strategy built on ``torch.distributed`` (DDP, ``ddp_spawn``, FSDP).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+import torch
 import torch.distributed as dist
 from torch import Tensor
+
+REDUCE_OPS = ("sum", "mean", "min", "max")
 
 
 def is_distributed() -> bool:
@@ -11,15 +20,50 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def is_rank_zero() -> bool:
+    """Whether this process is rank 0 (or the only one)."""
+    return not is_distributed() or dist.get_rank() == 0
+
+
 def all_reduce_(tensor: Tensor, op: str = "sum") -> Tensor:
-    """All-reduce ``tensor`` in place across data-parallel ranks (``"sum"`` or ``"max"``); a no-op without DDP."""
+    """All-reduce ``tensor`` in place across ranks with ``op`` (``"sum"``, ``"mean"``, ``"min"``, ``"max"``).
+
+    ``"mean"`` is the sum divided by the world size (gloo has no average). Returns ``tensor``.
+
+    Raises:
+        ValueError: an unknown ``op``.
+    """
+    if op not in REDUCE_OPS:
+        raise ValueError(f"op={op!r} is not supported; allowed: {list(REDUCE_OPS)}")
     if is_distributed():
-        dist.all_reduce(tensor, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op])
+        reduce_op = {"sum": dist.ReduceOp.SUM, "mean": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN}
+        dist.all_reduce(tensor, op=reduce_op.get(op, dist.ReduceOp.MAX))
+        if op == "mean":
+            tensor.div_(dist.get_world_size())
     return tensor
 
 
+def all_reduce_many_(tensors: Sequence[Tensor], op: str = "sum") -> None:
+    """All-reduce many small tensors in place with one collective: flattened into one float64 buffer, reduced,
+    copied back (each in its own dtype). Use for per-step statistics of many layers."""
+    if not tensors or not is_distributed():
+        return
+    flat = torch.cat([t.detach().reshape(-1).double() for t in tensors])
+    all_reduce_(flat, op)
+    for t, part in zip(tensors, flat.split([t.numel() for t in tensors]), strict=True):
+        t.copy_(part.reshape(t.shape))
+
+
 def broadcast_(tensor: Tensor, src: int = 0) -> Tensor:
-    """Broadcast ``tensor`` in place from rank ``src`` so every rank holds identical values; a no-op without DDP."""
+    """Broadcast ``tensor`` in place from rank ``src`` so every rank holds identical values; returns ``tensor``.
+
+    Bool tensors travel as uint8 (not every backend broadcasts bool).
+    """
     if is_distributed():
-        dist.broadcast(tensor, src=src)
+        if tensor.dtype == torch.bool:
+            carrier = tensor.to(torch.uint8)
+            dist.broadcast(carrier, src=src)
+            tensor.copy_(carrier.bool())
+        else:
+            dist.broadcast(tensor, src=src)
     return tensor

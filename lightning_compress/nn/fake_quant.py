@@ -19,33 +19,33 @@ from torch import Tensor, nn
 from lightning_compress.functional.kmeans import kmeans_1d
 from lightning_compress.functional.quant import (
     QParams,
-    block_size,
     check_bits,
     compute_qparams,
-    dequantize,
     fake_quantize,
+    group_shape,
     lsq_fake_quantize,
     quantize,
     token_scale,
 )
 from lightning_compress.functional.size import TensorFormat
 from lightning_compress.nn.observers import Observer
+from lightning_compress.nn.quantized import QuantizedInput, QuantizedLayer, QuantizedWeight
 
-SCHEMES = ("linear", "kmeans")
+METHODS = ("linear", "kmeans")
 KMEANS_INITS = ("linear", "kmeans++", "density")
 
 
 def check_weight_quant(
-    bits: int, symmetric: bool, group_size: int | None, scheme: str, lsq: bool, kmeans_init: str
+    bits: int, symmetric: bool, group_size: int | None, method: str, lsq: bool, kmeans_init: str
 ) -> None:
     """Validate a weight-quantization configuration (shape-independent parts); raises ValueError / TypeError."""
     check_bits(bits)
     if group_size is not None and (isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1):
         raise ValueError(f"group_size must be a positive int or None, got {group_size!r}")
-    if scheme not in SCHEMES:
-        raise ValueError(f"scheme={scheme!r} is not supported; allowed: {list(SCHEMES)}")
-    if lsq and (not symmetric or scheme != "linear"):
-        raise ValueError("lsq=True needs scheme='linear' and symmetric=True (LSQ learns a symmetric step size)")
+    if method not in METHODS:
+        raise ValueError(f"method={method!r} is not supported; allowed: {list(METHODS)}")
+    if lsq and (not symmetric or method != "linear"):
+        raise ValueError("lsq=True needs method='linear' and symmetric=True (LSQ learns a symmetric step size)")
     if kmeans_init not in KMEANS_INITS:
         raise ValueError(f"kmeans_init={kmeans_init!r} is not supported; allowed: {list(KMEANS_INITS)}")
 
@@ -63,9 +63,9 @@ class _StatelessInStateDict(nn.Module):
 class WeightQuantizer(_StatelessInStateDict):
     """Fake-quantizes a weight ``(out, in, ...)``.
 
-    ``scheme="linear"``: signed ``bits``-bit codes, per output channel (``group_size=None``) or per group of
+    ``method="linear"``: signed ``bits``-bit codes, per output channel (``group_size=None``) or per group of
     ``group_size`` inputs, symmetric or asymmetric; min-max scales recomputed from the weight at every step, or
-    learned (``lsq=True``, symmetric, initialised from min-max). ``scheme="kmeans"``: ``2^bits`` shared centroids
+    learned (``lsq=True``, symmetric, initialised from min-max). ``method="kmeans"``: ``2^bits`` shared centroids
     (Han et al., Deep Compression); each weight is an index into the codebook, zeros (pruned weights) stay zero,
     and each centroid's gradient is the sum of its members' gradients. After :meth:`convert` the scales are frozen
     and the weight sits exactly on its grid.
@@ -77,21 +77,21 @@ class WeightQuantizer(_StatelessInStateDict):
         bits: int = 8,
         symmetric: bool = True,
         group_size: int | None = None,
-        scheme: str = "linear",
+        method: str = "linear",
         lsq: bool = False,
         kmeans_init: str = "linear",
     ) -> None:
         super().__init__()
-        check_weight_quant(bits, symmetric, group_size, scheme, lsq, kmeans_init)
-        block_size(weight.shape, None if group_size else 0, group_size)  # validates group_size against the shape
+        check_weight_quant(bits, symmetric, group_size, method, lsq, kmeans_init)
+        group_shape(weight.shape, None if group_size else 0, group_size)  # validates group_size against the shape
         self.bits, self.symmetric, self.group_size = bits, symmetric, group_size
-        self.scheme, self.lsq, self.kmeans_init = scheme, lsq, kmeans_init
+        self.method, self.lsq, self.kmeans_init = method, lsq, kmeans_init
         self.frozen: QParams | None = None
         self.scale: nn.Parameter | None = None
         if lsq:
             self.scale = nn.Parameter(self._minmax(weight).scale)
         # k-means: the codebook exists from the start so the optimizer sees it; cluster() fills it in place
-        self.centroids = nn.Parameter(torch.zeros(2**bits, device=weight.device)) if scheme == "kmeans" else None
+        self.centroids = nn.Parameter(torch.zeros(2**bits, device=weight.device)) if method == "kmeans" else None
         self.clustered = False
         self.register_buffer("indices", None, persistent=False)
         self.register_buffer("nonzero", None, persistent=False)
@@ -123,7 +123,7 @@ class WeightQuantizer(_StatelessInStateDict):
         self.clustered = True
 
     def forward(self, weight: Tensor) -> Tensor:
-        if self.scheme == "kmeans":
+        if self.method == "kmeans":
             if not self.clustered:
                 self.cluster(weight)
             return (self.centroids[self.indices] * self.nonzero).to(weight.dtype)
@@ -133,33 +133,44 @@ class WeightQuantizer(_StatelessInStateDict):
         return fake_quantize(weight, s, None if self.symmetric else z, self.bits)
 
     @torch.no_grad()
-    def convert(self, weight: nn.Parameter) -> dict[str, Tensor]:
+    def quantized(self, weight: Tensor) -> QuantizedWeight:
+        """``weight`` on this quantizer's grid as a :class:`QuantizedWeight` (the weight itself is not changed).
+
+        Linear: int8 codes with the scale and zero-point in use; k-means: codebook indices, the codebook, and the
+        mask of the non-zero weights.
+        """
+        if self.method == "kmeans":
+            if not self.clustered:
+                self.cluster(weight)
+            codebook = self.centroids.detach().clone()
+            return QuantizedWeight(
+                self.indices.clone(), None, None, self.bits, None, "codebook", codebook, self.nonzero
+            )
+        s, z = self.qparams(weight)
+        codes = quantize(weight.detach().float(), s, z, self.bits)
+        return QuantizedWeight(codes, s.clone(), None if self.symmetric else z.clone(), self.bits, self.group_size)
+
+    @torch.no_grad()
+    def convert(self, weight: nn.Parameter) -> QuantizedWeight:
         """Put ``weight`` exactly on its grid (in place) and freeze the quantization parameters.
 
         Returns:
-            Linear: ``{"int_weight" (int8 codes), "scale", "zero_point"}``; k-means: ``{"indices" (int64),
-            "centroids", "nonzero"}``. ``dequantize(int_weight, scale, zero_point)`` equals the new weight.
+            The :class:`QuantizedWeight`; its ``dequantize()`` equals the new weight.
         """
-        if self.scheme == "kmeans":
-            weight.copy_(self.forward(weight))
-            return {
-                "indices": self.indices.clone(),
-                "centroids": self.centroids.detach().clone(),
-                "nonzero": self.nonzero,
-            }
-        s, z = self.qparams(weight)
-        codes = quantize(weight, s, z, self.bits)
-        weight.copy_(dequantize(codes, s, z).to(weight.dtype))
-        self.frozen = QParams(s.clone(), z.clone())
-        return {"int_weight": codes, "scale": s.clone(), "zero_point": z.clone()}
+        quantized = self.quantized(weight)
+        weight.copy_(quantized.dequantize().to(weight.dtype))
+        if self.method == "linear":
+            zero = quantized.zero_point if quantized.zero_point is not None else torch.zeros_like(quantized.scale)
+            self.frozen = QParams(quantized.scale.clone(), zero.clone())
+        return quantized
 
     @classmethod
-    def from_qparams(
-        cls, weight: Tensor, qparams: QParams, bits: int, symmetric: bool = True, group_size: int | None = None
-    ) -> WeightQuantizer:
-        """A linear quantizer frozen at given parameters (e.g. GPTQ's), for a weight already on that grid."""
-        quantizer = cls(weight, bits=bits, symmetric=symmetric, group_size=group_size)
-        quantizer.frozen = QParams(qparams.scale.to(weight.device), qparams.zero_point.to(weight.device))
+    def from_quantized(cls, weight: Tensor, quantized: QuantizedWeight) -> WeightQuantizer:
+        """A linear quantizer frozen at ``quantized``'s scales (e.g. GPTQ's), for a weight already on that grid."""
+        quantizer = cls(weight, bits=quantized.bits, symmetric=quantized.symmetric, group_size=quantized.group_size)
+        scale = quantized.scale.to(weight.device)
+        zero = torch.zeros_like(scale) if quantized.zero_point is None else quantized.zero_point.to(weight.device)
+        quantizer.frozen = QParams(scale, zero)
         return quantizer
 
     def quant_state(self) -> dict[str, Any]:
@@ -210,6 +221,13 @@ class ActQuantizer(_StatelessInStateDict):
         s, z = self.observer.qparams(self.bits, symmetric=False)
         return fake_quantize(x, s.to(x.device), z.to(x.device), self.bits)
 
+    def quantized(self) -> QuantizedInput | None:
+        """The static asymmetric input quantization the observer's range gives, or None before it saw data."""
+        if int(self.observer.num_batches) == 0:
+            return None
+        s, z = self.observer.qparams(self.bits, symmetric=False)
+        return QuantizedInput(self.bits, s.reshape(()), z.reshape(()))
+
 
 ACT_GRANULARITIES = ("tensor", "token")
 
@@ -246,6 +264,10 @@ class SymmetricActQuantizer(_StatelessInStateDict):
             return fake_quantize(x, self.scale, None, self.bits)
         return fake_quantize(x, token_scale(x, self.bits), None, self.bits)
 
+    def quantized(self) -> QuantizedInput:
+        """This quantizer as a :class:`QuantizedInput` (dynamic per token, or the static scale; the smoothing)."""
+        return QuantizedInput(self.bits, self.scale if self.granularity == "tensor" else None, None, self.smooth)
+
     def extra_repr(self) -> str:
         return f"bits={self.bits}, granularity={self.granularity!r}, smooth={self.smooth is not None}"
 
@@ -254,13 +276,16 @@ class _FakeQuantMixin:
     """Shared by the fake-quant layer classes: swap in / out, reusing the wrapped layer's Parameters."""
 
     weight_quantizer: WeightQuantizer
-    act_quantizer: ActQuantizer | None
+    act_quantizer: ActQuantizer | SymmetricActQuantizer | None
     _plain_class: type[nn.Module]
     enabled: bool
 
     @classmethod
     def from_module(
-        cls, module: nn.Module, weight_quantizer: WeightQuantizer, act_quantizer: ActQuantizer | None = None
+        cls,
+        module: nn.Module,
+        weight_quantizer: WeightQuantizer,
+        act_quantizer: ActQuantizer | SymmetricActQuantizer | None = None,
     ) -> nn.Module:
         """A fake-quant version of ``module`` sharing its Parameter objects and attributes."""
         new = copy.copy(module)
@@ -291,16 +316,21 @@ class _FakeQuantMixin:
     def weight_format(self) -> TensorFormat:
         """How the weight is stored once converted (for the compression summary's byte count)."""
         wq = self.weight_quantizer
-        if wq.scheme == "kmeans":
+        if wq.method == "kmeans":
             return TensorFormat(codebook_size=2**wq.bits)
         n_scales = self.weight.shape[0] * (self.weight[0].numel() // wq.group_size if wq.group_size else 1)
         return TensorFormat(bits=wq.bits, n_scales=n_scales, asymmetric=not wq.symmetric)
 
-    def quantized_weight(self) -> Tensor:
+    def quantized(self) -> QuantizedLayer:
+        """The layer's weight on its grid and its input quantization (None when it has none or it is inactive)."""
+        act = self.act_quantizer.quantized() if self.act_quantizer is not None else None
+        return QuantizedLayer(self.weight_quantizer.quantized(self.weight), act)
+
+    def fake_quantized_weight(self) -> Tensor:
         """The weight as the forward pass uses it."""
         return self.weight_quantizer(self.weight) if self.enabled else self.weight
 
-    def quantized_input(self, x: Tensor) -> Tensor:
+    def fake_quantized_input(self, x: Tensor) -> Tensor:
         """The input as the forward pass uses it (a disabled layer keeps an exact smoothing division)."""
         if self.act_quantizer is None:
             return x
@@ -313,14 +343,14 @@ class FakeQuantLinear(_FakeQuantMixin, nn.Linear):
     """``nn.Linear`` with fake-quantized weight and (optionally) input. Shapes as ``nn.Linear``."""
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(self.quantized_input(x), self.quantized_weight(), self.bias)
+        return F.linear(self.fake_quantized_input(x), self.fake_quantized_weight(), self.bias)
 
 
 class _FakeQuantConv(_FakeQuantMixin):
     """The conv forward with fake-quantized weight and (optionally) input; shapes as the wrapped conv."""
 
     def forward(self, x: Tensor) -> Tensor:
-        return self._conv_forward(self.quantized_input(x), self.quantized_weight(), self.bias)
+        return self._conv_forward(self.fake_quantized_input(x), self.fake_quantized_weight(), self.bias)
 
 
 class FakeQuantConv1d(_FakeQuantConv, nn.Conv1d):

@@ -11,18 +11,19 @@ both: a frozen observer never changes its range.
 The state (range, batch count, frozen flag) is deliberately **not** in the module's ``state_dict`` (non-persistent
 buffers), so a model with observers inserted still loads into the plain model with ``strict=True``; the QAT callback
 saves it with :meth:`Observer.observer_state` / :meth:`Observer.load_observer_state`. Across DDP ranks each statistic
-combines as :meth:`Observer.reduce_ops` declares, applied by :meth:`Observer.sync` with any all-reduce function.
+combines as :meth:`Observer.reduce_ops` declares, applied to many observers at once by :func:`sync_observers`.
 
-Kinds (see :func:`make_observer`): running min/max, exponential moving average (EMA) of per-batch min/max (as
-``torch.ao``'s ``MovingAverageMinMaxObserver``), EMA of per-batch percentiles, and EMA of the per-batch clipping range
-that minimises the fake-quantization mean squared error.
+Kinds, plain classes that Hydra instantiates by ``_target_``: :class:`MinMaxObserver` (running min/max),
+:class:`MovingAverageMinMaxObserver` (exponential moving average (EMA) of per-batch min/max, as ``torch.ao``'s),
+:class:`PercentileObserver` (EMA of per-batch percentiles) and :class:`MSEObserver` (EMA of the per-batch clipping range
+that minimises the fake-quantization mean squared error).
 """
 
 from __future__ import annotations
 
 import abc
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from typing import Any, ClassVar
 
@@ -30,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_compress.functional.quant import QParams, check_bits, fake_quantize, qparams_from_range
+from lightning_compress.nn.distributed import all_reduce_many_
 
 # Elements (grid points x activation elements) fake-quantized at once by the MSE search; bounds its temporaries.
 _MSE_CHUNK = 2**24
@@ -40,7 +42,8 @@ class Observer(nn.Module, abc.ABC):
 
     Attributes:
         min_val, max_val: 0-dim float32 buffers (``+inf`` / ``-inf`` before any data), not in ``state_dict``.
-        num_batches: 0-dim int64 buffer, batches observed on this rank (the max over ranks after :meth:`sync`).
+        num_batches: 0-dim int64 buffer, batches observed on this rank (the max over ranks after
+            :func:`sync_observers`).
         frozen: when True the range never changes.
         observing: when True the observer also updates in eval mode (set by :func:`calibrating`).
     """
@@ -88,22 +91,6 @@ class Observer(nn.Module, abc.ABC):
     def reduce_ops(self) -> dict[str, str]:
         """How each statistic combines across ranks: buffer name -> ``"min"``, ``"max"`` or ``"mean"``."""
         return dict(self._REDUCE_OPS)
-
-    @torch.no_grad()
-    def sync(self, all_reduce: Callable[[Tensor, str], Tensor]) -> None:
-        """All-reduce the statistics across ranks in place, each with its op from :meth:`reduce_ops`.
-
-        ``num_batches`` is reduced with ``"max"`` too, so a rank that saw no batch can still convert after a sync of
-        a min-max observer. A ``"mean"`` statistic assumes every rank has observed data (the EMA estimates of an idle
-        rank are infinite). Call it on every rank (it is a collective), frozen or not.
-
-        Args:
-            all_reduce: ``(tensor, op) -> reduced tensor``, e.g. ``lambda t, op: trainer.strategy.reduce(t,
-                reduce_op=op)``. It receives the buffer itself, may reduce it in place, and its result is copied back.
-        """
-        for name, op in [*self.reduce_ops().items(), ("num_batches", "max")]:
-            buf = getattr(self, name)
-            buf.copy_(all_reduce(buf, op))
 
     def observer_state(self) -> dict[str, Tensor | bool | int]:
         """Checkpointable state: every buffer (cloned tensors; ``num_batches`` as int) and ``frozen``."""
@@ -301,20 +288,24 @@ class MSEObserver(_EMAObserver):
         return f"bits={self.bits}, symmetric={self.symmetric}, grid={self.grid}, {super().extra_repr()}"
 
 
-OBSERVERS: dict[str, type[Observer]] = {
-    "minmax": MinMaxObserver,
-    "ema": MovingAverageMinMaxObserver,
-    "percentile": PercentileObserver,
-    "mse": MSEObserver,
-}
+@torch.no_grad()
+def sync_observers(
+    observers: Sequence[Observer], all_reduce_many: Callable[[list[Tensor], str], None] = all_reduce_many_
+) -> None:
+    """All-reduce the statistics of ``observers`` across ranks in place: one collective per reduce op for all of them.
 
+    Each statistic combines as its observer's :meth:`~Observer.reduce_ops` declares; ``num_batches`` with ``"max"``,
+    so a rank that saw no batch can still convert after a sync of a min-max observer. A ``"mean"`` statistic assumes
+    every rank has observed data (the EMA estimates of an idle rank are infinite). Call it on every rank (it is a
+    collective), frozen or not.
 
-def make_observer(name: str, **kwargs: Any) -> Observer:
-    """Build an observer by name (``"minmax"``, ``"ema"``, ``"percentile"``, ``"mse"``) with its keyword arguments.
-
-    Raises:
-        ValueError: an unknown name.
+    Args:
+        observers: the observers, in the same order on every rank.
+        all_reduce_many: ``(tensors, op)`` reducing the tensors in place (default: the library's collective helper).
     """
-    if name not in OBSERVERS:
-        raise ValueError(f"unknown observer {name!r}; allowed: {', '.join(OBSERVERS)}")
-    return OBSERVERS[name](**kwargs)
+    by_op: dict[str, list[Tensor]] = {}
+    for obs in observers:
+        for name, op in [*obs.reduce_ops().items(), ("num_batches", "max")]:
+            by_op.setdefault(op, []).append(getattr(obs, name))
+    for op, tensors in by_op.items():
+        all_reduce_many(tensors, op)

@@ -139,11 +139,11 @@ def test_planted_outliers_smoothquant_w8a8_far_below_naive_w8a8(granularity):
 def test_w8a8_layers_hold_int8_weights_and_activation_scales():
     model = PreLNBlock().eval()
     callback = SmoothQuantCalibrate(act_granularity="tensor")
-    exported = callback.apply(model, [torch.randn(8, 64)])
+    quantized = callback.apply(model, [torch.randn(8, 64)])
     for name in ("fc1", "fc2"):
-        layer, state = model.get_submodule(name), exported[name]
-        assert is_fake_quant(layer) and state["int_weight"].dtype == torch.int8
-        deq = state["int_weight"].float() * state["scale"]
+        layer, state = model.get_submodule(name), quantized[name]
+        assert is_fake_quant(layer) and state.weight.codes.dtype == torch.int8
+        deq = state.weight.codes.float() * state.weight.scale
         torch.testing.assert_close(layer.weight.detach(), deq, atol=0, rtol=0)
-        assert state["act_scale"].dim() == 0 and state["act_scale"] > 0
-    assert "smooth" in exported["fc2"] and "smooth" not in exported["fc1"]  # fc2: explicit; fc1: folded
+        assert state.input.scale.dim() == 0 and state.input.scale > 0
+    assert quantized["fc2"].input.smooth is not None and quantized["fc1"].input.smooth is None  # explicit; folded

@@ -57,11 +57,12 @@ class SaveWeights(pl.Callback):
             torch.save({k: v.detach().cpu() for k, v in pl_module.state_dict().items()}, self.path)
 
 
-def _on_grid(layer, state, bits):
-    codes = state["int_weight"]
+def _on_grid(layer, quantized, bits):
+    weight = quantized.weight
+    codes, zero_point = weight.codes, torch.zeros(()) if weight.zero_point is None else weight.zero_point
     lo, hi = quant_range(bits)
     assert codes.dtype == torch.int8 and codes.min() >= lo and codes.max() <= hi
-    torch.testing.assert_close(layer.weight.detach(), dequantize(codes, state["scale"], state["zero_point"]),
+    torch.testing.assert_close(layer.weight.detach(), dequantize(codes, weight.scale, zero_point),
                                atol=0, rtol=0)  # fmt: skip
 
 
@@ -70,13 +71,13 @@ def test_gptq_at_fit_end_quantizes_calibrated_layers_and_checkpoint_loads_into_p
     gptq = GPTQFinalize(bits=4, num_batches=4)
     trainer = _trainer([gptq])
     trainer.fit(model, _loader())
-    assert set(gptq.exported) == {"net.0", "net.2", "net.4"}
-    for name, state in gptq.exported.items():
+    assert set(gptq.quantized) == {"net.0", "net.2", "net.4"}
+    for name, state in gptq.quantized.items():
         layer = model.get_submodule(name)
         assert is_fake_quant(layer)
         _on_grid(layer, state, 4)
         with torch.no_grad():  # the frozen fake-quant forward uses exactly the stored weight
-            torch.testing.assert_close(layer.quantized_weight(), layer.weight, atol=0, rtol=0)
+            torch.testing.assert_close(layer.fake_quantized_weight(), layer.weight, atol=0, rtol=0)
     trainer.save_checkpoint(tmp_path / "ptq.ckpt")
     plain = LNRegressor()
     plain.load_state_dict(torch.load(tmp_path / "ptq.ckpt", weights_only=True)["state_dict"], strict=True)
@@ -89,10 +90,10 @@ def test_smoothquant_at_fit_end_with_a_given_calibration_loader():
     calib = [(torch.randn(8, 16), torch.zeros(8, 4)) for _ in range(2)]
     sq = SmoothQuantCalibrate(act_granularity="tensor", calibration_data=calib)
     _trainer([sq]).fit(model, _loader())
-    assert set(sq.exported) == {"net.0", "net.2", "net.4"}
-    assert "smooth" not in sq.exported["net.2"]  # folded into the LayerNorm
-    assert "smooth" in sq.exported["net.4"]  # after ReLU: explicit
-    for name, state in sq.exported.items():
+    assert set(sq.quantized) == {"net.0", "net.2", "net.4"}
+    assert sq.quantized["net.2"].input.smooth is None  # folded into the LayerNorm
+    assert sq.quantized["net.4"].input.smooth is not None  # after ReLU: explicit
+    for name, state in sq.quantized.items():
         _on_grid(model.get_submodule(name), state, 8)
 
 
@@ -121,11 +122,11 @@ def test_gptq_one_shot_on_hf_models(build):
     batches = token_batches(3)
     reference = call_model(model, batches[0])
     gptq = GPTQFinalize(bits=4, group_size=16, act_order=True, static_groups=True, num_batches=None)
-    exported = gptq.apply(model, batches)
+    quantized = gptq.apply(model, batches)
     linears = [n for n, m in build().named_modules() if isinstance(m, nn.Linear)]
-    assert sorted(exported) == sorted(linears)
-    for name, state in exported.items():
-        assert state["scale"].shape[1] == model.get_submodule(name).in_features // 16
+    assert sorted(quantized) == sorted(linears)
+    for name, state in quantized.items():
+        assert state.weight.scale.shape[1] == model.get_submodule(name).in_features // 16
         _on_grid(model.get_submodule(name), state, 4)
     assert relative_error(reference, call_model(model, batches[0])) < 0.3
 
@@ -145,7 +146,7 @@ def test_float32_hessians_give_nearly_the_same_weights():
     ea = GPTQFinalize(bits=4, hessian_dtype="float64").apply(a, batches)
     eb = GPTQFinalize(bits=4, hessian_dtype="float32").apply(b, batches)
     for name in ea:
-        assert (ea[name]["int_weight"] != eb[name]["int_weight"]).float().mean() < 0.01
+        assert (ea[name].weight.codes != eb[name].weight.codes).float().mean() < 0.01
 
 
 def test_split_batch_strips_labels():

@@ -19,6 +19,7 @@ from lightning_compress.examples.models import ImageClassifier, SmallCNN
 from lightning_compress.functional.masks import sparsity_pattern
 from lightning_compress.functional.quant import dequantize, quantize
 from lightning_compress.nn.fake_quant import is_fake_quant
+from lightning_compress.nn.observers import MinMaxObserver, MSEObserver, PercentileObserver
 from tests.ddp import CloseProcessGroup
 
 LAYERS = ["net.0", "net.2", "net.6", "net.8"]
@@ -47,9 +48,10 @@ def fit(callbacks, max_epochs=1, model=None, ckpt_path=None, **kwargs):
 
 def assert_on_grid(cb: QATFakeQuant, model: nn.Module) -> None:
     for name in LAYERS:
-        out, w = cb.exported[name], model.get_parameter(f"{name}.weight")
-        assert torch.equal(dequantize(out["int_weight"], out["scale"], out["zero_point"]), w), name
-        assert torch.equal(quantize(w, out["scale"], out["zero_point"], cb.bits), out["int_weight"]), name
+        out, w = cb.quantized[name].weight, model.get_parameter(f"{name}.weight")
+        zero_point = torch.zeros_like(out.scale) if out.zero_point is None else out.zero_point
+        assert torch.equal(dequantize(out.codes, out.scale, zero_point), w), name
+        assert torch.equal(quantize(w, out.scale, zero_point, cb.bits), out.codes), name
 
 
 def test_w8a8_trains_converts_and_evaluates_after_fit():
@@ -59,7 +61,8 @@ def test_w8a8_trains_converts_and_evaluates_after_fit():
     assert cb.converted
     assert_on_grid(cb, model)
     for name in LAYERS:
-        assert {"act_scale", "act_zero_point"} <= set(cb.exported[name])
+        act = cb.quantized[name].input
+        assert act.scale is not None and act.zero_point is not None
     acc = t.test(model, DigitsDataModule(), verbose=False)[0]["test/acc"]
     assert acc > 0.9
     assert t.validate(model, DigitsDataModule(), verbose=False)[0]["val/acc"] > 0.9
@@ -69,7 +72,7 @@ def test_w8a8_trains_converts_and_evaluates_after_fit():
 
 @pytest.mark.slow
 def test_checkpoint_loads_plain_and_tests_in_a_fresh_process(tmp_path):
-    cb = QATFakeQuant(bits=4, lsq=True, act_bits=8, observer="minmax")
+    cb = QATFakeQuant(bits=4, lsq=True, act_bits=8, observer=MinMaxObserver())
     ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True)
     t, model = fit([cb, ckpt], max_epochs=2)
     expected = t.test(model, DigitsDataModule(), verbose=False)[0]["test/acc"]
@@ -80,7 +83,8 @@ import lightning.pytorch as pl
 from lightning_compress import QATFakeQuant
 from lightning_compress.examples.images import DigitsDataModule
 from lightning_compress.examples.models import ImageClassifier, SmallCNN
-cb = QATFakeQuant(bits=4, lsq=True, act_bits=8, observer="minmax")
+from lightning_compress.nn.observers import MinMaxObserver
+cb = QATFakeQuant(bits=4, lsq=True, act_bits=8, observer=MinMaxObserver())
 t = pl.Trainer(accelerator="cpu", callbacks=[cb], logger=False, enable_progress_bar=False)
 print("ACC", t.test(ImageClassifier(SmallCNN()), DigitsDataModule(), ckpt_path=r"{tmp_path / "last.ckpt"}",
                     verbose=False)[0]["test/acc"])
@@ -131,7 +135,7 @@ def test_composes_with_24_pruning_zeros_stay_exact():
 
 
 def test_kmeans_fine_tunes_shared_centroids():
-    cb = QATFakeQuant(scheme="kmeans", bits=4)
+    cb = QATFakeQuant(method="kmeans", bits=4)
     initial = {}
 
     class Capture(pl.Callback):
@@ -142,9 +146,9 @@ def test_kmeans_fine_tunes_shared_centroids():
     _, model = fit([cb, Capture()], max_epochs=2)
     for name in LAYERS:
         w = model.get_parameter(f"{name}.weight")
-        centroids = cb.exported[name]["centroids"]
+        centroids = cb.quantized[name].weight.codebook
         assert len(torch.unique(w)) <= 16
-        assert torch.equal(w, centroids[cb.exported[name]["indices"]] * cb.exported[name]["nonzero"])
+        assert torch.equal(w, centroids[cb.quantized[name].weight.codes] * cb.quantized[name].weight.mask)
         assert not torch.equal(centroids, initial[name])  # the codebook was trained
 
 
@@ -174,7 +178,7 @@ class MaskRanks(pl.Callback):
 
 @pytest.mark.slow
 def test_ddp_keeps_observer_ranges_identical(tmp_path):
-    cb = QATFakeQuant(bits=8, act_bits=8, observer="minmax", convert=False)
+    cb = QATFakeQuant(bits=8, act_bits=8, observer=MinMaxObserver(), convert=False)
     pl.seed_everything(0)
     t = trainer([cb, MaskRanks(cb, tmp_path), CloseProcessGroup()], 1, devices=2, strategy="ddp_spawn")
     t.fit(ImageClassifier(SmallCNN()), DigitsDataModule())
@@ -188,13 +192,28 @@ def test_ddp_keeps_observer_ranges_identical(tmp_path):
         ({"bits": 1}, r"bits must be in \[2, 8\], got 1"),
         ({"act_bits": 12}, r"act_bits must be in \[2, 8\], got 12"),
         ({"group_size": 0}, "group_size must be a positive int"),
-        ({"observer": "median", "act_bits": 8}, "median"),
-        ({"scheme": "log"}, "scheme='log' is not supported"),
+        ({"observer": MSEObserver(bits=4), "act_bits": 8}, r"MSEObserver\(bits=4, symmetric=False\) does not match"),
+        ({"method": "log"}, "method='log' is not supported"),
     ],
 )
 def test_bad_arguments_fail_at_construction(kwargs, match):
     with pytest.raises(ValueError, match=match):
         QATFakeQuant(**kwargs)
+
+
+def test_an_observer_that_is_not_one_fails_at_construction():
+    with pytest.raises(TypeError, match="observer='median' is not an Observer"):
+        QATFakeQuant(act_bits=8, observer="median")
+
+
+def test_one_observer_copy_per_layer_from_an_instance_or_a_class():
+    prototype = PercentileObserver(percentile=99.0)
+    for observer in (prototype, PercentileObserver):
+        cb = QATFakeQuant(act_bits=8, observer=observer)
+        layers = cb.swap(ImageClassifier(SmallCNN()))
+        made = [layer.act_quantizer.observer for layer in layers.values()]
+        assert all(type(o) is PercentileObserver for o in made) and len({id(o) for o in made}) == len(made)
+        assert prototype not in made
 
 
 def test_group_size_not_dividing_a_layer_fails_before_any_swap():

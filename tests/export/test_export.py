@@ -134,7 +134,7 @@ def test_24_pruned_model_exports_sparse_layers_and_reloads(tmp_path, qat):
     model = _fit([prune, QATFakeQuant(bits=8)] if qat else [prune])
     _check_faithful_and_reload(model, SemiStructuredSparseLinear, tmp_path)
     report = model.export_report
-    assert all("2:4" in r.scheme for r in report.layers)
+    assert all("2:4" in r.layout for r in report.layers)
     if not torch.cuda.is_available():  # no 2:4 kernel on CPU: the self-check computes densely and says so
         assert all(r.kernel != "sparse" and "2:4 kernel unavailable on cpu" in r.note for r in report.layers)
 
@@ -245,7 +245,7 @@ def test_a_layer_that_cannot_be_exported_stops_everything_before_any_change():
 def test_kmeans_layers_are_refused():
     model = MLP()
     lin = model.net[0]
-    model.net[0] = FakeQuantLinear.from_module(lin, WeightQuantizer(lin.weight, bits=4, scheme="kmeans"))
+    model.net[0] = FakeQuantLinear.from_module(lin, WeightQuantizer(lin.weight, bits=4, method="kmeans"))
     with pytest.raises(ValueError, match="k-means"):
         export_for_inference(model)
 

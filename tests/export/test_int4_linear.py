@@ -7,6 +7,7 @@ from lightning_compress.export.int4_linear import Int4Linear, kernel_group_size
 from lightning_compress.functional.packing import pack_bits
 from lightning_compress.functional.quant import compute_qparams, quantize
 from lightning_compress.nn.fake_quant import FakeQuantLinear, WeightQuantizer
+from lightning_compress.nn.quantized import QuantizedWeight
 from tests.conftest import sqnr_db
 
 
@@ -15,7 +16,7 @@ def make_linear(in_features: int = 256, out_features: int = 64, bias: bool = Tru
     return nn.Linear(in_features, out_features, bias=bias)
 
 
-def converted_fake_quant(lin: nn.Linear, group_size: int, symmetric: bool) -> tuple[FakeQuantLinear, dict]:
+def converted_fake_quant(lin: nn.Linear, group_size: int, symmetric: bool) -> tuple[FakeQuantLinear, QuantizedWeight]:
     quantizer = WeightQuantizer(lin.weight, bits=4, group_size=group_size, symmetric=symmetric)
     layer = FakeQuantLinear.from_module(lin, quantizer)
     return layer, layer.weight_quantizer.convert(layer.weight)
@@ -24,7 +25,7 @@ def converted_fake_quant(lin: nn.Linear, group_size: int, symmetric: bool) -> tu
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_reference_is_bitwise_the_converted_fake_quant_layer(symmetric):
     layer, q = converted_fake_quant(make_linear(), group_size=32, symmetric=symmetric)
-    int4 = Int4Linear(q["int_weight"], q["scale"], None if symmetric else q["zero_point"], layer.bias, group_size=32)
+    int4 = Int4Linear(q.codes, q.scale, q.zero_point, layer.bias, group_size=32)
     assert torch.equal(int4.dequantized_weight(), layer.weight_quantizer(layer.weight))
     x = torch.randn(3, 7, 256)
     with torch.no_grad():
@@ -33,9 +34,9 @@ def test_reference_is_bitwise_the_converted_fake_quant_layer(symmetric):
 
 
 @pytest.mark.parametrize("symmetric", [True, False])
-def test_from_float_is_round_to_nearest_with_min_max_scales(symmetric):
+def test_from_module_is_round_to_nearest_with_min_max_scales(symmetric):
     lin = make_linear()
-    int4 = Int4Linear.from_float(lin, group_size=64, symmetric=symmetric)
+    int4 = Int4Linear.from_module(lin, group_size=64, symmetric=symmetric)
     scale, zero_point = compute_qparams(lin.weight.detach(), 4, symmetric, group_size=64)
     assert torch.equal(int4.codes(), quantize(lin.weight.detach(), scale, zero_point, 4))
     assert torch.equal(int4.scale, scale)
@@ -45,7 +46,7 @@ def test_from_float_is_round_to_nearest_with_min_max_scales(symmetric):
 
 def test_per_channel_scales_mean_group_size_in_features():
     lin = make_linear(512, 48)
-    int4 = Int4Linear.from_float(lin, group_size=None, symmetric=False)
+    int4 = Int4Linear.from_module(lin, group_size=None, symmetric=False)
     assert int4.group_size == 512 and int4.scale.shape == (48, 1)
     layer, q = converted_fake_quant(make_linear(512, 48), group_size=None, symmetric=False)
     assert torch.equal(int4.dequantized_weight(), layer.weight_quantizer(layer.weight))
@@ -54,7 +55,7 @@ def test_per_channel_scales_mean_group_size_in_features():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(("group_size", "symmetric"), [(32, True), (64, False), (128, True), (None, False)])
 def test_int4_cpu_kernel_matches_reference(dtype, group_size, symmetric):
-    int4 = Int4Linear.from_float(make_linear(512, 64), group_size=group_size, symmetric=symmetric)
+    int4 = Int4Linear.from_module(make_linear(512, 64), group_size=group_size, symmetric=symmetric)
     assert "int4" in int4.available_kernels()
     x = torch.randn(2, 5, 512, dtype=dtype)
     ref = int4.reference(x)
@@ -66,7 +67,7 @@ def test_int4_cpu_kernel_matches_reference(dtype, group_size, symmetric):
 
 
 def test_int4_cpu_kernel_without_bias_and_with_no_tokens():
-    int4 = Int4Linear.from_float(make_linear(bias=False), group_size=32)
+    int4 = Int4Linear.from_module(make_linear(bias=False), group_size=32)
     int4.set_kernel("int4")
     x = torch.randn(4, 256)
     assert sqnr_db(int4.reference(x), int4(x)) >= 100.0
@@ -79,7 +80,7 @@ def test_int4_cpu_kernel_without_bias_and_with_no_tokens():
 )
 def test_int4_kernel_unavailable_where_the_cpu_kernel_cannot_run_the_layer(shape, group_size):
     out_features, in_features = shape
-    int4 = Int4Linear.from_float(make_linear(in_features, out_features), group_size=group_size)
+    int4 = Int4Linear.from_module(make_linear(in_features, out_features), group_size=group_size)
     assert int4.available_kernels() == ["reference", "float"]
     with pytest.raises(ValueError, match="kernel='int4' is not available"):
         int4.set_kernel("int4")
@@ -90,14 +91,14 @@ def test_kernel_group_size():
 
 
 def test_float_kernel_is_f_linear_of_the_dequantized_weight():
-    int4 = Int4Linear.from_float(make_linear(), group_size=32, symmetric=False)
+    int4 = Int4Linear.from_module(make_linear(), group_size=32, symmetric=False)
     int4.set_kernel("float")
     x = torch.randn(2, 3, 256)
     assert torch.equal(int4(x), F.linear(x, int4.dequantized_weight(), int4.bias))
 
 
 def test_storage_is_half_a_byte_per_weight_plus_the_scales():
-    int4 = Int4Linear.from_float(make_linear(512, 512, bias=False), group_size=128)
+    int4 = Int4Linear.from_module(make_linear(512, 512, bias=False), group_size=128)
     assert int4.packed.dtype == torch.uint8 and int4.packed.shape == (512, 256)
     assert set(int4.state_dict()) == {"packed", "scale"}
     # 512 * 256 code bytes + 512 * 4 float32 scales = 131072 + 8192
@@ -116,7 +117,7 @@ def test_packed_buffer_is_pack_bits_of_the_offset_codes():
 
 @pytest.mark.parametrize(("symmetric", "bias"), [(True, False), (False, True)])
 def test_from_spec_round_trip(symmetric, bias):
-    int4 = Int4Linear.from_float(make_linear(bias=bias), group_size=64, symmetric=symmetric)
+    int4 = Int4Linear.from_module(make_linear(bias=bias), group_size=64, symmetric=symmetric)
     spec = int4.spec()
     assert spec == {"in_features": 256, "out_features": 64, "group_size": 64, "symmetric": symmetric, "bias": bias}
     loaded = Int4Linear.from_spec(spec)
@@ -141,7 +142,7 @@ def test_from_spec_errors():
 
 
 def test_module_to_bfloat16_keeps_the_compressed_buffers():
-    int4 = Int4Linear.from_float(make_linear(), group_size=32, symmetric=False)
+    int4 = Int4Linear.from_module(make_linear(), group_size=32, symmetric=False)
     int4.set_kernel("int4")
     model = nn.Sequential(int4).to(torch.bfloat16)
     assert int4.scale.dtype == torch.float32 and int4.zero_point.dtype == torch.float32
@@ -179,13 +180,13 @@ def test_constructor_errors_name_the_parameter():
     with pytest.raises(ValueError, match="bias has shape"):
         Int4Linear(codes, scale, None, torch.zeros(5), group_size=4)
     with pytest.raises(TypeError, match="linear must be an nn.Linear"):
-        Int4Linear.from_float(nn.Conv1d(8, 4, 1))
+        Int4Linear.from_module(nn.Conv1d(8, 4, 1))
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_int4_cuda_kernel_matches_reference(symmetric):
-    int4 = Int4Linear.from_float(make_linear(512, 256), group_size=128, symmetric=symmetric)
+    int4 = Int4Linear.from_module(make_linear(512, 256), group_size=128, symmetric=symmetric)
     int4.set_kernel("int4")  # the CPU layout first: moving rebuilds the cache in tinygemm's layout
     int4.to("cuda")
     if "int4" not in int4.available_kernels():
@@ -194,7 +195,7 @@ def test_int4_cuda_kernel_matches_reference(symmetric):
     y = int4(x)
     assert y.shape == (3, 7, 256) and y.dtype == torch.bfloat16 and y.device.type == "cuda"
     assert sqnr_db(int4.reference(x).float(), y.float()) >= 40.0
-    per_channel = Int4Linear.from_float(make_linear(4096, 64), group_size=None, symmetric=symmetric).cuda()
+    per_channel = Int4Linear.from_module(make_linear(4096, 64), group_size=None, symmetric=symmetric).cuda()
     per_channel.set_kernel("int4")
     x = torch.randn(9, 4096, dtype=torch.float32, device="cuda")
     assert sqnr_db(per_channel.reference(x), per_channel(x)) >= 40.0  # fp32 input computed in bf16

@@ -7,7 +7,7 @@ from torch import nn
 from lightning_compress.export.int8_linear import Int8Linear, compile_w8a8, int_mm_ok, w8a8_linear
 from lightning_compress.functional.quant import compute_qparams, quantize
 from lightning_compress.nn.fake_quant import ActQuantizer, FakeQuantLinear, SymmetricActQuantizer, WeightQuantizer
-from lightning_compress.nn.observers import make_observer
+from lightning_compress.nn.observers import MinMaxObserver
 from tests.conftest import sqnr_db
 
 
@@ -39,7 +39,7 @@ def test_reference_equals_smoothquant_fake_quant_layer(granularity, smooth):
 def test_reference_equals_qat_layer_with_asymmetric_static_activations():
     torch.manual_seed(0)
     lin = nn.Linear(32, 16)
-    act = ActQuantizer(make_observer("minmax"), bits=8)
+    act = ActQuantizer(MinMaxObserver(), bits=8)
     fq = _fake_quant(lin, act).train()
     with torch.no_grad():
         fq(torch.randn(64, 32) * 2 + 1)  # the observer sees a shifted range: a non-zero zero-point
@@ -57,7 +57,7 @@ def test_reference_equals_qat_layer_with_asymmetric_static_activations():
 @pytest.mark.parametrize("compiled", [True, False])
 def test_int8_kernel_matches_reference(dtype, compiled):
     torch.manual_seed(0)
-    layer = Int8Linear.from_float(nn.Linear(64, 40))
+    layer = Int8Linear.from_module(nn.Linear(64, 40))
     layer.set_kernel("int8")
     x = torch.randn(2, 9, 64, dtype=dtype)
     compile_w8a8(compiled)
@@ -78,10 +78,10 @@ def test_integer_accumulation_is_exact():
     assert torch.equal(y, (x @ codes.float().t()))
 
 
-def test_float_kernel_and_from_float():
+def test_float_kernel_and_from_module():
     torch.manual_seed(0)
     lin = nn.Linear(32, 8)
-    layer = Int8Linear.from_float(lin)
+    layer = Int8Linear.from_module(lin)
     s, z = compute_qparams(lin.weight.detach(), 8, axis=0)
     assert torch.equal(layer.weight_t.t(), quantize(lin.weight.detach(), s, z, 8))
     layer.set_kernel("float")
@@ -94,7 +94,7 @@ def test_spec_round_trip_and_dtype_moves():
     torch.manual_seed(0)
     lin = nn.Linear(32, 16)
     act = {"act_scale": torch.tensor(0.05), "act_zero_point": torch.tensor(3.0), "smooth": torch.rand(32) + 1}
-    layer = Int8Linear(Int8Linear.from_float(lin).weight_t.t(), torch.rand(16) + 0.1, lin.bias, **act)
+    layer = Int8Linear(Int8Linear.from_module(lin).weight_t.t(), torch.rand(16) + 0.1, lin.bias, **act)
     again = Int8Linear.from_spec(layer.spec())
     again.load_state_dict(layer.state_dict(), strict=True)
     x = torch.randn(6, 32)
@@ -106,7 +106,7 @@ def test_spec_round_trip_and_dtype_moves():
 
 
 def test_weight_memory_is_a_quarter_of_fp32():
-    layer = Int8Linear.from_float(nn.Linear(1024, 1024, bias=False))
+    layer = Int8Linear.from_module(nn.Linear(1024, 1024, bias=False))
     layer.set_kernel("int8")
     assert layer.storage_bytes() / (1024 * 1024 * 4) <= 0.251
     assert layer._cache is None  # the int8 kernel holds no second copy
@@ -135,7 +135,7 @@ def test_int_mm_shape_rules():
 @pytest.mark.parametrize("rows", [1, 16, 17, 300])
 def test_cuda_int8_kernel_pads_small_batches(rows):
     torch.manual_seed(0)
-    layer = Int8Linear.from_float(nn.Linear(256, 128)).cuda()
+    layer = Int8Linear.from_module(nn.Linear(256, 128)).cuda()
     layer.set_kernel("int8")
     x = torch.randn(rows, 256, device="cuda", dtype=torch.bfloat16)
     y = layer(x)
@@ -145,7 +145,7 @@ def test_cuda_int8_kernel_pads_small_batches(rows):
 
 @pytest.mark.gpu
 def test_cuda_unsupported_shape_has_no_int8_kernel():
-    layer = Int8Linear.from_float(nn.Linear(36, 20)).cuda()
+    layer = Int8Linear.from_module(nn.Linear(36, 20)).cuda()
     assert "int8" not in layer.available_kernels()
     with pytest.raises(ValueError, match="not available"):
         layer.set_kernel("int8")

@@ -66,17 +66,17 @@ def test_float_kernel_equals_reference_in_fp32():
     assert torch.equal(layer(x), layer.reference(x))
 
 
-def test_from_dense_keeps_dtype_and_output():
+def test_from_module_keeps_dtype_and_output():
     torch.manual_seed(0)
     lin = nn.Linear(32, 16).to(torch.float16)
     with torch.no_grad():
         lin.weight.mul_(nm_mask(lin.weight))
-    layer = SemiStructuredSparseLinear.from_dense(lin)
+    layer = SemiStructuredSparseLinear.from_module(lin)
     assert layer.values.dtype == torch.float16 and layer.spec()["dtype"] == "float16"
     x = torch.randn(4, 32).to(torch.float16)
     assert torch.equal(layer(x), lin(x))
     with pytest.raises(TypeError, match="linear must be an nn.Linear, got Conv1d"):
-        SemiStructuredSparseLinear.from_dense(nn.Conv1d(4, 4, 1))
+        SemiStructuredSparseLinear.from_module(nn.Conv1d(4, 4, 1))
 
 
 # ---------------------------------------------------------------------------------------------- int8 flavour
@@ -94,9 +94,9 @@ def test_int8_reference_is_int8_linear_math_exactly(act, shape):
     sparse = SemiStructuredSparseLinear(codes, bias, weight_scale=scale, **kwargs)
     dense = Int8Linear(codes, scale, bias, **kwargs)
     x = torch.randn(shape)
-    assert torch.equal(sparse.quantized_input(x), dense.quantized_input(x))
+    assert torch.equal(sparse.fake_quantized_input(x), dense.fake_quantized_input(x))
     assert torch.equal(sparse.dequantized_weight(), dense.dequantized_weight())
-    expected = F.linear(dense.quantized_input(x), dense.dequantized_weight().contiguous(), bias)
+    expected = F.linear(dense.fake_quantized_input(x), dense.dequantized_weight().contiguous(), bias)
     assert torch.equal(sparse.reference(x), expected)
 
 

@@ -5,11 +5,11 @@ import torch
 
 from lightning_compress.functional.quant import (
     MIN_SCALE,
-    block_size,
     compute_qparams,
     dequantize,
     expand_params,
     fake_quantize,
+    group_shape,
     lsq_fake_quantize,
     qparams_from_range,
     quant_range,
@@ -168,11 +168,11 @@ def test_fake_quantize_keeps_dtype_bf16():
 
 def test_bad_granularity_raises():
     with pytest.raises(ValueError, match="group_size=5 does not divide the input dimension 12"):
-        block_size((6, 12), group_size=5)
+        group_shape((6, 12), group_size=5)
     with pytest.raises(ValueError, match="axis=2 is out of range"):
-        block_size((6, 12), axis=2)
+        group_shape((6, 12), axis=2)
     with pytest.raises(ValueError, match="not both"):
-        block_size((6, 12), axis=0, group_size=4)
+        group_shape((6, 12), axis=0, group_size=4)
 
 
 @pytest.mark.parametrize("gran", [(0, None), (None, 8)])

@@ -22,7 +22,7 @@ def make_linear(**kwargs):
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{}, {"lsq": True}, {"scheme": "kmeans", "bits": 3}, {"group_size": 4, "symmetric": False}],
+    [{}, {"lsq": True}, {"method": "kmeans", "bits": 3}, {"group_size": 4, "symmetric": False}],
 )
 def test_swap_reuses_parameters_and_keeps_state_dict_keys(kwargs):
     layer, fq = make_linear(**kwargs)
@@ -79,7 +79,7 @@ def test_convert_puts_weights_exactly_on_grid(kwargs):
     x = torch.randn(4, 16)
     before = fq(x)
     out = fq.weight_quantizer.convert(layer.weight)
-    q, s, z = out["int_weight"], out["scale"], out["zero_point"]
+    q, s, z = out.codes, out.scale, torch.zeros_like(out.scale) if out.zero_point is None else out.zero_point
     assert q.dtype == torch.int8
     assert torch.equal(dequantize(q, s, z), layer.weight)
     assert torch.equal(quantize(layer.weight, s, z, fq.weight_quantizer.bits), q)
@@ -92,7 +92,7 @@ def test_kmeans_weights_share_centroids_and_centroid_grads_sum_members():
     with torch.no_grad():
         layer.weight[layer.weight.abs() < 0.05] = 0  # some pruned weights
     zeros = layer.weight == 0
-    fq = FakeQuantLinear.from_module(layer, WeightQuantizer(layer.weight, bits=3, scheme="kmeans"))
+    fq = FakeQuantLinear.from_module(layer, WeightQuantizer(layer.weight, bits=3, method="kmeans"))
     x = torch.randn(6, 32)
     upstream = torch.randn(6, 16)
     fq(x).backward(upstream)

@@ -12,10 +12,10 @@ from lightning_compress.nn.observers import (
     Observer,
     PercentileObserver,
     calibrating,
-    make_observer,
+    sync_observers,
 )
 
-KINDS = ["minmax", "ema", "percentile", "mse"]
+KINDS = [MinMaxObserver, MovingAverageMinMaxObserver, PercentileObserver, MSEObserver]
 
 
 def batches(n: int = 5, seed: int = 0) -> list[torch.Tensor]:
@@ -33,10 +33,11 @@ def two_rank_all_reduce(local: Observer, other: Observer):
     names = {buf.data_ptr(): name for name, buf in local.named_buffers()}
     ops = {"min": torch.minimum, "max": torch.maximum, "mean": lambda a, b: (a + b) / 2}
 
-    def all_reduce(t: torch.Tensor, op: str) -> torch.Tensor:
-        return ops[op](t, getattr(other, names[t.data_ptr()]))
+    def all_reduce_many(tensors: list[torch.Tensor], op: str) -> None:
+        for t in tensors:
+            t.copy_(ops[op](t, getattr(other, names[t.data_ptr()])))
 
-    return all_reduce
+    return all_reduce_many
 
 
 def test_minmax_is_exact_running_range():
@@ -112,7 +113,7 @@ def test_mse_qparams_must_match_construction():
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_frozen_stops_updates(kind):
-    obs = make_observer(kind)
+    obs = kind()
     obs(torch.randn(64))
     before = obs.observer_state()
     obs.freeze()
@@ -144,7 +145,7 @@ def test_eval_observes_only_when_calibrating():
 @pytest.mark.parametrize("kind", KINDS)
 def test_qparams_before_data_raises(kind):
     with pytest.raises(RuntimeError, match="has seen no data"):
-        make_observer(kind).qparams(8)
+        kind().qparams(8)
 
 
 def test_qparams_equal_qparams_from_range():
@@ -162,34 +163,34 @@ def test_sync_minmax_gives_global_range():
     rank1(torch.tensor([-2.0, 1.0]))
     rank1(torch.tensor([0.0]))
     assert rank0.reduce_ops() == {"min_val": "min", "max_val": "max"}
-    rank0.sync(two_rank_all_reduce(rank0, rank1))
+    sync_observers([rank0], two_rank_all_reduce(rank0, rank1))
     assert rank0.min_val == -2.0 and rank0.max_val == 3.0 and int(rank0.num_batches) == 2
     idle = MinMaxObserver()  # a rank that saw no batch converts to the global range after a sync
-    idle.sync(two_rank_all_reduce(idle, rank0))
+    sync_observers([idle], two_rank_all_reduce(idle, rank0))
     assert torch.equal(idle.qparams(8).scale, rank0.qparams(8).scale)
 
 
-@pytest.mark.parametrize("kind", ["ema", "percentile", "mse"])
+@pytest.mark.parametrize("kind", [MovingAverageMinMaxObserver, PercentileObserver, MSEObserver])
 def test_sync_estimates_gives_mean(kind):
-    rank0, rank1 = make_observer(kind), make_observer(kind)
+    rank0, rank1 = kind(), kind()
     rank0(torch.randn(256, generator=torch.Generator().manual_seed(5)))
     rank1(torch.randn(256, generator=torch.Generator().manual_seed(6)) * 3)
     assert rank0.reduce_ops() == {"min_val": "mean", "max_val": "mean"}
     expected = (rank0.min_val + rank1.min_val) / 2, (rank0.max_val + rank1.max_val) / 2
-    rank0.sync(two_rank_all_reduce(rank0, rank1))
+    sync_observers([rank0], two_rank_all_reduce(rank0, rank1))
     assert rank0.min_val == expected[0] and rank0.max_val == expected[1]
 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_state_round_trip(kind):
-    obs = make_observer(kind)
+    obs = kind()
     for x in batches(3):
         obs(x)
     obs.freeze()
     buffer = io.BytesIO()
     torch.save(obs.observer_state(), buffer)
     buffer.seek(0)
-    fresh = make_observer(kind)
+    fresh = kind()
     fresh.load_observer_state(torch.load(buffer))
     assert fresh.frozen and int(fresh.num_batches) == 3
     assert all(torch.equal(a, b) for a, b in zip(fresh.qparams(8), obs.qparams(8), strict=True))
@@ -207,19 +208,15 @@ def test_observer_state_not_in_state_dict():
 @pytest.mark.parametrize("kind", KINDS)
 def test_bf16_input_keeps_float32_statistics(kind):
     x = torch.randn(32, 64, generator=torch.Generator().manual_seed(7)).bfloat16()
-    obs = make_observer(kind).to(torch.bfloat16)  # a bf16-true model cast must not touch the statistics
+    obs = kind().to(torch.bfloat16)  # a bf16-true model cast must not touch the statistics
     assert obs(x) is x
-    ref = make_observer(kind)
+    ref = kind()
     ref(x.float())
     assert obs.min_val.dtype == obs.max_val.dtype == torch.float32
     assert obs.min_val == ref.min_val and obs.max_val == ref.max_val
 
 
-def test_make_observer_and_validation():
-    assert isinstance(make_observer("ema", averaging_constant=0.5), MovingAverageMinMaxObserver)
-    assert make_observer("percentile", percentile=99.0).percentile == 99.0
-    with pytest.raises(ValueError, match="minmax, ema, percentile, mse"):
-        make_observer("histogram")
+def test_observer_validation():
     for bad in [
         lambda: PercentileObserver(percentile=40.0),
         lambda: MovingAverageMinMaxObserver(averaging_constant=0.0),
@@ -228,3 +225,21 @@ def test_make_observer_and_validation():
     ]:
         with pytest.raises(ValueError):
             bad()
+
+
+def test_hydra_instantiates_observers_by_target():
+    from hydra.utils import instantiate
+
+    obs = instantiate({"_target_": "lightning_compress.nn.observers.PercentileObserver", "percentile": 99.0})
+    assert isinstance(obs, PercentileObserver) and obs.percentile == 99.0
+    ema = instantiate({"_target_": "lightning_compress.nn.observers.MovingAverageMinMaxObserver"})
+    assert isinstance(ema, MovingAverageMinMaxObserver) and ema.averaging_constant == 0.01
+
+
+def test_sync_observers_makes_one_collective_per_op_for_all_observers():
+    observers = [MinMaxObserver(), MovingAverageMinMaxObserver(), MinMaxObserver()]
+    for obs in observers:
+        obs(torch.randn(8))
+    calls = []
+    sync_observers(observers, lambda tensors, op: calls.append((op, len(tensors))))
+    assert sorted(calls) == [("max", 2 + 3), ("mean", 2), ("min", 2)]  # max: 2 max_val + 3 num_batches
