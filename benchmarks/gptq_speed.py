@@ -25,7 +25,7 @@ import torch
 
 from benchmarks import Table
 from lightning_compress.calibration.threads import gptq_threads
-from lightning_compress.functional.gptq import gptq_quantize, hessian_update
+from lightning_compress.functional.gptq import GPTQOptions, gptq_quantize, hessian_update
 
 TOKENS = 16_384
 # (in, out): target seconds per channel, calls timed per row (quiet and beside the neighbour each)
@@ -115,7 +115,7 @@ def speed_table() -> Table:
         for (n_in, n_out), (target, repeats) in SHAPES.items():
             w, h = problem(n_in, n_out)
             for name, kwargs in CONFIGS.items():
-                fn = partial(gptq_quantize, w, h, bits=4, threads=gptq_threads, **kwargs)
+                fn = partial(gptq_quantize, w, h, GPTQOptions(bits=4, **kwargs), threads=gptq_threads)
                 row(f"{n_in}→{n_out}", name, fn, repeats, "" if kwargs else f"≤ {target:g} s")
         row("control", "one-thread matrix products", _control, 15)
     finally:

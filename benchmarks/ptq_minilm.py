@@ -31,7 +31,7 @@ from lightning_compress.calibration.threads import gptq_threads
 from lightning_compress.examples.brown import read_brown
 from lightning_compress.examples.pretrained import load_pretrained, mean_pool
 from lightning_compress.examples.text import tokenize_batches
-from lightning_compress.functional.gptq import gptq_quantize, hessian_update
+from lightning_compress.functional.gptq import GPTQOptions, gptq_quantize, hessian_update
 from lightning_compress.functional.quant import compute_qparams, fake_quantize
 
 CALIB_SENTENCES = 512
@@ -132,8 +132,10 @@ def layer_errors(
             relative_error(w, q, g)
             for q in (
                 rtn(w, bits, group),
-                gptq_quantize(w, h, bits=bits, group_size=group, threads=gptq_threads).weight,
-                gptq_quantize(w, h, bits=bits, group_size=group, act_order=True, threads=gptq_threads).weight,
+                gptq_quantize(w, h, GPTQOptions(bits=bits, group_size=group), threads=gptq_threads).weight,
+                gptq_quantize(
+                    w, h, GPTQOptions(bits=bits, group_size=group, act_order=True), threads=gptq_threads
+                ).weight,
             )
         )
     return out

@@ -97,7 +97,8 @@ def test_every_module_has_a_layer():
 
 @pytest.mark.parametrize("path", SOURCES, ids=lambda p: str(p.relative_to(PACKAGE)))
 def test_imports_point_down(path):
-    assert violations(path) == []
+    found = violations(path)
+    assert not found, "\n".join(found)
 
 
 def test_the_rules_catch_a_back_arrow(tmp_path, monkeypatch):

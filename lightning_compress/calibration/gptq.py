@@ -25,7 +25,7 @@ from lightning_compress.calibration.dataflow import dataflow
 from lightning_compress.calibration.engine import Pass, accumulate_inputs, sequential_stages
 from lightning_compress.calibration.progress import Progress
 from lightning_compress.calibration.threads import gptq_threads
-from lightning_compress.functional.gptq import GPTQResult, gptq_quantize, hessian_update
+from lightning_compress.functional.gptq import GPTQOptions, GPTQResult, gptq_quantize, hessian_update
 from lightning_compress.nn.distributed import all_reduce_, broadcast_
 
 log = logging.getLogger(__name__)
@@ -64,12 +64,12 @@ def _collect_hessians(layers: Mapping[str, nn.Module], passes: Sequence[Pass], d
 
 
 @torch.no_grad()
-def _solve_layer(name: str, module: nn.Module, hessian: Tensor, options: Mapping[str, Any]) -> GPTQResult:
+def _solve_layer(name: str, module: nn.Module, hessian: Tensor, options: GPTQOptions) -> GPTQResult:
     """GPTQ one layer, write its quantized weight in place, and return the result (identical on every rank)."""
     if hessian.diagonal().sum() == 0:
         warnings.warn(f"GPTQ: layer {name!r} saw no calibration input; rounded to nearest instead", stacklevel=4)
         hessian = torch.eye(hessian.shape[0], dtype=hessian.dtype, device=hessian.device)
-    result = gptq_quantize(weight_matrix(module), hessian, **options, threads=gptq_threads)
+    result = gptq_quantize(weight_matrix(module), hessian, options, threads=gptq_threads)
     for t in result[:4]:
         broadcast_(t)
     module.weight.copy_(result.weight.reshape(module.weight.shape).to(module.weight.dtype))
@@ -79,7 +79,7 @@ def _solve_layer(name: str, module: nn.Module, hessian: Tensor, options: Mapping
 def _quantize_stage(
     layers: Mapping[str, nn.Module],
     passes: Sequence[Pass],
-    options: Mapping[str, Any],
+    options: GPTQOptions,
     true_sequential: bool,
     hessian_dtype: torch.dtype,
     results: dict[str, GPTQResult],
@@ -103,9 +103,9 @@ def gptq_model(
     model: nn.Module,
     layers: Mapping[str, nn.Module],
     batches: Sequence[Any],
+    options: GPTQOptions,
     true_sequential: bool = True,
     hessian_dtype: torch.dtype = torch.float64,
-    **options: Any,
 ) -> dict[str, GPTQResult]:
     """Quantize ``layers`` of ``model`` in place with GPTQ (Frantar et al. 2023) on calibration ``batches``.
 
@@ -114,10 +114,11 @@ def gptq_model(
             :func:`~lightning_compress.calibration.batches.call_args`).
         layers: ``{qualified name: layer}``, Linear or Conv2d (see :func:`is_gptq_layer`).
         batches: calibration inputs, held in memory for the whole run.
+        options: the per-layer solve (:class:`~lightning_compress.functional.gptq.GPTQOptions`: bits, group_size,
+            ...), the same for every layer; its ``group_size`` must divide every layer's input width.
         true_sequential: calibrate each group of layers on inputs from already-quantized predecessors; False
             gathers a whole block's Hessians in one pass (faster, slightly less accurate).
         hessian_dtype: accumulation dtype of the Hessian sums (float64, or float32 at half the memory and time).
-        **options: :func:`~lightning_compress.functional.gptq.gptq_quantize` options (bits, group_size, ...).
 
     Returns:
         ``{name: GPTQResult}`` in the original column order; each layer's weight now equals ``result.weight``.

@@ -11,7 +11,8 @@ from torch import nn
 
 from lightning_compress.calibration.gptq import gptq_model, is_gptq_layer, weight_matrix
 from lightning_compress.callbacks.base import CalibrationCallback
-from lightning_compress.nn.fake_quant import WeightQuantizer, check_weight_quant, fake_quant_class, is_fake_quant
+from lightning_compress.functional.gptq import GPTQOptions
+from lightning_compress.nn.fake_quant import WeightQuantizer, fake_quant_class, is_fake_quant
 from lightning_compress.nn.quantized import QuantizedLayer, QuantizedWeight
 from lightning_compress.nn.select import replace_layers, restored_on_error, select_layers
 
@@ -29,7 +30,9 @@ class GPTQFinalize(CalibrationCallback):
     the factorisation fails). Transformers are calibrated true-sequentially, block by block: each layer sees inputs
     that already went through the quantized layers before it. Afterwards each layer is a fake-quant layer frozen at
     its GPTQ grid (weights exactly on the grid; the same weight keys, so checkpoints load into the plain model), and
-    :attr:`quantized` holds each layer's codes, scales and zero-points (:class:`QuantizedLayer`) for export.
+    :attr:`quantized` holds each layer's codes, scales and zero-points (:class:`QuantizedLayer`) for export. The
+    seven solver arguments (``bits`` to ``block_size``) are kept, validated, as :attr:`options`, one
+    :class:`~lightning_compress.functional.gptq.GPTQOptions`.
 
     YAML (``conf/compress/gptq_int4.yaml``)::
 
@@ -78,15 +81,10 @@ class GPTQFinalize(CalibrationCallback):
         ignore: str | Sequence[str] | None = None,
     ) -> None:
         super().__init__(num_batches, calibration_data, input_fn, targets, ignore)
-        self.options = dict(
+        self.options = GPTQOptions(
             bits=bits, group_size=group_size, symmetric=symmetric, act_order=act_order,
             static_groups=static_groups, percdamp=percdamp, block_size=block_size,
         )  # fmt: skip
-        check_weight_quant(bits, symmetric, group_size, "linear", False, "linear")
-        if isinstance(percdamp, bool) or not isinstance(percdamp, (int, float)) or not percdamp >= 0:
-            raise ValueError(f"percdamp must be a number >= 0, got {percdamp!r}")
-        if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
-            raise ValueError(f"block_size must be a positive int, got {block_size!r}")
         if hessian_dtype not in HESSIAN_DTYPES:
             raise ValueError(f"hessian_dtype={hessian_dtype!r} is not supported; allowed: {list(HESSIAN_DTYPES)}")
         self.true_sequential, self.hessian_dtype = true_sequential, HESSIAN_DTYPES[hessian_dtype]
@@ -97,7 +95,7 @@ class GPTQFinalize(CalibrationCallback):
             model, self.targets, self.ignore, accept=lambda m: is_gptq_layer(m) and not is_fake_quant(m),
             kind="Linear / Conv2d (groups=1)",
         )  # fmt: skip
-        group_size = self.options["group_size"]
+        group_size = self.options.group_size
         for name, layer in layers.items():
             width = weight_matrix(layer).shape[1]
             if group_size is not None and width % group_size:
@@ -114,17 +112,17 @@ class GPTQFinalize(CalibrationCallback):
         if not batches:
             raise ValueError("batches is empty; GPTQ needs at least one calibration batch")
         with restored_on_error(model):
-            results = gptq_model(model, layers, batches, self.true_sequential, self.hessian_dtype, **self.options)
+            results = gptq_model(model, layers, batches, self.options, self.true_sequential, self.hessian_dtype)
             built, quantized = {}, {}
             for name, layer in layers.items():
-                res, symmetric = results[name], self.options["symmetric"]
+                res, opts = results[name], self.options
                 weight = QuantizedWeight(res.codes.reshape(layer.weight.shape), res.scale,
-                                         None if symmetric else res.zero_point, self.options["bits"],
-                                         self.options["group_size"])  # fmt: skip
+                                         None if opts.symmetric else res.zero_point, opts.bits,
+                                         opts.group_size)  # fmt: skip
                 wq = WeightQuantizer.from_quantized(layer.weight, weight)
                 built[name] = fake_quant_class(layer).from_module(layer, wq)
                 quantized[name] = QuantizedLayer(weight)
         replace_layers(model, built)
         self.quantized.update(quantized)
-        log.info("GPTQFinalize: %d layers at %d bits", len(built), self.options["bits"])
+        log.info("GPTQFinalize: %d layers at %d bits", len(built), self.options.bits)
         return quantized

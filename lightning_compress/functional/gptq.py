@@ -10,8 +10,9 @@ solved at once (the Hessian is shared), columns in blocks with lazy updates.
 
 Two solvers: :func:`gptq_quantize`, the fast one (float32, the factor of ``H``), and
 :func:`gptq_quantize_reference`, the paper's Algorithm 1 as written (float64, the factor of ``H⁻¹``), the definition
-the tests hold the fast one to. Neither touches torch's global thread state: the caller may pass a thread policy
-(:data:`ThreadPolicy`, e.g. :func:`lightning_compress.calibration.threads.gptq_threads`).
+the tests hold the fast one to. Both take their options as one validated value, :class:`GPTQOptions`. Neither
+touches torch's global thread state: the caller may pass a thread policy (:data:`ThreadPolicy`, e.g.
+:func:`lightning_compress.calibration.threads.gptq_threads`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import contextlib
 import warnings
 from collections.abc import Callable
 from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from itertools import pairwise
 from typing import NamedTuple
 
@@ -43,6 +45,51 @@ SUB_BLOCK = 16
 
 ThreadPolicy = Callable[[int], AbstractContextManager[None]]
 """``policy(work)`` is entered around an operation of ``work`` multiply-adds, and with 0 around a loop of small ops."""
+
+
+@dataclass(frozen=True)
+class GPTQOptions:
+    """The options of a GPTQ solve (Frantar et al. 2023), validated once, when built; the same for both solvers.
+
+    Only the checks that need no tensor are here; :func:`gptq_quantize` checks the rest against the weight and
+    Hessian (``group_size`` must divide ``in_features``).
+
+    Attributes:
+        bits: code width in ``[2, 8]``; codes lie in ``quant_range(bits)``.
+        group_size: inputs per scale of each row (it must divide ``in_features``); ``None`` for per channel.
+        symmetric: symmetric (zero-point 0) or asymmetric min-max qparams.
+        act_order: solve columns in descending ``diag(H)`` order (results returned in the original order).
+        static_groups: with groups, compute all group qparams up front from the weight in the original column
+            order, so groups stay contiguous (exportable ``(out, in / group_size)`` params) under ``act_order``.
+        percdamp: dampening ``λ = percdamp · mean(diag H)`` added to the Hessian's diagonal; :func:`gptq_quantize`
+            raises it ×10 (with a warning) while the Cholesky factorisation fails, the reference does not.
+        block_size: columns per lazy-update block (the paper's ``B``).
+
+    Raises:
+        TypeError: ``bits`` is not an int. ValueError: a field out of range or of the wrong type (named, with the
+            bad value and what is allowed).
+    """
+
+    bits: int = 4
+    group_size: int | None = None
+    symmetric: bool = True
+    act_order: bool = False
+    static_groups: bool = False
+    percdamp: float = 0.01
+    block_size: int = 128
+
+    def __post_init__(self) -> None:
+        check_bits(self.bits)
+        g, damp, block = self.group_size, self.percdamp, self.block_size
+        if g is not None and (isinstance(g, bool) or not isinstance(g, int) or g < 1):
+            raise ValueError(f"group_size must be a positive int or None, got {g!r}")
+        for name in ("symmetric", "act_order", "static_groups"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool (True or False), got {getattr(self, name)!r}")
+        if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not damp >= 0:
+            raise ValueError(f"percdamp must be a number >= 0, got {damp!r}")
+        if isinstance(block, bool) or not isinstance(block, int) or block < 1:
+            raise ValueError(f"block_size must be a positive int, got {block!r}")
 
 
 class GPTQResult(NamedTuple):
@@ -117,35 +164,30 @@ def _compensation(flipped: Tensor, percdamp: float, threads: ThreadPolicy) -> tu
     raise RuntimeError(f"GPTQ: Cholesky of the Hessian failed even with damp={damp / 10:.3g}")
 
 
-def _validate(weight: Tensor, hessian: Tensor, group_size: int | None, percdamp: float, block_size: int) -> None:
-    """Raise ``ValueError`` naming the first bad argument of :func:`gptq_quantize`."""
+def _check_inputs(weight: Tensor, hessian: Tensor, options: GPTQOptions | None) -> GPTQOptions:
+    """The checks of both solvers that need the tensors; returns ``options`` (``GPTQOptions()`` for ``None``).
+
+    ``weight`` must be 2-D ``(out, in)``, ``hessian`` a finite ``(in, in)``, and ``options.group_size`` divide ``in``;
+    ``ValueError`` names the first bad argument, ``TypeError`` an ``options`` that is not a :class:`GPTQOptions`.
+    """
+    if options is None:
+        options = GPTQOptions()
+    elif not isinstance(options, GPTQOptions):
+        raise TypeError(f"options must be a GPTQOptions or None, got {type(options).__name__}")
+    group_size = options.group_size
     if weight.dim() != 2:
         raise ValueError(f"weight must be 2-D (out, in), got shape {tuple(weight.shape)}")
     if hessian.shape != (weight.shape[1], weight.shape[1]):
         raise ValueError(f"hessian must be ({weight.shape[1]}, {weight.shape[1]}), got {tuple(hessian.shape)}")
     if not torch.isfinite(hessian.sum(dtype=torch.float64)):  # one pass, no copy
         raise ValueError("hessian contains NaN or inf")
-    if group_size is not None and (isinstance(group_size, bool) or not isinstance(group_size, int)):
-        raise ValueError(f"group_size must be a positive int or None, got {group_size!r}")
-    if group_size is not None and (group_size < 1 or weight.shape[1] % group_size):
+    if group_size is not None and weight.shape[1] % group_size:
         raise ValueError(f"group_size={group_size} must be a positive divisor of in_features={weight.shape[1]}")
-    if not percdamp >= 0:
-        raise ValueError(f"percdamp must be >= 0, got {percdamp}")
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
-        raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+    return options
 
 
 def gptq_quantize(
-    weight: Tensor,
-    hessian: Tensor,
-    bits: int = 4,
-    group_size: int | None = None,
-    symmetric: bool = True,
-    act_order: bool = False,
-    static_groups: bool = False,
-    percdamp: float = 0.01,
-    block_size: int = 128,
-    threads: ThreadPolicy | None = None,
+    weight: Tensor, hessian: Tensor, options: GPTQOptions | None = None, threads: ThreadPolicy | None = None
 ) -> GPTQResult:
     """Quantize a linear weight with GPTQ (Frantar et al. 2023), minimising ``||X(W - Q)ᵀ||²``; the fast solver.
 
@@ -161,7 +203,7 @@ def gptq_quantize(
     which needs no inverse. Algorithm 1, line by line, and the code that does it (``wt`` is the weight transposed,
     one row per column, in solve order; ``delta`` is ``δ`` alike; the paper's column ``j`` is ``i`` in ``_solve``)::
 
-        Algorithm 1                              here
+        Algorithm 1                              here (B = options.block_size)
         U ← Cholesky(H⁻¹)ᵀ                       _compensation: chol = cholesky_ex(JHJ) (H reversed, = LLᵀ), so
                                                  R = JLJ = U⁻¹; returns v = V (diag R divided out: the U_jj)
         for i1 = 0, B, 2B, ...                   _solve: for i1 in range(0, n, block_size)
@@ -179,20 +221,13 @@ def gptq_quantize(
     its first column from the current weights of the whole group, as in the paper) need the paper's intermediate
     weights there, ``W + (w1 - W) · V_gg⁻¹`` on the group's columns ``g``: one triangular solve. Min-max qparams
     (:func:`compute_qparams`) are per row: per channel from the whole weight up front, per group from those current
-    weights (or up front with ``static_groups``).
+    weights (or up front with ``static_groups``). The dampening ``λ = percdamp · mean(diag H)`` is raised ×10 (with
+    a warning) while the Cholesky factorisation fails.
 
     Args:
         weight: ``(out, in)`` float weight.
         hessian: ``(in, in)`` Hessian sum from :func:`hessian_update` (any positive scale).
-        bits: code width in ``[2, 8]``.
-        group_size: inputs per scale of each row; ``None`` for per channel.
-        symmetric: symmetric (zero-point 0) or asymmetric qparams.
-        act_order: solve columns in descending ``diag(H)`` order (results returned in the original order).
-        static_groups: with groups, compute all group qparams up front from the weight in the original column
-            order, so groups stay contiguous (exportable ``(out, in / group_size)`` params) under ``act_order``.
-        percdamp: dampening ``λ = percdamp · mean(diag H)`` added to the diagonal; ×10 (with a warning) while the
-            Cholesky factorisation fails.
-        block_size: columns per lazy-update block.
+        options: bits, groups, order, dampening and block size (:class:`GPTQOptions`); ``None`` for the defaults.
         threads: a context manager factory: ``threads(work)`` is entered around an operation of ``work``
             multiply-adds (the Cholesky, each block's product) and around the whole solve with ``work=0`` (the loop
             of small ops), e.g. :func:`lightning_compress.calibration.threads.gptq_threads`. ``None``: everything
@@ -202,12 +237,13 @@ def gptq_quantize(
         :class:`GPTQResult`; inputs with ``H_ii = 0`` (never active) get weight 0.
 
     Raises:
-        ValueError: a bad argument (named). RuntimeError: the Hessian cannot be factorised or the result is not finite.
+        ValueError: a bad argument (named). TypeError: ``options`` is not a :class:`GPTQOptions`. RuntimeError: the
+            Hessian cannot be factorised or the result is not finite.
     """
     threads = threads or _unchanged_threads
     with threads(0):  # elementwise ops and small products
-        check_bits(bits)
-        _validate(weight, hessian, group_size, percdamp, block_size)
+        options = _check_inputs(weight, hessian, options)
+        bits, group_size, symmetric, act_order = options.bits, options.group_size, options.symmetric, options.act_order
         w, h = weight.detach().float(), hessian.detach().to(torch.float64)  # read only: not copied
         n, rows, dead = w.shape[1], w.shape[0], h.diagonal() == 0
         if dead.any():
@@ -215,7 +251,7 @@ def gptq_quantize(
             w[:, dead] = 0.0
         diag = h.diagonal().masked_fill(dead, 1.0)
         perm = torch.argsort(diag, descending=True, stable=True) if act_order else torch.arange(n, device=w.device)
-        dynamic = group_size is not None and not static_groups
+        dynamic = group_size is not None and not options.static_groups
         if dynamic:  # one row per group in solve order, filled by the solver at each group's first column
             scale, zero = w.new_empty(n // group_size, rows), w.new_empty(n // group_size, rows)
             group = torch.arange(n, device=w.device) // group_size
@@ -227,9 +263,9 @@ def gptq_quantize(
         rev = perm.flip(0)
         wt, flipped = (w.T[perm], h[rev][:, rev]) if act_order else (w.T.contiguous(), h.flip(0, 1))
         flipped.diagonal()[dead[rev]] = 1.0
-        v, damp = _compensation(flipped, percdamp, threads)
+        v, damp = _compensation(flipped, options.percdamp, threads)
         gs = group_size if dynamic else None
-        solved = _solve(wt, v, scale, zero, group.tolist(), bits, symmetric, gs, block_size, threads)
+        solved = _solve(wt, v, scale, zero, group.tolist(), bits, symmetric, gs, options.block_size, threads)
         codes = solved.to(torch.int8)
         codes = (codes[torch.argsort(perm)] if act_order else codes).T.contiguous()
         if dynamic and act_order:  # groups formed in solve order are scattered: one (scale, zero) per column
@@ -290,22 +326,13 @@ def _solve(
     return codes
 
 
-def gptq_quantize_reference(
-    weight: Tensor,
-    hessian: Tensor,
-    bits: int = 4,
-    group_size: int | None = None,
-    symmetric: bool = True,
-    act_order: bool = False,
-    static_groups: bool = False,
-    percdamp: float = 0.01,
-    block_size: int = 128,
-) -> GPTQResult:
+def gptq_quantize_reference(weight: Tensor, hessian: Tensor, options: GPTQOptions | None = None) -> GPTQResult:
     """GPTQ as the paper writes it (Algorithm 1 of Frantar et al. 2023), in float64: the definition, slow.
 
     The same options and results as :func:`gptq_quantize`, which must match it (up to rare rounding ties: that one
     runs in float32); the tests compare them. With ``U = Cholesky((H + λI)⁻¹)ᵀ`` (upper, ``UᵀU = (H + λI)⁻¹``),
-    ``λ = percdamp · mean(diag H)``, for blocks ``[i1, i2)`` of ``block_size`` columns and each column ``j`` in them::
+    ``λ = percdamp · mean(diag H)``, for blocks ``[i1, i2)`` of ``block_size`` columns (the fields of ``options``)
+    and each column ``j`` in them::
 
         Q[:, j] = quant(W[:, j])
         E[:, j - i1] = (W[:, j] - Q[:, j]) / U[j, j]
@@ -321,20 +348,21 @@ def gptq_quantize_reference(
     Args:
         weight: ``(out, in)`` float weight.
         hessian: ``(in, in)`` Hessian ``2 XᵀX`` (any positive scale).
-        bits, group_size, symmetric, act_order, static_groups, percdamp, block_size: as for :func:`gptq_quantize`.
+        options: as for :func:`gptq_quantize` (:class:`GPTQOptions`); ``None`` for the defaults.
 
     Returns:
         :class:`GPTQResult` with the shapes :func:`gptq_quantize` returns.
     """
-    check_bits(bits)
-    _validate(weight, hessian, group_size, percdamp, block_size)
+    options = _check_inputs(weight, hessian, options)
+    bits, group_size, symmetric, act_order = options.bits, options.group_size, options.symmetric, options.act_order
+    block_size = options.block_size
     w, h = weight.detach().double().clone(), hessian.detach().double().clone()
     dead = h.diagonal() == 0
     w[:, dead], h[dead, dead] = 0.0, 1.0
-    n, dynamic = w.shape[1], group_size is not None and not static_groups
+    n, dynamic = w.shape[1], group_size is not None and not options.static_groups
     perm = torch.argsort(h.diagonal(), descending=True, stable=True) if act_order else torch.arange(n, device=w.device)
     qp = compute_qparams(w.float(), bits, symmetric, axis=0 if group_size is None else None, group_size=group_size)
-    damp = percdamp * h.diagonal().mean().item()
+    damp = options.percdamp * h.diagonal().mean().item()
     h = h + damp * torch.eye(n, dtype=h.dtype, device=h.device)
     w, h = w[:, perm], h[perm][:, perm]
     u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)  # H⁻¹ = UᵀU

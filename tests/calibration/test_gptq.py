@@ -6,7 +6,7 @@ from torch import nn
 
 from lightning_compress.calibration.batches import call_model, real_tokens
 from lightning_compress.calibration.gptq import gptq_model, is_gptq_layer, layer_inputs, weight_matrix
-from lightning_compress.functional.gptq import gptq_quantize, hessian_update
+from lightning_compress.functional.gptq import GPTQOptions, gptq_quantize, hessian_update
 from tests.tiny_models import tiny_bert, token_batches
 
 
@@ -39,13 +39,13 @@ def test_true_sequential_second_layer_sees_quantized_first_layer():
     h0 = None
     for b in batches:
         h0 = hessian_update(h0, b)
-    results = gptq_model(model, {"0": model[0], "2": model[2]}, batches, bits=4)
-    first = gptq_quantize(w0, h0, bits=4)
+    results = gptq_model(model, {"0": model[0], "2": model[2]}, batches, GPTQOptions(bits=4))
+    first = gptq_quantize(w0, h0, GPTQOptions(bits=4))
     assert torch.equal(results["0"].codes, first.codes)
     h2 = None  # the second layer's Hessian from the *quantized* first layer's outputs
     for b in batches:
         h2 = hessian_update(h2, torch.relu(b @ first.weight.T + model[0].bias.detach()))
-    assert torch.equal(results["2"].codes, gptq_quantize(w2, h2, bits=4).codes)
+    assert torch.equal(results["2"].codes, gptq_quantize(w2, h2, GPTQOptions(bits=4)).codes)
     torch.testing.assert_close(model[2].weight.detach(), results["2"].weight)
 
 
@@ -54,7 +54,7 @@ def test_blocks_are_calibrated_on_the_quantized_blocks_before_them():
     batches = token_batches(2)
     original = model.encoder.layer[1].attention.self.query.weight.detach().clone()
     layers = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
-    results = gptq_model(model, layers, batches, bits=4)
+    results = gptq_model(model, layers, batches, GPTQOptions(bits=4))
     assert set(results) == set(layers)
     h, mask = None, None  # block 1's input at the real (not padding) tokens, produced by the now-quantized model
 
@@ -68,7 +68,7 @@ def test_blocks_are_calibrated_on_the_quantized_blocks_before_them():
             mask = b["attention_mask"].bool()
             call_model(model, b)
     handle.remove()
-    expected = gptq_quantize(original, h, bits=4)
+    expected = gptq_quantize(original, h, GPTQOptions(bits=4))
     assert torch.equal(results["encoder.layer.1.attention.self.query"].codes, expected.codes)
 
 
@@ -84,12 +84,14 @@ def test_a_layer_never_called_is_rounded_to_nearest_with_a_warning():
     model = Unused()
     w = model.unused.weight.detach().clone()
     with pytest.warns(UserWarning, match="unused.*no calibration input"):
-        results = gptq_model(model, {"used": model.used, "unused": model.unused}, [torch.randn(4, 8)], bits=4)
-    rtn = gptq_quantize(w, torch.eye(8, dtype=torch.float64), bits=4)
+        results = gptq_model(
+            model, {"used": model.used, "unused": model.unused}, [torch.randn(4, 8)], GPTQOptions(bits=4)
+        )
+    rtn = gptq_quantize(w, torch.eye(8, dtype=torch.float64), GPTQOptions(bits=4))
     assert torch.equal(results["unused"].codes, rtn.codes)
 
 
 def test_gptq_model_restores_train_mode():
     model = _mlp().train()
-    gptq_model(model, {"0": model[0]}, [torch.randn(4, 16)], bits=8)
+    gptq_model(model, {"0": model[0]}, [torch.randn(4, 16)], GPTQOptions(bits=8))
     assert model.training and model[0].training

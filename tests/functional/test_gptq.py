@@ -1,4 +1,5 @@
 import contextlib
+import dataclasses
 from collections.abc import Iterator
 
 import pytest
@@ -6,7 +7,7 @@ import torch
 
 import lightning_compress.calibration.threads as threads_module
 from lightning_compress.calibration.threads import PARALLEL_MIN_WORK, gptq_threads
-from lightning_compress.functional.gptq import gptq_quantize, gptq_quantize_reference, hessian_update
+from lightning_compress.functional.gptq import GPTQOptions, gptq_quantize, gptq_quantize_reference, hessian_update
 from lightning_compress.functional.quant import compute_qparams, dequantize, quant_range, quantize
 
 
@@ -35,7 +36,8 @@ def _out_err(x: torch.Tensor, w: torch.Tensor, q: torch.Tensor) -> float:
 def test_identity_hessian_is_round_to_nearest(group_size, symmetric):
     w = torch.randn(32, 192, generator=torch.Generator().manual_seed(1))
     # block 64 with groups of 96: a group straddling two blocks
-    res = gptq_quantize(w, torch.eye(192), bits=4, group_size=group_size, symmetric=symmetric, block_size=64)
+    opts = GPTQOptions(bits=4, group_size=group_size, symmetric=symmetric, block_size=64)
+    res = gptq_quantize(w, torch.eye(192), opts)
     assert torch.equal(res.weight, _rtn(w, 4, group_size, symmetric))
 
 
@@ -43,10 +45,10 @@ def test_identity_hessian_is_round_to_nearest(group_size, symmetric):
 @pytest.mark.parametrize("group_size", [None, 32])
 def test_gptq_beats_rtn_on_correlated_inputs(problem, bits, group_size):
     x, w, h = problem
-    gptq = gptq_quantize(w, h, bits=bits, group_size=group_size)
+    gptq = gptq_quantize(w, h, GPTQOptions(bits=bits, group_size=group_size))
     err_gptq, err_rtn = _out_err(x, w, gptq.weight), _out_err(x, w, _rtn(w, bits, group_size))
     assert err_gptq < 0.9 * err_rtn
-    ordered = gptq_quantize(w, h, bits=bits, group_size=group_size, act_order=True, static_groups=True)
+    ordered = gptq_quantize(w, h, GPTQOptions(bits=bits, group_size=group_size, act_order=True, static_groups=True))
     assert _out_err(x, w, ordered.weight) < err_gptq  # strictly better on these uneven input scales
 
 
@@ -66,8 +68,9 @@ def test_gptq_beats_rtn_on_correlated_inputs(problem, bits, group_size):
 def test_blocked_solver_matches_unblocked_definition(problem, group_size, symmetric, block_size, act_order):
     # blocks of 40 columns: sub-blocks split at group starts, groups straddling blocks
     _, w, h = problem
-    res = gptq_quantize(w, h, 4, group_size, symmetric, act_order=act_order, block_size=block_size)
-    ref = gptq_quantize_reference(w, h, 4, group_size, symmetric, act_order=act_order, block_size=w.shape[1])
+    res = gptq_quantize(w, h, GPTQOptions(4, group_size, symmetric, act_order=act_order, block_size=block_size))
+    opts = GPTQOptions(4, group_size, symmetric, act_order=act_order, block_size=w.shape[1])
+    ref = gptq_quantize_reference(w, h, opts)
     assert (res.codes.double() == ref.codes).double().mean() > 0.995  # float32 vs float64: rare ties round apart
 
 
@@ -83,13 +86,14 @@ def test_blocked_solver_matches_unblocked_definition(problem, group_size, symmet
 def test_fast_solver_matches_reference(problem, kwargs):
     # blocks of 40: groups of 32 and 64 straddle them (the reference's pending update, the fast one's sub-blocks)
     _, w, h = problem
-    res, ref = gptq_quantize(w, h, block_size=40, **kwargs), gptq_quantize_reference(w, h, block_size=40, **kwargs)
+    opts = GPTQOptions(block_size=40, **kwargs)
+    res, ref = gptq_quantize(w, h, opts), gptq_quantize_reference(w, h, opts)
     assert (res.codes == ref.codes).double().mean() > 0.995  # float32 vs float64: rare ties round apart
     torch.testing.assert_close(res.scale, ref.scale, rtol=1e-4, atol=1e-6)  # group qparams from float32 weights
     torch.testing.assert_close(res.zero_point, ref.zero_point)
     assert torch.equal(dequantize(ref.codes, ref.scale, ref.zero_point), ref.weight)
     assert res.damp == pytest.approx(ref.damp)  # mean(diag H), summed in another order
-    unblocked = gptq_quantize_reference(w, h, block_size=w.shape[1], **kwargs)
+    unblocked = gptq_quantize_reference(w, h, dataclasses.replace(opts, block_size=w.shape[1]))
     assert (ref.codes == unblocked.codes).double().mean() > 0.999  # lazy blocks only reorder float64 sums
 
 
@@ -98,7 +102,7 @@ def test_reference_zeroes_dead_inputs():
     x = torch.randn(200, 24, generator=g)
     x[:, 5] = 0
     w = torch.randn(8, 24, generator=g)
-    ref = gptq_quantize_reference(w, hessian_update(None, x), bits=3, group_size=8, act_order=True)
+    ref = gptq_quantize_reference(w, hessian_update(None, x), GPTQOptions(bits=3, group_size=8, act_order=True))
     assert torch.all(ref.weight[:, 5] == 0) and torch.isfinite(ref.weight).all()
 
 
@@ -114,7 +118,8 @@ def test_thread_count_restored(problem, threads):
 @pytest.mark.parametrize("kwargs", [{}, {"group_size": 32, "act_order": True}])
 def test_thread_policy_does_not_change_results(problem, kwargs):
     _, w, h = problem
-    plain, policed = gptq_quantize(w, h, **kwargs), gptq_quantize(w, h, threads=gptq_threads, **kwargs)
+    opts = GPTQOptions(**kwargs)
+    plain, policed = gptq_quantize(w, h, opts), gptq_quantize(w, h, opts, threads=gptq_threads)
     for a, b in zip(plain, policed, strict=True):
         assert torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
 
@@ -151,7 +156,7 @@ def test_solver_enters_the_policy_around_its_operations(problem, fake_threads, m
             seen.append((work, fake_threads["n"]))
             yield
 
-    gptq_quantize(problem[1], problem[2], block_size=40, threads=recording)  # (64, 128), blocks of 40
+    gptq_quantize(problem[1], problem[2], GPTQOptions(block_size=40), threads=recording)  # (64, 128), blocks of 40
     works = [0, 128**3 // 6, 0, 40 * 40 * 64, 80 * 40 * 64, 120 * 8 * 64]  # solve, Cholesky, each block's product
     assert seen == [(work, 6 if work >= 10**5 else 1) for work in works]
     assert fake_threads["n"] == 6
@@ -172,7 +177,7 @@ def test_solver_enters_the_policy_around_its_operations(problem, fake_threads, m
 @pytest.mark.parametrize("bits", [2, 4, 8])
 def test_codes_dequantize_to_weight(problem, kwargs, bits):
     _, w, h = problem
-    res = gptq_quantize(w, h, bits=bits, **kwargs)
+    res = gptq_quantize(w, h, GPTQOptions(bits=bits, **kwargs))
     qmin, qmax = quant_range(bits)
     assert res.codes.dtype == torch.int8 and res.codes.shape == w.shape
     assert qmin <= res.codes.min() and res.codes.max() <= qmax
@@ -190,7 +195,7 @@ def test_codes_dequantize_to_weight(problem, kwargs, bits):
 
 def test_static_groups_use_original_weight_qparams(problem):
     _, w, h = problem
-    res = gptq_quantize(w, h, group_size=32, act_order=True, static_groups=True)
+    res = gptq_quantize(w, h, GPTQOptions(group_size=32, act_order=True, static_groups=True))
     scale, zero_point = compute_qparams(w, 4, group_size=32)
     assert torch.equal(res.scale, scale) and torch.equal(res.zero_point, zero_point)
 
@@ -202,7 +207,8 @@ def test_dead_input_and_rank_deficient_hessian(symmetric, act_order):
     x = torch.randn(48, 96, generator=g)  # 48 tokens < 96 inputs: H has rank 48
     x[:, 5] = 0
     w = torch.randn(16, 96, generator=g)
-    res = gptq_quantize(w, hessian_update(None, x), bits=3, group_size=32, symmetric=symmetric, act_order=act_order)
+    opts = GPTQOptions(bits=3, group_size=32, symmetric=symmetric, act_order=act_order)
+    res = gptq_quantize(w, hessian_update(None, x), opts)
     assert torch.isfinite(res.weight).all()
     assert torch.all(res.weight[:, 5] == 0)
     assert torch.equal(dequantize(res.codes, res.scale, res.zero_point), res.weight)
@@ -212,7 +218,7 @@ def test_indefinite_hessian_warns_and_stays_finite():
     h = torch.tensor([[1.0, 2.0, 0.0], [2.0, 1.0, 0.0], [0.0, 0.0, 1.0]])  # eigenvalues 3, 1, -1
     w = torch.randn(4, 3, generator=torch.Generator().manual_seed(3))
     with pytest.warns(UserWarning, match="not positive definite"):
-        res = gptq_quantize(w, h, percdamp=0.0)
+        res = gptq_quantize(w, h, GPTQOptions(percdamp=0.0))
     assert torch.isfinite(res.weight).all() and res.damp > 1.0
     assert torch.equal(dequantize(res.codes, res.scale, res.zero_point), res.weight)
 
@@ -237,17 +243,58 @@ def test_hessian_update_is_a_running_sum():
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"bits": 9}, "bits"),
-        ({"bits": 1}, "bits"),
-        ({"group_size": 5}, "group_size"),
-        ({"group_size": 0}, "group_size"),
+        ({"options": GPTQOptions(group_size=5)}, "group_size"),
         ({"hessian": torch.eye(7)}, "hessian"),
         ({"weight": torch.randn(8)}, "weight"),
-        ({"percdamp": -0.1}, "percdamp"),
-        ({"block_size": 0}, "block_size"),
     ],
 )
 def test_validation(kwargs, match):
     args = {"weight": torch.randn(4, 8), "hessian": torch.eye(8)} | kwargs
     with pytest.raises(ValueError, match=match):
         gptq_quantize(**args)
+    with pytest.raises(ValueError, match=match):
+        gptq_quantize_reference(**args)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"bits": 9}, "bits"),
+        ({"bits": 1}, "bits"),
+        ({"group_size": 0}, "group_size"),
+        ({"percdamp": -0.1}, "percdamp"),
+        ({"block_size": 0}, "block_size"),
+    ],
+)
+def test_option_validation(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        GPTQOptions(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("field", "bad", "error", "match"),
+    [
+        ("bits", 9, ValueError, r"bits must be in \[2, 8\], got 9"),
+        ("bits", 4.0, TypeError, r"bits must be an int in \[2, 8\], got 4.0"),
+        ("group_size", 0, ValueError, "group_size must be a positive int or None, got 0"),
+        ("group_size", True, ValueError, "group_size must be a positive int or None, got True"),
+        ("group_size", 8.0, ValueError, "group_size must be a positive int or None, got 8.0"),
+        ("symmetric", 1, ValueError, r"symmetric must be a bool \(True or False\), got 1"),
+        ("act_order", "yes", ValueError, r"act_order must be a bool \(True or False\), got 'yes'"),
+        ("static_groups", None, ValueError, r"static_groups must be a bool \(True or False\), got None"),
+        ("percdamp", -0.1, ValueError, "percdamp must be a number >= 0, got -0.1"),
+        ("percdamp", True, ValueError, "percdamp must be a number >= 0, got True"),
+        ("percdamp", float("nan"), ValueError, "percdamp must be a number >= 0, got nan"),
+        ("block_size", 0, ValueError, "block_size must be a positive int, got 0"),
+        ("block_size", 64.0, ValueError, "block_size must be a positive int, got 64.0"),
+    ],
+)
+def test_options_are_frozen_and_validate_each_field(field, bad, error, match):
+    opts = GPTQOptions()
+    assert opts == GPTQOptions(4, None, True, False, False, 0.01, 128)  # the defaults, in field order
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        setattr(opts, field, bad)
+    with pytest.raises(error, match=match):
+        GPTQOptions(**{field: bad})
+    with pytest.raises(TypeError, match="options must be a GPTQOptions or None, got dict"):
+        gptq_quantize(torch.randn(4, 8), torch.eye(8), {field: bad})
