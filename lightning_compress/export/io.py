@@ -6,8 +6,11 @@ into a freshly constructed plain model of the same architecture."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +43,7 @@ LAYER_CLASSES: dict[str, type[ExportedLinear]] = {
 FORMAT = "lightning_compress.exported"
 
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: per-tensor SHA-256 in the manifest (1 loads, unverified)
 
 
 MANIFEST, WEIGHTS_FILE = "manifest.json", "model.safetensors"
@@ -57,7 +60,9 @@ def save_exported(model: nn.Module, path: str | Path) -> Path:
 
     ``model.safetensors`` holds every tensor of the state dict (tensors sharing storage, such as tied embeddings,
     are stored once and listed as aliases); ``manifest.json`` holds the format version, the float dtype, each
-    exported layer's class, spec and kernel, and the file size (to detect truncation).
+    exported layer's class, spec and kernel, the file size (to detect truncation) and a SHA-256 of every tensor's
+    bytes (to detect corruption). Both files are written under temporary names and renamed into place, the
+    manifest last, so a crash never leaves a directory that loads.
 
     Returns:
         ``path`` as a Path.
@@ -75,7 +80,7 @@ def save_exported(model: nn.Module, path: str | Path) -> Path:
             continue
         seen[ident] = key
         tensors[key] = t.detach().cpu().contiguous()
-    save_file(tensors, path / WEIGHTS_FILE, metadata={"format": FORMAT})
+    _atomic(path / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp, metadata={"format": FORMAT}))
     manifest = {
         "format": FORMAT,
         "version": FORMAT_VERSION,
@@ -84,9 +89,27 @@ def save_exported(model: nn.Module, path: str | Path) -> Path:
         "aliases": aliases,
         "tensors": len(tensors),
         "file_bytes": (path / WEIGHTS_FILE).stat().st_size,
+        "sha256": {key: tensor_digest(t) for key, t in tensors.items()},
     }
-    (path / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    _atomic(path / MANIFEST, lambda tmp: Path(tmp).write_text(json.dumps(manifest, indent=1)))
     return path
+
+
+def _atomic(target: Path, write: Callable[[str], Any]) -> None:
+    """``write(temporary path)`` next to ``target``, then rename it onto ``target`` (never a half-written file)."""
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    try:
+        write(str(tmp))
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def tensor_digest(t: Tensor) -> str:
+    """SHA-256 (hex) of a tensor's bytes in memory order (any dtype; the tensor is made contiguous on the CPU)."""
+    flat = t.detach().cpu().contiguous().reshape(-1)
+    data = flat.view(torch.uint8).numpy() if flat.numel() else b""
+    return hashlib.sha256(memoryview(data)).hexdigest()
 
 
 def read_manifest(path: str | Path) -> dict[str, Any]:
@@ -94,9 +117,16 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not (path / MANIFEST).is_file():
         raise FileNotFoundError(f"{path / MANIFEST} not found; allowed: a directory written by save_exported")
-    manifest = json.loads((path / MANIFEST).read_text())
-    if manifest.get("format") != FORMAT:
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path / MANIFEST} is not valid JSON (truncated or corrupt): {err}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        manifest = manifest if isinstance(manifest, dict) else {}
         raise ValueError(f"{path / MANIFEST} is not a {FORMAT} manifest (format={manifest.get('format')!r})")
+    missing = [k for k in ("version", "dtype", "layers", "aliases", "file_bytes") if k not in manifest]
+    if missing:
+        raise ValueError(f"{path / MANIFEST} lacks {missing}: truncated or not written by save_exported")
     version = manifest.get("version")
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise ValueError(
@@ -119,18 +149,52 @@ def load_exported(path: str | Path, model: nn.Module, device: str | torch.device
     architecture (no callbacks, no training code). The saved kernels are used where available on ``device``,
     otherwise the fastest remaining one that needs no timing: the fast path, else float.
 
+    Everything is checked before ``model`` is touched: the manifest, every tensor's checksum, that each saved layer
+    exists in ``model`` with its shapes, and that the model's state after the swap would have exactly the saved
+    tensors' keys and shapes. An error leaves ``model`` as it was.
+
     Returns:
         ``model`` in eval mode, on ``device`` (the model's device when None).
+
+    Raises:
+        FileNotFoundError: files missing. ValueError: a corrupt, truncated or newer file, or one that does not fit
+            ``model`` (naming the layer or tensor).
     """
     manifest = read_manifest(path)
+    tensors = _read_tensors(Path(path), manifest)
+    new = _rebuild_layers(Path(path), model, manifest)
+    _check_state(Path(path), model, new, tensors)
+    device = torch.device(device) if device is not None else next(iter(model.parameters())).device
+    model.to(device=device, dtype=from_spec_dtype(manifest["dtype"]))
+    replace_layers(model, {n: m.to(device) for n, m in new.items()})
+    model.load_state_dict(tensors, strict=True)
+    for name, layer in new.items():
+        _restore_kernel(name, layer, manifest["layers"][name]["kernel"])
+    return model.eval()
+
+
+def _read_tensors(path: Path, manifest: dict[str, Any]) -> dict[str, Tensor]:
+    """The saved tensors, each verified against its manifest checksum, with the aliases filled in."""
+    weights = path / WEIGHTS_FILE
     try:
-        tensors = load_file(Path(path) / WEIGHTS_FILE)
+        tensors = load_file(weights)
     except SafetensorError as err:
-        raise ValueError(f"{Path(path) / WEIGHTS_FILE} is corrupt or truncated: {err}") from None
+        raise ValueError(f"{weights} is corrupt or truncated: {err}") from None
+    digests = manifest.get("sha256")
+    if digests is None:
+        log.warning("%s has no checksums (format version %s): integrity not verified", weights, manifest["version"])
+    else:
+        bad = sorted(k for k, t in tensors.items() if digests.get(k) != tensor_digest(t))
+        if bad:
+            raise ValueError(f"{weights}: tensors {bad[:5]} do not match their checksums: the file is corrupt")
     for key, source in manifest["aliases"].items():
         if source in tensors:
             tensors[key] = tensors[source]
-    device = torch.device(device) if device is not None else next(iter(model.parameters())).device
+    return tensors
+
+
+def _rebuild_layers(path: Path, model: nn.Module, manifest: dict[str, Any]) -> dict[str, ExportedLinear]:
+    """An empty exported layer per manifest entry, after checking that ``model`` has that layer with its shape."""
     new = {}
     for name, entry in manifest["layers"].items():
         if entry["class"] not in LAYER_CLASSES:
@@ -143,30 +207,20 @@ def load_exported(path: str | Path, model: nn.Module, device: str | torch.device
         if (getattr(plain, "in_features", None), getattr(plain, "out_features", None)) != saved:
             raise ValueError(f"layer {name!r} is {plain} in the model but {saved[0]} → {saved[1]} in {path}")
         new[name] = LAYER_CLASSES[entry["class"]].from_spec(entry["spec"])
-    model.to(device=device, dtype=from_spec_dtype(manifest["dtype"]))
-    replace_layers(model, {n: m.to(device) for n, m in new.items()})
-    missing, unexpected = _load_state(model, tensors)
+    return new
+
+
+def _check_state(path: Path, model: nn.Module, new: dict[str, ExportedLinear], tensors: dict[str, Tensor]) -> None:
+    """Raise ValueError unless ``model`` with ``new`` swapped in would hold exactly ``tensors``' keys and shapes."""
+    prefixes = tuple(f"{n}." for n in new)
+    expected = {k: v.shape for k, v in model.state_dict().items() if not k.startswith(prefixes)}
+    expected.update({f"{n}.{k}": v.shape for n, layer in new.items() for k, v in layer.state_dict().items()})
+    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
     if missing or unexpected:
         raise ValueError(f"{path} does not match the model: missing tensors {missing}, unexpected {unexpected}")
-    for name, layer in new.items():
-        _restore_kernel(name, layer, manifest["layers"][name]["kernel"])
-    return model.eval()
-
-
-def _load_state(model: nn.Module, tensors: dict[str, Tensor]) -> tuple[list[str], list[str]]:
-    """Load ``tensors`` (strict keys, shapes checked); returns the missing and unexpected keys."""
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    if missing or unexpected:
-        return missing, unexpected
     for key, t in tensors.items():
-        if t.shape != expected[key].shape:
-            raise ValueError(
-                f"tensor {key!r} has shape {tuple(t.shape)}, the model expects {tuple(expected[key].shape)}"
-            )
-    model.load_state_dict(tensors, strict=True)
-    return [], []
+        if t.shape != expected[key]:
+            raise ValueError(f"tensor {key!r} has shape {tuple(t.shape)}, the model expects {tuple(expected[key])}")
 
 
 def _restore_kernel(name: str, layer: ExportedLinear, kernel: str) -> None:
