@@ -13,6 +13,7 @@ import torch
 import yaml
 from torch import Tensor, nn
 
+from lightning_compress.functional.checks import check_choice, check_patterns, check_positive_int
 from lightning_compress.functional.masks import (
     check_sparsity,
     global_magnitude_masks,
@@ -130,7 +131,8 @@ class IterativePruning(pl.Callback):
         trainer = L.Trainer(callbacks=[IterativePruning(method="nm", pattern="2:4", ignore=["net.0"])])
 
     Args:
-        sparsity: target fraction pruned per unit (weights, rows or heads), in ``[0, 1)``; N:M ignores it.
+        sparsity: target fraction pruned per unit (weights, rows or heads), in ``[0, 1)``; None for 0.5. N:M
+            prunes exactly ``1 - N/M`` (leave it unset; another value is an error).
         method: ``"magnitude"``, ``"nm"``, ``"rows"`` or ``"heads"``.
         schedule: ``"oneshot"``, ``"iterative"`` or ``"cubic"`` (N:M is one-shot only).
         pattern: the N:M pattern, e.g. ``"2:4"``.
@@ -151,7 +153,7 @@ class IterativePruning(pl.Callback):
 
     def __init__(
         self,
-        sparsity: float = 0.5,
+        sparsity: float | None = None,
         method: str = "magnitude",
         schedule: str = "oneshot",
         pattern: str = "2:4",
@@ -168,11 +170,18 @@ class IterativePruning(pl.Callback):
         rewind: str | int | None = None,
         log_sparsity: bool = True,
     ) -> None:
-        self.sparsity = check_sparsity(sparsity)
-        self.method = _choice("method", method, METHODS)
-        self.schedule = _choice("schedule", schedule, SCHEDULES)
-        self.scope = _choice("scope", scope, SCOPES)
+        self.method = check_choice("method", method, METHODS)
+        self.schedule = check_choice("schedule", schedule, SCHEDULES)
+        self.scope = check_choice("scope", scope, SCOPES)
         self.nm = parse_nm(pattern) if method == "nm" else None
+        fixed = None if self.nm is None else 1 - self.nm[0] / self.nm[1]
+        if fixed is not None and sparsity is not None and sparsity != fixed:
+            raise ValueError(
+                f"sparsity={sparsity!r} with method='nm', pattern={pattern!r}: N:M prunes exactly {fixed:g}; allowed: "
+                f"sparsity unset (None) or {fixed:g}"
+            )
+        self.sparsity = check_sparsity(fixed if fixed is not None else 0.5 if sparsity is None else sparsity)
+        check_patterns("targets", targets), check_patterns("ignore", ignore)
         if method == "nm" and schedule != "oneshot":
             raise ValueError(f"schedule={schedule!r} with method='nm': N:M sparsity is fixed, allowed: 'oneshot'")
         if scope == "global" and (method != "magnitude" or plan is not None):
@@ -180,9 +189,7 @@ class IterativePruning(pl.Callback):
         self.plan = load_plan(plan) if plan is not None else {}
         if not 0.0 < rate < 1.0:
             raise ValueError(f"rate must be in (0, 1), got {rate}")
-        for name, value in (("every_n_epochs", every_n_epochs), ("frequency", frequency)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        check_positive_int("every_n_epochs", every_n_epochs), check_positive_int("frequency", frequency)
         if begin_step < 0 or (end_step is not None and end_step <= begin_step):
             raise ValueError(f"need 0 <= begin_step < end_step, got begin_step={begin_step}, end_step={end_step}")
         self.initial_sparsity = check_sparsity(initial_sparsity, "initial_sparsity")
@@ -466,9 +473,3 @@ def _optimizer_state(trainer: pl.Trainer | None, param: nn.Parameter) -> list[Te
         for v in opt.state.get(param, {}).values()
         if isinstance(v, Tensor) and v.shape == param.shape
     ]
-
-
-def _choice(name: str, value: str, allowed: tuple[str, ...]) -> str:
-    if value not in allowed:
-        raise ValueError(f"{name}={value!r} is not supported; allowed: {list(allowed)}")
-    return value

@@ -21,6 +21,7 @@ from lightning_compress.export.int8_linear import Int8Linear
 from lightning_compress.export.layer import ExportedLinear, float_dtype
 from lightning_compress.export.selfcheck import ExportReport, choose_kernel, kernel_note, layer_tokens
 from lightning_compress.export.sparse_linear import SemiStructuredSparseLinear
+from lightning_compress.functional.checks import check_choice, check_positive_int
 from lightning_compress.functional.packing import is_24_sparse
 from lightning_compress.nn.fake_quant import is_fake_quant
 from lightning_compress.nn.quantized import QuantizedInput, round_to_nearest
@@ -42,12 +43,6 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 # ------------------------------------------------------------------------------------------------ planning
-def _choice(name: str, value: Any, allowed: Sequence[Any]) -> Any:
-    if value not in allowed:
-        raise ValueError(f"{name}={value!r} is not supported; allowed: {list(allowed)}")
-    return value
-
-
 def check_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     """``dtype`` as a torch float dtype (names such as ``"bfloat16"`` accepted, for YAML); None passes."""
     if isinstance(dtype, str):
@@ -83,12 +78,16 @@ def _fake_quant_layer(name: str, module: nn.Module, sparse: bool) -> tuple[str, 
 
 
 def _float_layer(
-    module: nn.Linear, weights: str | None, sparse: bool, group_size: int, dtype: torch.dtype | None
+    name: str, module: nn.Linear, weights: str | None, sparse: bool, group_size: int | None, dtype: torch.dtype | None
 ) -> tuple[str, ExportedLinear] | None:
     """The exported layer of a plain float Linear (round-to-nearest when ``weights`` asks), or None: stays float."""
     if weights == "int4":
-        group = group_size if module.in_features % group_size == 0 else module.in_features
-        return f"int4 g{group} (RTN)", Int4Linear.from_module(module, group)
+        if group_size is not None and module.in_features % group_size:
+            raise ValueError(
+                f"layer {name!r}: group_size={group_size} does not divide its input width {module.in_features}; "
+                "allowed: a divisor of every selected layer's input width, or group_size=None (per channel)"
+            )
+        return f"int4 g{group_size or module.in_features} (RTN)", Int4Linear.from_module(module, group_size)
     if weights == "int8":
         if sparse:
             rtn = round_to_nearest(module.weight, 8)
@@ -105,7 +104,7 @@ def plan_layers(
     sparsity: str | None,
     targets: str | Sequence[str] | None,
     ignore: str | Sequence[str] | None,
-    group_size: int = 128,
+    group_size: int | None = 128,
     dtype: torch.dtype | None = None,
 ) -> dict[str, tuple[str, ExportedLinear]]:
     """``{name: (layout, exported layer)}`` for the selected Linears; the model is not touched. Float 2:4 values are
@@ -115,6 +114,12 @@ def plan_layers(
         ValueError: a layer that cannot be exported as asked (naming it), ``sparsity="2:4"`` on a layer that is
             not 2:4 sparse, or nothing to export at all.
     """
+    done = [n for n, m in model.named_modules() if isinstance(m, ExportedLinear)]
+    if done and not any(isinstance(m, nn.Linear) for m in model.modules()):
+        raise ValueError(
+            f"model is already exported ({len(done)} exported layers, e.g. {done[0]!r}) and has no Linear left; "
+            "allowed: export_for_inference once, on the model as the callbacks left it"
+        )
     selected = select_layers(model, targets, ignore, accept=lambda m: isinstance(m, nn.Linear), kind="Linear")
     plan: dict[str, tuple[str, ExportedLinear]] = {}
     for name, module in selected.items():
@@ -126,7 +131,7 @@ def plan_layers(
             raise ValueError(f"sparsity='2:4' but layer {name!r} is not 2:4 sparse; allowed: 2:4-pruned layers")
         if is_fake_quant(module):
             plan[name] = _fake_quant_layer(name, module, sparse)
-        elif (found := _float_layer(module, weights, sparse, group_size, dtype)) is not None:
+        elif (found := _float_layer(name, module, weights, sparse, group_size, dtype)) is not None:
             plan[name] = found
     if not plan:
         raise ValueError(
@@ -147,7 +152,7 @@ def export_for_inference(
     prefer: str = "speed",
     example_inputs: Any = None,
     tokens: int = 2048,
-    group_size: int = 128,
+    group_size: int | None = 128,
 ) -> nn.Module:
     """Replace the selected Linears of ``model`` (in place) by real int8 / int4 / 2:4 inference layers.
 
@@ -165,16 +170,16 @@ def export_for_inference(
             dense copy of the weight), ``"reference"`` (the slow reference paths, for checking).
         example_inputs: one batch of model inputs; each layer is then timed at the rows it really sees.
         tokens: rows to time layers at when ``example_inputs`` is None.
-        group_size: int4 group size for plain float layers (per channel where it does not divide the input).
+        group_size: int4 group size for plain float layers (a divisor of every selected layer's input width), or
+            None for one scale per output channel.
 
     Returns:
         ``model`` itself, in eval mode, with ``model.export_report`` (:class:`ExportReport`).
     """
-    _choice("weights", weights, WEIGHTS), _choice("sparsity", sparsity, SPARSITIES)
-    _choice("prefer", prefer, PREFERENCES)
+    check_choice("weights", weights, WEIGHTS), check_choice("sparsity", sparsity, SPARSITIES)
+    check_choice("prefer", prefer, PREFERENCES)
     dtype = check_dtype(dtype)
-    if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
-        raise ValueError(f"tokens must be a positive int, got {tokens!r}")
+    check_positive_int("tokens", tokens), check_positive_int("group_size", group_size, optional=True)
     with torch.no_grad():
         plan = plan_layers(model, weights, sparsity, targets, ignore, group_size, dtype)
     rows = layer_tokens(model, list(plan), example_inputs) if example_inputs is not None else {}

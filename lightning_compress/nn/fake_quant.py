@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_compress.functional.checks import check_choice, check_positive_int
 from lightning_compress.functional.kmeans import kmeans_1d
 from lightning_compress.functional.quant import (
     QParams,
@@ -40,14 +41,11 @@ def check_weight_quant(
 ) -> None:
     """Validate a weight-quantization configuration (shape-independent parts); raises ValueError / TypeError."""
     check_bits(bits)
-    if group_size is not None and (isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1):
-        raise ValueError(f"group_size must be a positive int or None, got {group_size!r}")
-    if method not in METHODS:
-        raise ValueError(f"method={method!r} is not supported; allowed: {list(METHODS)}")
+    check_positive_int("group_size", group_size, optional=True)
+    check_choice("method", method, METHODS)
     if lsq and (not symmetric or method != "linear"):
         raise ValueError("lsq=True needs method='linear' and symmetric=True (LSQ learns a symmetric step size)")
-    if kmeans_init not in KMEANS_INITS:
-        raise ValueError(f"kmeans_init={kmeans_init!r} is not supported; allowed: {list(KMEANS_INITS)}")
+    check_choice("kmeans_init", kmeans_init, KMEANS_INITS)
 
 
 class _StatelessInStateDict(nn.Module):

@@ -2,32 +2,19 @@
 
 from __future__ import annotations
 
-import re
+import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
 import torch
 from torch import nn
 
+from lightning_compress.functional.checks import check_patterns
+
+log = logging.getLogger(__name__)
+
 # Layers a compression callback acts on unless the user says otherwise.
 DEFAULT_LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-
-
-def compile_patterns(patterns: str | Sequence[str] | None, name: str) -> list[re.Pattern[str]]:
-    """Compile regexes given as one string or a list; raises ValueError naming ``name`` on a bad regex."""
-    if patterns is None:
-        return []
-    if isinstance(patterns, str):
-        patterns = [patterns]
-    compiled = []
-    for p in patterns:
-        if not isinstance(p, str):
-            raise TypeError(f"{name} must be a regex string or a list of them, got {p!r}")
-        try:
-            compiled.append(re.compile(p))
-        except re.error as err:
-            raise ValueError(f"{name} holds an invalid regex {p!r}: {err}") from None
-    return compiled
 
 
 def is_default_layer(module: nn.Module) -> bool:
@@ -61,8 +48,8 @@ def select_layers(
     Raises:
         ValueError: the selection is empty (naming the patterns and the candidate layers).
     """
-    wanted = compile_patterns(targets, "targets")
-    unwanted = compile_patterns(ignore, "ignore")
+    wanted = check_patterns("targets", targets)
+    unwanted = check_patterns("ignore", ignore)
     candidates = {n: m for n, m in model.named_modules() if n and accept(m)}
     chosen = {
         n: m
@@ -74,6 +61,11 @@ def select_layers(
             f"targets={targets!r} with ignore={ignore!r} match no layer; allowed: regexes over the names of "
             f"the model's {kind} layers: {sorted(candidates) or 'none'}"
         )
+    for p in unwanted:
+        if not any(p.fullmatch(n) for n in candidates):
+            log.warning(
+                "ignore pattern %r matches none of the model's %s layers: %s", p.pattern, kind, sorted(candidates)
+            )
     return chosen
 
 

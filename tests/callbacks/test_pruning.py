@@ -323,6 +323,10 @@ def test_ddp_two_processes_hold_identical_masks(tmp_path):
         ({"scope": "global", "method": "rows"}, ValueError, "scope='global'"),
         ({"plan": {"net.6": 1.5}}, ValueError, r"plan\['net.6'\] must be in \[0, 1\)"),
         ({"plan": "/nonexistent.yaml"}, ValueError, "is not a file"),
+        ({"targets": 5}, TypeError, "targets must be a regex string or a list of them, got 5"),
+        ({"ignore": ["net.0", 3]}, TypeError, "ignore must be a regex string or a list of them, got 3"),
+        ({"method": "nm", "sparsity": 0.9}, ValueError, r"sparsity=0.9 with method='nm'.*N:M prunes exactly 0.5"),
+        ({"every_n_epochs": 0}, ValueError, "every_n_epochs must be a positive int, got 0"),
     ],
 )
 def test_bad_arguments_fail_at_construction(kwargs, error, match):

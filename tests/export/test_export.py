@@ -222,6 +222,8 @@ def test_tied_weights_are_stored_once_and_restored(tmp_path):
         ({}, "nothing to export"),
         ({"weights": "int8", "sparsity": "2:4"}, "sparsity='2:4' but layer 'net.0' is not 2:4 sparse"),
         ({"weights": "int8", "targets": "nope"}, "match no layer"),
+        ({"weights": "int4", "group_size": 100}, "layer 'net.0': group_size=100 does not divide its input width 64"),
+        ({"weights": "int4", "group_size": 0}, "group_size must be a positive int or None, got 0"),
     ],
 )
 def test_bad_arguments_leave_the_model_untouched(kwargs, match):
@@ -231,6 +233,12 @@ def test_bad_arguments_leave_the_model_untouched(kwargs, match):
         export_for_inference(model, **kwargs)
     assert not exported_layers(model)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_exporting_twice_says_so():
+    model = export_for_inference(MLP().eval(), weights="int8", tokens=16)
+    with pytest.raises(ValueError, match="model is already exported"):
+        export_for_inference(model, weights="int8", tokens=16)
 
 
 def test_a_layer_that_cannot_be_exported_stops_everything_before_any_change():
@@ -299,6 +307,77 @@ def test_missing_manifest_and_other_architecture_are_reported(saved, tmp_path):
         load_exported(saved, MLP(width=96))
     with pytest.raises(ValueError, match="does not exist"):
         load_exported(saved, nn.Sequential(nn.Linear(64, 16)))
+
+
+def _state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _untouched(model: nn.Module, before: dict[str, torch.Tensor]) -> bool:
+    after = model.state_dict()
+    return after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
+
+
+class WiderHead(MLP):
+    """The MLP with its last layer of another shape (it stays float in the file: only the first two are exported)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net[4] = nn.Linear(64, 10)
+
+
+class ExtraLayer(MLP):
+    """The MLP plus a Linear the saved file knows nothing about."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.extra = nn.Linear(16, 16)
+
+
+@pytest.mark.parametrize(
+    ("make", "match"), [(WiderHead, r"tensor 'net\.4\.(bias|weight)' has shape"), (ExtraLayer, "missing tensors")]
+)
+def test_a_model_that_does_not_fit_is_left_whole(tmp_path, make, match):
+    saved = save_exported(export_for_inference(MLP().eval(), weights="int8", targets=r"net\.[02]", tokens=16), tmp_path)
+    model = make()
+    before = _state(model)
+    with pytest.raises(ValueError, match=match):
+        load_exported(saved, model)
+    assert not exported_layers(model) and _untouched(model, before)
+
+
+def test_flipped_bytes_inside_the_tensor_data_are_reported(saved):
+    data = bytearray((saved / WEIGHTS_FILE).read_bytes())
+    header = 8 + int.from_bytes(data[:8], "little")
+    for i in range(header, min(len(data), header + 1000)):
+        data[i] ^= 0x5A
+    (saved / WEIGHTS_FILE).write_bytes(bytes(data))  # same size: only the checksums can tell
+    model = MLP()
+    before = _state(model)
+    with pytest.raises(ValueError, match="do not match their checksums: the file is corrupt"):
+        load_exported(saved, model)
+    assert _untouched(model, before)
+
+
+def test_truncated_manifest_is_a_value_error_naming_the_file(saved):
+    text = (saved / MANIFEST).read_text()
+    (saved / MANIFEST).write_text(text[: len(text) // 2])
+    with pytest.raises(ValueError, match=r"manifest.json is not valid JSON \(truncated or corrupt\)"):
+        load_exported(saved, MLP())
+
+
+def test_a_version_1_file_without_checksums_still_loads(saved, caplog):
+    manifest = json.loads((saved / MANIFEST).read_text())
+    del manifest["sha256"]
+    manifest["version"] = 1
+    (saved / MANIFEST).write_text(json.dumps(manifest))
+    with caplog.at_level("WARNING"):
+        load_exported(saved, MLP())
+    assert "integrity not verified" in caplog.text
+
+
+def test_save_writes_no_temporary_files(saved):
+    assert sorted(p.name for p in saved.iterdir()) == [MANIFEST, WEIGHTS_FILE]
 
 
 def test_save_refuses_a_model_that_was_not_exported(tmp_path):

@@ -29,3 +29,11 @@ def test_selection_matching_nothing_raises_naming_the_candidates():
 def test_invalid_regex_names_the_parameter():
     with pytest.raises(ValueError, match="ignore holds an invalid regex"):
         select_layers(nn.Linear(2, 2), ignore="(")
+
+
+def test_an_ignore_pattern_that_matches_nothing_is_warned_about(caplog):
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    with caplog.at_level("WARNING", logger="lightning_compress.nn.select"):
+        assert list(select_layers(model, ignore=["net\\.0", "2"])) == ["0"]
+    assert "ignore pattern 'net\\\\.0' matches none of the model's Linear / Conv layers: ['0', '2']" in caplog.text
+    assert "'2'" not in caplog.text.split("layers:")[0]  # the pattern that matched is not reported
