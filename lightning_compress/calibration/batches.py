@@ -55,6 +55,17 @@ def call_args(batch: Any) -> Inputs:
     )
 
 
+def describe(inputs: Any) -> str:
+    """A short description of model inputs for errors: ``Tensor(4, 16)``, ``tuple of 3``, ``dict(input_ids)``."""
+    if isinstance(inputs, Tensor):
+        return f"Tensor{tuple(inputs.shape)}"
+    if isinstance(inputs, Mapping):
+        return f"dict({', '.join(map(str, inputs))})"
+    if isinstance(inputs, (tuple, list)):
+        return f"{type(inputs).__name__} of {len(inputs)}"
+    return type(inputs).__name__
+
+
 def head(batch: Any, n: int) -> Any:
     """The first ``n`` samples of a calibration batch: every Tensor sharing the first Tensor's leading size is cut."""
     items = batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, (tuple, list)) else [batch]

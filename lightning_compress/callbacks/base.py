@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import abc
 import itertools
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
-from torch import nn
+import torch
+from torch import Tensor, nn
 
-from lightning_compress.calibration.batches import split_batch
+from lightning_compress.calibration.batches import LABEL_KEYS, call_model, describe, head, split_batch
+from lightning_compress.calibration.capture import eval_mode
+from lightning_compress.functional.checks import check_patterns
 from lightning_compress.nn.quantized import QuantizedLayer
-from lightning_compress.nn.select import compile_patterns
 
 
 class CalibrationCallback(pl.Callback, abc.ABC):
@@ -35,19 +37,55 @@ class CalibrationCallback(pl.Callback, abc.ABC):
         if num_batches is not None and (isinstance(num_batches, bool) or not isinstance(num_batches, int)
                                         or num_batches < 1):  # fmt: skip
             raise ValueError(f"num_batches must be a positive int or None (all batches), got {num_batches!r}")
-        compile_patterns(targets, "targets"), compile_patterns(ignore, "ignore")
+        check_patterns("targets", targets), check_patterns("ignore", ignore)
         self.num_batches, self.calibration_data = num_batches, calibration_data
         self.input_fn = input_fn  # None: the inputs of split_batch (a lambda here could not be pickled for DDP)
         self.targets, self.ignore = targets, ignore
         self.quantized: dict[str, QuantizedLayer] = {}
 
     def calibration_batches(self, trainer: pl.Trainer) -> list[Any]:
-        """The model inputs to calibrate on, from ``calibration_data`` or the train dataloader."""
+        """The first ``num_batches`` batches of ``calibration_data`` or the train dataloader, as they are (:meth:`apply`
+        turns them into model inputs)."""
         source = self.calibration_data if self.calibration_data is not None else trainer.train_dataloader
         if source is None:
             raise RuntimeError(f"{type(self).__name__}: no calibration_data and the Trainer has no train dataloader")
-        batches = itertools.islice(source, self.num_batches)
-        return [self.input_fn(b) if self.input_fn else split_batch(b)[0] for b in batches]
+        return list(itertools.islice(source, self.num_batches))
+
+    def _inputs(self, batch: Any) -> Any:
+        return self.input_fn(batch) if self.input_fn is not None else split_batch(batch)[0]
+
+    def model_inputs(self, model: nn.Module, batches: Any) -> list[Any]:
+        """The model inputs of ``batches``, in the forms a LightningModule's dataloader yields them, checked once.
+
+        ``batches`` is an iterable of batches (a list, a DataLoader) or one batch (a Tensor or a dict). Each batch
+        goes through ``input_fn`` or, by default, the rule the callbacks use at fit end
+        (:func:`~lightning_compress.calibration.batches.split_batch`): ``x`` of ``(x, y, ...)``, a dict without its
+        labels, a Tensor as it is. The model runs on one sample of the first batch (eval mode, no gradients) so a
+        batch it cannot take fails here, saying what was expected, before anything is changed.
+
+        Raises:
+            ValueError: no batches. TypeError: batches the model's forward cannot take.
+        """
+        if isinstance(batches, (Tensor, Mapping)):
+            batches = [batches]
+        if not isinstance(batches, Iterable) or isinstance(batches, str):
+            raise TypeError(
+                f"batches must be an iterable of batches or one Tensor / dict, got {type(batches).__name__}"
+            )
+        inputs = [self._inputs(b) for b in batches]
+        if not inputs:
+            raise ValueError(f"batches is empty; {type(self).__name__} needs at least one calibration batch")
+        try:
+            with eval_mode(model), torch.no_grad():
+                call_model(model, head(inputs[0], 1))
+        except (TypeError, RuntimeError) as err:
+            raise TypeError(
+                f"{type(model).__name__}.forward cannot take the calibration batches ({describe(inputs[0])} after "
+                f"dropping labels): {err}. Allowed: what the model's dataloader yields: x, (x, y, ...) tuples whose "
+                f"first item is the input, or dicts of keyword inputs (labels under {sorted(LABEL_KEYS)} are dropped); "
+                "or pass input_fn= to turn a batch into model inputs"
+            ) from err
+        return inputs
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.apply(pl_module, self.calibration_batches(trainer))

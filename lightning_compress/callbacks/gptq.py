@@ -108,9 +108,7 @@ class GPTQFinalize(CalibrationCallback):
     def apply(self, model: nn.Module, batches: Iterable[Any]) -> dict[str, QuantizedLayer]:
         """GPTQ-quantize ``model``'s selected layers in place on ``batches``; returns ``{name: QuantizedLayer}``."""
         layers = self.select(model)
-        batches = list(batches)
-        if not batches:
-            raise ValueError("batches is empty; GPTQ needs at least one calibration batch")
+        batches = self.model_inputs(model, batches)
         with restored_on_error(model):
             results = gptq_model(model, layers, batches, self.options, self.true_sequential, self.hessian_dtype)
             built, quantized = {}, {}

@@ -11,6 +11,7 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
+from lightning_compress.functional.checks import check_patterns
 from lightning_compress.functional.quant import check_bits
 from lightning_compress.nn.fake_quant import (
     ActQuantizer,
@@ -91,6 +92,7 @@ class QATFakeQuant(pl.Callback):
         ignore: str | Sequence[str] | None = None,
     ) -> None:
         check_weight_quant(bits, symmetric, group_size, method, lsq, kmeans_init)
+        check_patterns("targets", targets), check_patterns("ignore", ignore)
         self.bits = bits
         self.act_bits = None if act_bits is None else check_bits(act_bits, "act_bits")
         self.observer = observer
@@ -140,9 +142,23 @@ class QATFakeQuant(pl.Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Swap the selected layers for fake-quant ones (all validated and built first; nothing half-done)."""
         if not self.layers:
+            self._check_no_overlap(trainer, pl_module)
             self.layers = self.swap(pl_module)
         if self._pending_state is not None:
             self._apply_state(self._pending_state)
+
+    def _check_no_overlap(self, trainer: pl.Trainer, model: nn.Module) -> None:
+        """Raise ValueError before any layer is swapped when another QATFakeQuant of this Trainer selects the same
+        layers (each layer can be fake-quantized once)."""
+        mine = set(select_layers(model, self.targets, self.ignore))
+        for other in trainer.callbacks:
+            if isinstance(other, QATFakeQuant) and other is not self:
+                shared = mine & set(select_layers(model, other.targets, other.ignore))
+                if shared:
+                    raise ValueError(
+                        f"two QATFakeQuant callbacks select the same layers {sorted(shared)[:5]}; allowed: one "
+                        "QATFakeQuant per layer (give them disjoint targets / ignore)"
+                    )
 
     def swap(self, model: nn.Module) -> dict[str, nn.Module]:
         """Replace the selected layers of ``model`` in place; returns ``{name: fake-quant layer}``."""

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from lightning_compress.calibration.capture import eval_mode
 from lightning_compress.calibration.smoothquant import activation_absmax, find_mappings, smooth_model
 from lightning_compress.callbacks.base import CalibrationCallback
+from lightning_compress.functional.checks import check_patterns
 from lightning_compress.functional.quant import check_bits, quant_range
 from lightning_compress.nn.fake_quant import (
     ACT_GRANULARITIES,
@@ -21,7 +22,7 @@ from lightning_compress.nn.fake_quant import (
     is_fake_quant,
 )
 from lightning_compress.nn.quantized import QuantizedLayer
-from lightning_compress.nn.select import compile_patterns, replace_layers, restored_on_error, select_layers
+from lightning_compress.nn.select import replace_layers, restored_on_error, select_layers
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +92,7 @@ class SmoothQuantCalibrate(CalibrationCallback):
         for pair in mappings or []:
             if isinstance(pair, str) or len(pair) != 2:
                 raise ValueError(f"mappings must hold [producer regex, consumers regex] pairs, got {pair!r}")
-            compile_patterns(list(pair), "mappings")
+            check_patterns("mappings", list(pair))
         self.alpha, self.bits, self.act_bits = alpha, check_bits(bits), check_bits(act_bits, "act_bits")
         self.act_granularity, self.explicit_scales, self.convert = act_granularity, explicit_scales, convert
         self.mappings = None if mappings is None else [tuple(p) for p in mappings]
@@ -100,9 +101,7 @@ class SmoothQuantCalibrate(CalibrationCallback):
         """Smooth and W8A8-quantize ``model``'s selected Linears in place; returns ``{name: QuantizedLayer}``."""
         accept = lambda m: isinstance(m, nn.Linear) and not is_fake_quant(m)  # noqa: E731
         layers = select_layers(model, self.targets, self.ignore, accept=accept, kind="Linear")
-        batches = list(batches)
-        if not batches:
-            raise ValueError("batches is empty; SmoothQuant needs at least one calibration batch")
+        batches = self.model_inputs(model, batches)
         with restored_on_error(model), eval_mode(model), torch.no_grad():
             groups = find_mappings(model, layers, batches[0], self.mappings if self.alpha is not None else [])
             absmax = activation_absmax(model, layers, groups, batches)

@@ -228,3 +228,31 @@ def test_progress_bar_is_quiet_when_not_a_terminal(capsys):
         for i in range(3):
             bar.step(str(i))
     assert bar.bar is None and capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("callback", [lambda: GPTQFinalize(bits=4), lambda: SmoothQuantCalibrate()])
+def test_apply_takes_a_lightning_dataloader_of_x_y_batches(callback):
+    """(x, y) batches from the module's own DataLoader: the input is the first item, the labels are dropped."""
+    from_loader, from_tensors = LNRegressor(), LNRegressor()
+    callback().apply(from_loader, _loader())
+    callback().apply(from_tensors, [x for x, _ in _loader()])
+    for (name, a), b in zip(from_loader.state_dict().items(), from_tensors.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_apply_takes_one_tensor_as_one_batch():
+    one, listed = LNRegressor(), LNRegressor()
+    x = torch.randn(16, 16, generator=torch.Generator().manual_seed(1))
+    GPTQFinalize(bits=4).apply(one, x)
+    GPTQFinalize(bits=4).apply(listed, [x])
+    assert all(torch.equal(a, b) for a, b in zip(one.state_dict().values(), listed.state_dict().values(), strict=True))
+
+
+def test_batches_the_model_cannot_take_fail_first_saying_what_is_expected():
+    model = LNRegressor()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(TypeError, match=r"LNRegressor.forward cannot take the calibration batches \(Tensor\(4, 3\).*"
+                                        r"\(x, y, \.\.\.\) tuples whose first item is the input"):  # fmt: skip
+        GPTQFinalize(bits=4).apply(model, [torch.randn(4, 3)])
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert not any(is_fake_quant(m) for m in model.modules())

@@ -201,6 +201,11 @@ def test_bad_arguments_fail_at_construction(kwargs, match):
         QATFakeQuant(**kwargs)
 
 
+def test_targets_that_are_not_regexes_fail_at_construction():
+    with pytest.raises(TypeError, match="targets must be a regex string or a list of them, got 5"):
+        QATFakeQuant(targets=5)
+
+
 def test_an_observer_that_is_not_one_fails_at_construction():
     with pytest.raises(TypeError, match="observer='median' is not an Observer"):
         QATFakeQuant(act_bits=8, observer="median")
@@ -253,3 +258,17 @@ def test_recipes_run_from_the_command_line(recipe, tmp_path):
     assert float(next(ln for ln in proc.stdout.splitlines() if ln.startswith("test/acc:")).split(":")[1]) > 0.5
     if "kmeans" in recipe or recipe == "deep_compression":
         assert "| + Huffman coding |" in (tmp_path / "report.md").read_text()
+
+
+def test_two_callbacks_on_the_same_layers_fail_before_any_swap():
+    model = ImageClassifier(SmallCNN())
+    with pytest.raises(ValueError, match="two QATFakeQuant callbacks select the same layers"):
+        fit([QATFakeQuant(bits=8), QATFakeQuant(bits=4, targets=["net.0", "net.2"])], model=model)
+    assert not any(is_fake_quant(m) for m in model.modules())
+
+
+def test_two_callbacks_on_disjoint_layers_both_apply():
+    cb8, cb4 = QATFakeQuant(bits=8, ignore=["net.0"]), QATFakeQuant(bits=4, targets=["net.0"])
+    _, model = fit([cb8, cb4])
+    assert set(cb8.layers) == {"net.2", "net.6", "net.8"} and set(cb4.layers) == {"net.0"}
+    assert all(is_fake_quant(model.get_submodule(n)) for n in LAYERS)
