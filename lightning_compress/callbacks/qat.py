@@ -136,7 +136,8 @@ class QATFakeQuant(pl.Callback):
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(bits=self.bits, method=self.weight_kwargs["method"], targets=self.targets)
+        # the key still says "scheme" (the argument's old name) so checkpoints written before the rename resume
+        return self._generate_state_key(bits=self.bits, scheme=self.weight_kwargs["method"], targets=self.targets)
 
     # ------------------------------------------------------------------------------------------- swap
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

@@ -272,3 +272,11 @@ def test_two_callbacks_on_disjoint_layers_both_apply():
     _, model = fit([cb8, cb4])
     assert set(cb8.layers) == {"net.2", "net.6", "net.8"} and set(cb4.layers) == {"net.0"}
     assert all(is_fake_quant(model.get_submodule(n)) for n in LAYERS)
+
+
+def test_checkpoint_state_key_is_what_earlier_versions_wrote():
+    """Checkpoints from before the scheme -> method rename keep resuming: the callback's state key is unchanged."""
+    assert (
+        QATFakeQuant(bits=4, method="kmeans").state_key
+        == "QATFakeQuant{'bits': 4, 'scheme': 'kmeans', 'targets': None}"
+    )
