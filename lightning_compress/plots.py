@@ -125,13 +125,24 @@ def _short(name: str) -> str:
 
 
 def quantization_histogram(
-    original: Tensor, quantized: Tensor, path: str | Path, name: str, levels: Tensor | None = None
+    original: Tensor,
+    quantized: Tensor,
+    path: str | Path,
+    name: str,
+    levels: Tensor | None = None,
+    levels_per_channel: int | None = None,
 ) -> Path:
     """Write a PNG of a weight before and after quantization and of its error. See :func:`quantization_figure`."""
-    return save_png(quantization_figure(original, quantized, name, levels), path)
+    return save_png(quantization_figure(original, quantized, name, levels, levels_per_channel), path)
 
 
-def quantization_figure(original: Tensor, quantized: Tensor, name: str, levels: Tensor | None = None) -> Figure:
+def quantization_figure(
+    original: Tensor,
+    quantized: Tensor,
+    name: str,
+    levels: Tensor | None = None,
+    levels_per_channel: int | None = None,
+) -> Figure:
     """Two panels: (a) the original values' histogram, the quantized values' histogram over it and the grid of
     representable values; (b) the histogram of the error ``quantized - original``, its SQNR in the title.
 
@@ -146,6 +157,9 @@ def quantization_figure(original: Tensor, quantized: Tensor, name: str, levels: 
         levels: the representable values, any shape (e.g. ``scale * arange(qmin, qmax + 1)`` per tensor, or the
             unique quantized values per channel); default the distinct values of ``quantized``. Up to
             ``MAX_GRID_LINES`` are drawn as lines, more as a rug of ticks along the x axis.
+        levels_per_channel: the code count of one channel's (or group's) grid, e.g. 256 for int8, when every channel
+            has its own scale: the legend then says so, since the distinct values of all channels together are many
+            more than any one channel can represent.
 
     Raises:
         ValueError: the shapes differ, the tensors are empty, or a value is not finite.
@@ -164,7 +178,7 @@ def quantization_figure(original: Tensor, quantized: Tensor, name: str, levels: 
     xs, qs = _sample(x_kept, MAX_SAMPLES), _sample(q_kept, MAX_SAMPLES)
     fig = Figure(figsize=FIGSIZE, layout="constrained")
     dist, err = fig.subplots(1, 2)
-    _draw_distributions(dist, xs.numpy(), qs.numpy(), grid.numpy())
+    _draw_distributions(dist, xs.numpy(), qs.numpy(), grid.numpy(), levels_per_channel)
     _draw_error(err, (qs - xs).numpy(), sqnr_db(x, q))
     sampled = f", histograms of {xs.numel():,} sampled" if xs.numel() < x_kept.numel() else ""
     fig.suptitle(f"quantization of {name}\n({x.numel():,} values{sampled}{kept})", fontsize="medium")
@@ -197,14 +211,14 @@ def _sample(t: Tensor, n: int) -> Tensor:
     return t[positions]
 
 
-def _draw_distributions(ax: Axes, x: np.ndarray, q: np.ndarray, grid: np.ndarray) -> None:
+def _draw_distributions(ax: Axes, x: np.ndarray, q: np.ndarray, grid: np.ndarray, per_channel: int | None) -> None:
     """Panel (a): the original values' density, the quantized values' density and the grid of levels in view."""
     lo, hi = min(x.min(), q.min()), max(x.max(), q.max())
     pad = 0.03 * (hi - lo) or 1e-3 * max(abs(lo), 1.0)
     lo, hi = lo - pad, hi + pad
     density, *_ = ax.hist(x, bins=np.linspace(lo, hi, BINS + 1), density=True, color="#1f77b4", alpha=0.45)
     qdensity, *_ = ax.hist(q, bins=_level_cells(q), density=True, histtype="step", color="#d62728", linewidth=1.2)
-    lines = _draw_grid(ax, grid[(grid >= lo) & (grid <= hi)], total=len(grid))
+    lines = _draw_grid(ax, grid[(grid >= lo) & (grid <= hi)], total=len(grid), per_channel=per_channel)
     handles = [Patch(color="#1f77b4", alpha=0.45, label="original"), Line2D([], [], color="#d62728", label="quantized")]
     ax.legend(handles=[*handles, lines], fontsize="small", loc="upper left")
     top = max(density.max(), min(qdensity.max(), 3 * density.max()))  # a spike at 0 may go off the top
@@ -225,9 +239,11 @@ def _level_cells(q: np.ndarray) -> np.ndarray:
     return np.concatenate([[2 * levels[0] - mid[0]], mid, [2 * levels[-1] - mid[-1]]])
 
 
-def _draw_grid(ax: Axes, levels: np.ndarray, total: int) -> LineCollection:
+def _draw_grid(ax: Axes, levels: np.ndarray, total: int, per_channel: int | None = None) -> LineCollection:
     """The representable values: full-height thin lines, or for more than ``MAX_GRID_LINES`` a rug of ticks."""
     label = f"grid ({total:,} levels)"
+    if per_channel is not None:
+        label = f"grid ({per_channel:,} levels per channel; {total:,} distinct over all channels)"
     transform = ax.get_xaxis_transform()  # x in data, y in axes fraction
     if len(levels) <= MAX_GRID_LINES:
         alpha = 0.4 if len(levels) <= 64 else 0.15

@@ -88,11 +88,14 @@ class CompressionSummary:
         return "\n".join(lines)
 
 
-def weight_format(module: nn.Module, weight: torch.Tensor, pattern: str) -> TensorFormat:
-    """How ``weight`` is stored: the module's declared ``weight_format``, else dense at the dtype's bits; an N:M or
-    row pattern seen in its zeros (``pattern``, from :func:`sparsity_pattern`) is stored as such."""
+def weight_format(module: nn.Module, weight: torch.Tensor, pattern: str, sparse: bool = True) -> TensorFormat:
+    """How ``weight`` is stored: the module's declared ``weight_format``, else dense at the dtype's bits; with
+    ``sparse``, an N:M or row pattern seen in its zeros (``pattern``, from :func:`sparsity_pattern`) is stored as
+    such (what an export would make of it); without, the zeros are stored densely (as they are on disk)."""
     declared = getattr(module, "weight_format", None)
     fmt = declared if isinstance(declared, TensorFormat) else TensorFormat(bits=weight.element_size() * 8)
+    if not sparse:
+        return fmt
     if fmt.nm is None and fmt.rows is None and pattern == "2:4":
         return replace(fmt, nm=(2, 4))
     if fmt.nm is None and fmt.rows is None and pattern == "rows":
@@ -100,7 +103,7 @@ def weight_format(module: nn.Module, weight: torch.Tensor, pattern: str) -> Tens
     return fmt
 
 
-def _layer_row(name: str, module: nn.Module, own: list[tuple[str, torch.Tensor]]) -> LayerRow:
+def _layer_row(name: str, module: nn.Module, own: list[tuple[str, torch.Tensor]], sparse: bool = True) -> LayerRow:
     """One row: the ``weight`` in its (possibly sparse / quantized) format, other parameters (biases, norms) dense
     at their dtype, zeros included."""
     params = sum(p.numel() for _, p in own)
@@ -111,10 +114,11 @@ def _layer_row(name: str, module: nn.Module, own: list[tuple[str, torch.Tensor]]
     pattern, wbits, shape = "dense", other[0].element_size() * 8 if other else 32, tuple(own[0][1].shape)
     if weight is not None:
         pattern, shape = sparsity_pattern(weight), tuple(weight.shape)
-        fmt = weight_format(module, weight, pattern)
+        fmt = weight_format(module, weight, pattern, sparse)
         nnz = int(torch.count_nonzero(weight.detach()))
         wbits = index_bits(fmt.codebook_size) if fmt.codebook_size else fmt.bits
-        nonzero, bits = nonzero + nnz, bits + tensor_bits(weight.numel(), nnz, fmt)
+        stored = nnz if sparse else weight.numel()  # stored densely: the zeros take their place too
+        nonzero, bits = nonzero + nnz, bits + tensor_bits(weight.numel(), stored, fmt)
     return LayerRow(
         name or "(root)", type(module).__name__, shape, pattern, params, nonzero, wbits, params * 4.0, bits / 8
     )
@@ -136,7 +140,8 @@ def compression_summary(model: nn.Module) -> CompressionSummary:
     """Summarize every module that owns parameters: one row per module, weights and biases together.
 
     Sparsity counts the exact zeros of each ``weight``; other parameters (biases, norms) count as dense. Exported
-    inference layers (``export_for_inference``) count their stored buffers. Only
+    inference layers (``export_for_inference``) count their stored buffers, and once a model holds any, its other
+    layers count as they are stored beside them: dense, whatever pattern their zeros form. Only
     parameters in the model's ``state_dict`` count: a quantizer's working state (learned scales, codebooks) is
     part of its layer's declared ``weight_format``.
 
@@ -146,8 +151,9 @@ def compression_summary(model: nn.Module) -> CompressionSummary:
     Returns:
         A :class:`CompressionSummary` whose totals cover every parameter of ``model``.
     """
-    rows = [_layer_row(name, module, own) for name, module, own in _stored_parameters(model)]
-    rows += [_exported_row(n, m) for n, m in model.named_modules() if isinstance(m, ExportedLinear)]
+    exported = [(n, m) for n, m in model.named_modules() if isinstance(m, ExportedLinear)]
+    rows = [_layer_row(name, module, own, not exported) for name, module, own in _stored_parameters(model)]
+    rows += [_exported_row(n, m) for n, m in exported]
     order = {n: i for i, (n, _) in enumerate(model.named_modules())}
     return CompressionSummary(sorted(rows, key=lambda r: order.get(r.name if r.name != "(root)" else "", 0)))
 

@@ -50,13 +50,14 @@ def main(cfg: DictConfig) -> float:
         export_for_inference(model, example_inputs=inputs, **OmegaConf.to_container(cfg.export))
         after = call_model(model, inputs).float()
     cosine = float(torch.nn.functional.cosine_similarity(before.flatten(), after.flatten(), dim=0))
-    agree = float((before.argmax(-1) == after.argmax(-1)).float().mean()) if before.dim() == 2 else float("nan")
+    same = int((before.argmax(-1) == after.argmax(-1)).sum()) if before.dim() == 2 else None
     path = save_exported(model, cfg.out_dir)
     stages = [compressed, stage_of(model, "exported", cosine)]
     extra = "## Export\n\n" + model.export_report.to_markdown()
     write_report(model, HydraConfig.get().runtime.output_dir, stages, "output cosine", snapshots, extra=extra)
     print(model.export_report.to_markdown())
-    print(f"output cosine to the compressed model: {cosine:.5f}; top-1 agreement {agree:.4f}")
+    agreement = "n/a (not a classifier)" if same is None else f"{same / len(before):.4f} ({same} of {len(before)})"
+    print(f"output cosine to the compressed model: {cosine:.6f}; top-1 agreement {agreement}")
     print(f"exported to {path}")
     return cosine
 

@@ -216,3 +216,11 @@ def test_metric_vs_ratio_linear_when_ratios_span_less_than_10x(tmp_path):
 def test_metric_vs_ratio_rejects_bad_points(tmp_path, points, message):
     with pytest.raises(ValueError, match=message):
         metric_vs_ratio(points, tmp_path / "m.png")
+
+
+def test_per_channel_grids_are_labelled_per_channel_not_by_their_union():
+    w, q = _per_channel_int4()
+    values, _ = quantization_figure(w, q, name="fc1.weight", levels_per_channel=16).axes
+    distinct = len(torch.unique(q))
+    labels = [t.get_text() for t in values.get_legend().get_texts()]
+    assert f"grid (16 levels per channel; {distinct:,} distinct over all channels), rug" in labels

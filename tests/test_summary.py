@@ -69,3 +69,22 @@ def test_stage_sizes_follow_deep_compression_per_layer():
     bias = 16 * 4
     assert sizes == {stage: bits[stage] / 8 + bias for stage in ("dense", "pruned", "kmeans", "huffman")}
     assert sizes["dense"] > sizes["pruned"] > sizes["kmeans"] > sizes["huffman"]
+
+
+def test_an_exported_model_counts_what_is_stored_float_layers_dense_whatever_their_zeros():
+    """A 2:4-pruned conv left float by the export is stored densely: the summary's bytes are the stored bytes."""
+    from lightning_compress.examples.models import SmallCNN
+    from lightning_compress.export.plan import export_for_inference
+    from lightning_compress.functional.masks import nm_mask
+
+    model = SmallCNN(width=16).eval()
+    with torch.no_grad():
+        conv = model[2]  # 16 -> 32 channels, 3×3: 2:4 along its inputs, as IterativePruning(method="nm") prunes
+        conv.weight.mul_(nm_mask(conv.weight, 2, 4))
+    before = next(r for r in compression_summary(model).rows if r.name == "2")
+    assert before.pattern == "2:4" and before.bytes < conv.weight.numel() * 4  # as an export could store it
+    export_for_inference(model, weights="int8", tokens=8)
+    stored = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    summary = compression_summary(model)
+    assert summary.bytes == stored
+    assert next(r for r in summary.rows if r.name == "2").bytes == conv.weight.numel() * 4 + conv.bias.numel() * 4

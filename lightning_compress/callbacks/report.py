@@ -73,10 +73,13 @@ def weight_snapshots(model: nn.Module, n: int = 3) -> dict[str, Tensor]:
     return out
 
 
-def quantized_views(model: nn.Module, snapshots: Mapping[str, Tensor], n: int = 3) -> list[tuple[str, Tensor, Tensor]]:
-    """``(title, original, quantized)`` weight pairs to plot: fake-quant and exported layers against their
-    snapshot (or their own float weight); with no quantized layer, an int8 round-to-nearest preview of the
-    largest layer (per output channel) shows what int8 would do to it."""
+def quantized_views(
+    model: nn.Module, snapshots: Mapping[str, Tensor], n: int = 3
+) -> list[tuple[str, Tensor, Tensor, int | None]]:
+    """``(title, original, quantized, levels per channel)`` weights to plot: fake-quant and exported layers against
+    their snapshot (or their own float weight); with no quantized layer, an int8 round-to-nearest preview of the
+    largest layer (per output channel) shows what int8 would do to it. The level count is that of one channel's
+    grid when each output channel has one scale (None for groups, a k-means codebook or float values)."""
     views = []
     for name in largest_layers(model, n):
         module = model.get_submodule(name)
@@ -84,9 +87,15 @@ def quantized_views(model: nn.Module, snapshots: Mapping[str, Tensor], n: int = 
             if is_fake_quant(module):
                 original = snapshots.get(name, module.weight.detach().float().cpu())
                 quantized = module.fake_quantized_weight().detach().float().cpu()
-                views.append((f"{name} (int{module.weight_quantizer.bits})", original, quantized))
+                wq = module.weight_quantizer
+                per_channel = 2**wq.bits if wq.method == "linear" and wq.group_size is None else None
+                views.append((f"{name} (int{wq.bits})", original, quantized, per_channel))
             elif isinstance(module, ExportedLinear) and name in snapshots:
-                views.append((f"{name} ({type(module).__name__})", snapshots[name], module.dequantized_weight().cpu()))
+                bits = module.weight_bits
+                grouped = getattr(module, "group_size", module.in_features) != module.in_features
+                title = f"{name} ({type(module).__name__})"
+                per_channel = 2**bits if bits <= 8 and not grouped else None
+                views.append((title, snapshots[name], module.dequantized_weight().cpu(), per_channel))
     if views:
         return views
     largest = largest_layers(model, 1)
@@ -95,7 +104,7 @@ def quantized_views(model: nn.Module, snapshots: Mapping[str, Tensor], n: int = 
     name = largest[0]
     w = model.get_submodule(name).weight.detach().float().cpu()
     s, _ = compute_qparams(w, 8, symmetric=True, axis=0)
-    return [(f"{name} (int8 round-to-nearest preview)", w, fake_quantize(w, s, None, 8))]
+    return [(f"{name} (int8 round-to-nearest preview)", w, fake_quantize(w, s, None, 8), 256)]
 
 
 # ------------------------------------------------------------------------------------------------ the report
@@ -186,8 +195,9 @@ def write_report(
     dirpath.mkdir(parents=True, exist_ok=True)
     summary = compression_summary(model)
     paths = [plots.sparsity_bars(summary, dirpath / "sparsity.png")]
-    for i, (title, original, quantized) in enumerate(quantized_views(model, snapshots or {}, histograms)):
-        paths.append(plots.quantization_histogram(original, quantized, dirpath / f"weights_{i}.png", title))
+    for i, (title, original, quantized, per_channel) in enumerate(quantized_views(model, snapshots or {}, histograms)):
+        path = dirpath / f"weights_{i}.png"
+        paths.append(plots.quantization_histogram(original, quantized, path, title, levels_per_channel=per_channel))
     if stages:
         points = [(s.name, s.ratio, s.metric) for s in stages if s.metric is not None]
         if points:
