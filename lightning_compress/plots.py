@@ -271,12 +271,19 @@ def _format_db(value: float) -> str:
 # ------------------------------------------------------------------------------------------- metric vs ratio
 
 
-def metric_vs_ratio(points: Sequence[tuple[str, float, float]], path: str | Path, metric: str = "metric") -> Path:
+def metric_vs_ratio(
+    points: Sequence[tuple[str, float, float]],
+    path: str | Path,
+    metric: str = "metric",
+    series: Sequence[str] | None = None,
+) -> Path:
     """Write a PNG of ``metric`` against compression ratio across the run's stages. See :func:`metric_figure`."""
-    return save_png(metric_figure(points, metric), path)
+    return save_png(metric_figure(points, metric, series), path)
 
 
-def metric_figure(points: Sequence[tuple[str, float, float]], metric: str = "metric") -> Figure:
+def metric_figure(
+    points: Sequence[tuple[str, float, float]], metric: str = "metric", series: Sequence[str] | None = None
+) -> Figure:
     """The metric of each stage against its compression ratio (×, vs FP32), connected in order, each point labelled.
 
     The x axis is logarithmic when the ratios span more than 10×; when they span less than ``FLAT_RATIOS`` (a run
@@ -286,22 +293,28 @@ def metric_figure(points: Sequence[tuple[str, float, float]], metric: str = "met
         points: ``(stage, ratio, metric)`` in run order, e.g. ``[("epoch 0", 1.0, 0.91), ("exported", 7.8, 0.9)]``;
             ratios positive, metrics finite.
         metric: the metric's name, for the y axis (e.g. ``"val accuracy"``).
+        series: one name per point (e.g. ``"val/acc"``, ``"test/acc"``): each name is its own line, in the legend;
+            None draws one line.
 
     Raises:
-        ValueError: ``points`` is empty, or a ratio is not positive and finite, or a metric is not finite.
+        ValueError: ``points`` is empty, or a ratio is not positive and finite, or a metric is not finite, or
+            ``series`` does not have one name per point.
     """
     stages, ratios, values = _check_points(points)
+    names = list(series) if series is not None else [metric] * len(points)
+    if len(names) != len(points):
+        raise ValueError(f"series must name every point: got {len(names)} names for {len(points)} points")
     fig = Figure(figsize=FIGSIZE, layout="constrained")
     ax = fig.add_subplot()
     if max(ratios) / min(ratios) < FLAT_RATIOS:  # the ratio barely moves: stages along x, ratios in the labels
-        ax.plot(range(len(values)), values, color="#1f77b4", marker="o", linewidth=1.2, markersize=5)
+        _plot_series(ax, list(range(len(values))), values, names)
         ax.set_xticks(range(len(values)), [f"{st}\n{r:.2f}×" for st, r in zip(stages, ratios, strict=True)])
         ax.tick_params(axis="x", labelsize="small")
         ax.margins(x=0.1, y=0.15)
         ax.set(title=f"{metric} at each stage", xlabel="stage and compression ratio vs FP32", ylabel=metric)
         ax.grid(alpha=0.3)
         return fig
-    ax.plot(ratios, values, color="#1f77b4", marker="o", linewidth=1.2, markersize=5)
+    _plot_series(ax, ratios, values, names)
     for i, (stage, r, v) in enumerate(zip(stages, ratios, values, strict=True)):
         offset = (6, 6) if i % 2 == 0 else (6, -12)  # alternate so that neighbours at one ratio stay readable
         ax.annotate(stage, (r, v), xytext=offset, textcoords="offset points", fontsize="small")
@@ -314,6 +327,17 @@ def metric_figure(points: Sequence[tuple[str, float, float]], metric: str = "met
     ax.set(title=f"{metric} vs compression ratio", xlabel="compression ratio vs FP32 (×)", ylabel=metric)
     ax.grid(alpha=0.3, which="both")
     return fig
+
+
+def _plot_series(ax: Axes, xs: Sequence[float], values: Sequence[float], names: Sequence[str]) -> None:
+    """One connected line per distinct name (in order of appearance), with a legend when there are several."""
+    colors = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd"]
+    for k, name in enumerate(dict.fromkeys(names)):
+        idx = [i for i, n in enumerate(names) if n == name]
+        ax.plot([xs[i] for i in idx], [values[i] for i in idx], color=colors[k % len(colors)], marker="o",
+                linewidth=1.2, markersize=5, label=name)  # fmt: skip
+    if len(set(names)) > 1:
+        ax.legend(fontsize="small")
 
 
 def _check_points(points: Sequence[tuple[str, float, float]]) -> tuple[list[str], list[float], list[float]]:

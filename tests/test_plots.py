@@ -224,3 +224,13 @@ def test_per_channel_grids_are_labelled_per_channel_not_by_their_union():
     distinct = len(torch.unique(q))
     labels = [t.get_text() for t in values.get_legend().get_texts()]
     assert f"grid (16 levels per channel; {distinct:,} distinct over all channels), rug" in labels
+
+
+def test_metric_series_are_separate_lines_with_a_legend():
+    points = [("epoch 0", 1.0, 0.90), ("epoch 1", 4.0, 0.95), ("test", 4.0, 0.93)]
+    ax = metric_figure(points, "acc", series=["val/acc", "val/acc", "test/acc"]).axes[0]
+    lines = {ln.get_label(): list(ln.get_ydata()) for ln in ax.get_lines()}
+    assert lines == {"val/acc": [0.90, 0.95], "test/acc": [0.93]}
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["val/acc", "test/acc"]
+    with pytest.raises(ValueError, match="series must name every point"):
+        metric_figure(points, "acc", series=["val/acc"])

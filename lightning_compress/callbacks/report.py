@@ -43,12 +43,22 @@ class Stage:
     ratio: float
     sparsity: float
     metric: float | None = None
+    split: str = "val"
 
 
-def stage_of(model: nn.Module, name: str, metric: float | None = None) -> Stage:
-    """A :class:`Stage` named ``name`` from ``model``'s current compression summary."""
+def stage_of(model: nn.Module, name: str, metric: float | None = None, split: str = "val") -> Stage:
+    """A :class:`Stage` named ``name`` from ``model``'s current compression summary; ``split`` says which data the
+    metric was measured on (``"val"``, ``"test"``): each split is its own line and plot series."""
     summary = compression_summary(model)
-    return Stage(name, summary.ratio, summary.sparsity, metric)
+    return Stage(name, summary.ratio, summary.sparsity, metric, split)
+
+
+def metric_label(monitor: str | None, split: str) -> str:
+    """The metric's name on ``split``: ``"val/acc"`` on ``"test"`` is ``"test/acc"``; other names get the split."""
+    name = monitor or "metric"
+    if split == "val":
+        return name
+    return name.replace("val", split, 1) if "val" in name else f"{name} ({split})"
 
 
 # ------------------------------------------------------------------------------------------------ weights to plot
@@ -140,16 +150,19 @@ def report_markdown(
         f"FP32 ({fp16:.2f}× against FP16); {summary.sparsity:.1%} of the weights are zero.**",
         "",
     ]
-    measured = [s for s in stages if s.metric is not None]
-    if measured:
-        lines.append(f"{monitor or 'metric'}: {measured[0].metric:.4f} ({measured[0].name}) → "
-                     f"{measured[-1].metric:.4f} ({measured[-1].name})")  # fmt: skip
-        lines.append("")
+    splits = list(dict.fromkeys(s.split for s in stages if s.metric is not None))
+    for split in splits:
+        measured = [s for s in stages if s.metric is not None and s.split == split]
+        first, last = measured[0], measured[-1]
+        change = f"{first.metric:.4f} ({first.name}) → " if len(measured) > 1 else ""
+        lines.append(f"{metric_label(monitor, split)}: {change}{last.metric:.4f} ({last.name})")
+    lines += [""] if splits else []
     if stages:
-        lines += ["| stage | vs FP32 | sparsity | " + (monitor or "metric") + " |", "|---|---:|---:|---:|"]
+        heads = [metric_label(monitor, split) for split in splits or ["val"]]
+        lines += [f"| stage | vs FP32 | sparsity | {' | '.join(heads)} |", "|---|---:|---:|" + "---:|" * len(heads)]
         for s in stages:
-            metric = "–" if s.metric is None else f"{s.metric:.4f}"
-            lines.append(f"| {s.name} | {s.ratio:.2f}× | {s.sparsity:.1%} | {metric} |")
+            cells = [f"{s.metric:.4f}" if s.metric is not None and s.split == sp else "–" for sp in splits or ["val"]]
+            lines.append(f"| {s.name} | {s.ratio:.2f}× | {s.sparsity:.1%} | {' | '.join(cells)} |")
         lines.append("")
     if scale_params:
         lines += [f"At {scale_params:,.0f} parameters (weights only; activations and caches not included):", ""]
@@ -199,9 +212,11 @@ def write_report(
         path = dirpath / f"weights_{i}.png"
         paths.append(plots.quantization_histogram(original, quantized, path, title, levels_per_channel=per_channel))
     if stages:
-        points = [(s.name, s.ratio, s.metric) for s in stages if s.metric is not None]
-        if points:
-            paths.append(plots.metric_vs_ratio(points, dirpath / "metric_vs_ratio.png", monitor or "metric"))
+        measured = [s for s in stages if s.metric is not None]
+        if measured:
+            points = [(s.name, s.ratio, s.metric) for s in measured]
+            series = [metric_label(monitor, s.split) for s in measured]
+            paths.append(plots.metric_vs_ratio(points, dirpath / "metric_vs_ratio.png", monitor or "metric", series))
     if sensitivity is not None:
         paths.append(sensitivity.plot(dirpath / "sensitivity.png"))
         extra = "\n\n".join(t for t in (extra, "## Sensitivity\n\n" + sensitivity.to_markdown()) if t)
@@ -291,7 +306,7 @@ class CompressionReport(pl.Callback):
             self._report(trainer, pl_module)
 
     def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.stages.append(stage_of(pl_module, "test", self._metric(trainer, "test")))
+        self.stages.append(stage_of(pl_module, "test", self._metric(trainer, "test"), split="test"))
         self._report(trainer, pl_module)
 
     def _report(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from matplotlib.figure import Figure
 from torch import nn
 
 from lightning_compress import CompressionReport, IterativePruning, QATFakeQuant, export_for_inference
@@ -70,7 +71,26 @@ def test_test_stage_carries_the_test_metric(tmp_path):
 
     result = trainer.test(model, DigitsDataModule(), verbose=False)[0]
     assert report.stages[-1].name == "test" and report.stages[-1].metric == pytest.approx(result["test/acc"])
-    assert "| test | 1.00× | 0.0% |" in (tmp_path / "report.md").read_text()
+    text = (tmp_path / "report.md").read_text()
+    assert "| test | 1.00× | 0.0% |" in text
+
+
+def test_validation_and_test_metrics_are_separate_lines_columns_and_series(tmp_path, monkeypatch):
+    from lightning_compress import plots
+    from lightning_compress.examples.images import DigitsDataModule
+
+    drawn = []
+    monkeypatch.setattr(plots, "metric_figure", lambda points, metric, series: drawn.append(series) or Figure())
+    report = CompressionReport(dirpath=str(tmp_path))
+    trainer, model = fit([report], max_epochs=2, tmp_path=tmp_path)
+    test_acc = trainer.test(model, DigitsDataModule(), verbose=False)[0]["test/acc"]
+    val = [s for s in report.stages if s.metric is not None and s.split == "val"]
+    text = (tmp_path / "report.md").read_text()
+    assert f"val/acc: {val[0].metric:.4f} (epoch 0) → {val[-1].metric:.4f} (epoch 1)" in text
+    assert f"test/acc: {test_acc:.4f} (test)" in text
+    assert "| stage | vs FP32 | sparsity | val/acc | test/acc |" in text
+    assert f"| test | 1.00× | 0.0% | – | {test_acc:.4f} |" in text
+    assert drawn[-1] == ["val/acc", "val/acc", "test/acc"]  # two series in the plot, not one line through all
 
 
 class ImageLogger:
