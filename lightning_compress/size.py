@@ -93,50 +93,117 @@ def model_params(spec: str) -> int:
 def checkpoint_params(path: str | Path, trust_pickle: bool = False) -> tuple[int, str]:
     """Parameters in a checkpoint and how they were read: ``(count, description)``.
 
-    ``.safetensors``: every tensor, read from the header only. Otherwise ``torch.load(weights_only=True)`` of a
-    Lightning checkpoint (its ``state_dict``) or a plain state dict; a file holding pickled objects beyond tensors
-    is refused unless ``trust_pickle`` (unpickling can run code: only for files you trust). Every tensor
-    of the state dict counts (buffers such as BatchNorm statistics included); tensors sharing storage (tied
-    weights) count once.
+    ``.safetensors``: read from the header only. A directory written by ``save_exported`` (or its
+    ``model.safetensors``): each exported layer counts its ``in × out`` weights and bias from the manifest, not its
+    stored codes, scales and positions. Otherwise ``torch.load(weights_only=True)`` of a Lightning checkpoint (its
+    ``state_dict``) or a plain state dict; a file holding pickled objects beyond tensors is refused unless
+    ``trust_pickle`` (unpickling can run code: only for files you trust). Parameters are the floating-point tensors:
+    integer buffers and BatchNorm running statistics are not counted; tensors sharing storage (tied weights) count
+    once.
+
+    Raises:
+        ValueError: a missing, truncated or corrupt file, or one without tensors (naming it).
     """
+    from lightning_compress.export.io import MANIFEST  # imports torch: only when a checkpoint is read
+
     path = Path(path)
+    exported = path if path.is_dir() else path.parent if (path.parent / MANIFEST).is_file() else None
+    if exported is not None:
+        return _exported_params(exported)
     if not path.is_file():
-        raise ValueError(f"ckpt must be an existing file, got {str(path)!r}")
+        raise ValueError(f"ckpt must be an existing file or an exported directory, got {str(path)!r}")
     if path.suffix == ".safetensors":
-        return _safetensors_params(path), "safetensors file, every tensor counted"
+        count, skipped = _safetensors_params(path)
+        return count, f"safetensors file, float tensors counted{_skipped(skipped)}"
     import torch
 
     note = "torch.load(weights_only=True)"
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = _load(path, weights_only=True)
     except pickle.UnpicklingError:
         if not trust_pickle:
             raise ValueError(
                 f"ckpt {str(path)!r} holds pickled objects beyond tensors; pass --trust-pickle to load it anyway "
                 "(unpickling can run code: only for files you trust)"
             ) from None
-        obj = torch.load(path, map_location="cpu", weights_only=False)
+        obj = _load(path, weights_only=False)
         note = (
             "torch.load(weights_only=False): the file holds pickled objects beyond tensors; load only files you trust"
         )
     state = obj.get("state_dict", obj) if isinstance(obj, Mapping) else obj
     kind = "Lightning checkpoint state_dict" if state is not obj else "state dict"
-    tensors = [v for v in state.values() if isinstance(v, torch.Tensor)] if isinstance(state, Mapping) else []
+    tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)} if isinstance(state, Mapping) else {}
     if not tensors:
         keys = list(obj)[:10] if isinstance(obj, Mapping) else type(obj).__name__
         raise ValueError(f"ckpt {str(path)!r} must hold a state dict of tensors (or a 'state_dict' key), got {keys}")
-    return _distinct_numel(tensors), f"{kind}, {len(tensors)} tensors, {note}"
+    params = [v for k, v in tensors.items() if _is_parameter(k, v.dtype.is_floating_point)]
+    return _distinct_numel(params), f"{kind}, {len(params)} tensors{_skipped(len(tensors) - len(params))}, {note}"
 
 
-def _safetensors_params(path: Path) -> int:
-    """Total elements of every tensor in a safetensors file, from shapes only."""
+# Tensors of a state dict that are buffers, not parameters: BatchNorm's running statistics (integers never count).
+BUFFER_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
+
+
+def _is_parameter(key: str, floating: bool) -> bool:
+    """Whether a state-dict entry counts as a parameter: a float tensor that is not a BatchNorm statistic."""
+    return floating and not key.endswith(BUFFER_SUFFIXES)
+
+
+def _skipped(n: int) -> str:
+    return f" ({n} buffers not counted: integer tensors and BatchNorm statistics)" if n else ""
+
+
+def _load(path: Path, weights_only: bool) -> Any:
+    """``torch.load`` on the CPU; ValueError naming the file when it is truncated or corrupt."""
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=weights_only)
+    except pickle.UnpicklingError:
+        raise
+    except (RuntimeError, OSError, EOFError, ValueError) as err:
+        raise ValueError(f"ckpt {str(path)!r} is truncated or corrupt: {err}") from None
+
+
+def _safetensors_params(path: Path) -> tuple[int, int]:
+    """``(parameters, buffers skipped)`` of a safetensors file, from its header (shapes and dtypes) only."""
+    from safetensors import SafetensorError, safe_open
+
+    total, skipped = 0, 0
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            for name in f.keys():  # noqa: SIM118 - safe_open is not a Mapping
+                tensor = f.get_slice(name)
+                if _is_parameter(name, tensor.get_dtype() in FLOAT_DTYPES):
+                    total += _prod(tensor.get_shape())
+                else:
+                    skipped += 1
+    except SafetensorError as err:
+        raise ValueError(f"ckpt {str(path)!r} is truncated or corrupt: {err}") from None
+    return total, skipped
+
+
+FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}  # safetensors' names of float dtypes
+
+
+def _exported_params(path: Path) -> tuple[int, str]:
+    """Parameters of an exported model directory: its layers' logical weights from the manifest, the rest's float
+    tensors from the file."""
     from safetensors import safe_open
 
-    total = 0
-    with safe_open(str(path), framework="pt") as f:
-        for name in f.keys():  # noqa: SIM118 - safe_open is not a Mapping
-            total += _prod(f.get_slice(name).get_shape())
-    return total
+    from lightning_compress.export.io import WEIGHTS_FILE, read_manifest
+
+    manifest = read_manifest(path)
+    layers = manifest["layers"]
+    count = sum(s["in_features"] * s["out_features"] + (s["out_features"] if s.get("bias") else 0)
+                for s in (entry["spec"] for entry in layers.values()))  # fmt: skip
+    prefixes = tuple(f"{name}." for name in layers)
+    with safe_open(str(path / WEIGHTS_FILE), framework="pt") as f:
+        for name in f.keys():  # noqa: SIM118
+            tensor = f.get_slice(name)
+            if not name.startswith(prefixes) and _is_parameter(name, tensor.get_dtype() in FLOAT_DTYPES):
+                count += _prod(tensor.get_shape())
+    return count, f"exported model, {len(layers)} exported layers counted at their logical shapes"
 
 
 def _distinct_numel(tensors: Iterable[Any]) -> int:

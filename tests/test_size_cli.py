@@ -188,3 +188,35 @@ def test_the_cli_starts_without_importing_lightning_and_public_names_resolve():
 
     assert sorted(lightning_compress.__all__) == sorted(lightning_compress._HOMES)
     assert all(callable(getattr(lightning_compress, name)) for name in lightning_compress.__all__)
+
+
+def test_ckpt_counts_parameters_not_buffers(tmp_path, capsys):
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten())
+    path = tmp_path / "bn.pt"
+    torch.save(model.state_dict(), path)
+    params = sum(p.numel() for p in model.parameters())  # 40 conv + 8 BatchNorm affine = 48
+    out = run_cli(capsys, "--ckpt", str(path))
+    assert f"{params} parameters" in out and "3 buffers not counted" in out
+
+
+def test_exported_model_counts_its_layers_at_their_logical_shapes(tmp_path, capsys):
+    from lightning_compress.export.io import save_exported
+    from lightning_compress.export.plan import export_for_inference
+
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8), torch.nn.LayerNorm(8))
+    params = sum(p.numel() for p in model.parameters())
+    path = save_exported(export_for_inference(model.eval(), weights="int4", group_size=32, tokens=8), tmp_path / "m")
+    for target in (path, path / "model.safetensors"):  # the directory, or its weights file
+        assert f"{params} parameters" in run_cli(capsys, "--ckpt", str(target)).replace(",", "")
+
+
+@pytest.mark.parametrize("suffix", [".ckpt", ".safetensors"])
+def test_truncated_ckpt_is_an_argparse_error_naming_the_file(tmp_path, capsys, suffix):
+    from safetensors.torch import save_file
+
+    path = tmp_path / f"model{suffix}"
+    state = {"w": torch.randn(64, 64)}
+    torch.save(state, path) if suffix == ".ckpt" else save_file(state, path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    assert f"ckpt '{path}' is truncated or corrupt" in cli_error(capsys, "--ckpt", str(path))
