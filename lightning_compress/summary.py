@@ -103,6 +103,14 @@ def weight_format(module: nn.Module, weight: torch.Tensor, pattern: str, sparse:
     return fmt
 
 
+def pruned_zeros(module: nn.Module, weight: torch.Tensor) -> torch.Tensor:
+    """Bool of ``weight``'s shape: its zeros that are pruned weights. A quantized layer's weights that merely round
+    to code 0 are not (its quantizer's ``pruned`` mask, recorded before rounding, tells them apart)."""
+    zeros = weight.detach() == 0
+    pruned = getattr(getattr(module, "weight_quantizer", None), "pruned", None)
+    return zeros if pruned is None else zeros & pruned.to(zeros.device)
+
+
 def _layer_row(name: str, module: nn.Module, own: list[tuple[str, torch.Tensor]], sparse: bool = True) -> LayerRow:
     """One row: the ``weight`` in its (possibly sparse / quantized) format, other parameters (biases, norms) dense
     at their dtype, zeros included."""
@@ -113,9 +121,9 @@ def _layer_row(name: str, module: nn.Module, own: list[tuple[str, torch.Tensor]]
     weight = dict(own).get("weight")
     pattern, wbits, shape = "dense", other[0].element_size() * 8 if other else 32, tuple(own[0][1].shape)
     if weight is not None:
-        pattern, shape = sparsity_pattern(weight), tuple(weight.shape)
+        pattern, shape = sparsity_pattern(~pruned_zeros(module, weight)), tuple(weight.shape)
         fmt = weight_format(module, weight, pattern, sparse)
-        nnz = int(torch.count_nonzero(weight.detach()))
+        nnz = weight.numel() - int(pruned_zeros(module, weight).sum())
         wbits = index_bits(fmt.codebook_size) if fmt.codebook_size else fmt.bits
         stored = nnz if sparse else weight.numel()  # stored densely: the zeros take their place too
         nonzero, bits = nonzero + nnz, bits + tensor_bits(weight.numel(), stored, fmt)

@@ -88,3 +88,21 @@ def test_an_exported_model_counts_what_is_stored_float_layers_dense_whatever_the
     summary = compression_summary(model)
     assert summary.bytes == stored
     assert next(r for r in summary.rows if r.name == "2").bytes == conv.weight.numel() * 4 + conv.bias.numel() * 4
+
+
+def test_weights_that_round_to_zero_are_not_counted_as_pruned():
+    from lightning_compress.nn.fake_quant import FakeQuantLinear, WeightQuantizer
+
+    torch.manual_seed(0)
+    layer = nn.Linear(64, 32, bias=False)
+    with torch.no_grad():
+        layer.weight[:, :16] = 0  # a quarter pruned
+    fq = FakeQuantLinear.from_module(layer, WeightQuantizer(layer.weight, bits=2))
+    fq.weight_quantizer.convert(fq.weight)
+    zeros = float((fq.weight == 0).float().mean())
+    assert zeros > 0.3  # 2-bit rounding put many more weights on code 0
+    row = compression_summary(nn.Sequential(fq)).rows[0]
+    assert row.sparsity == 0.25 and row.pattern == "unstructured"
+    plain = FakeQuantLinear.from_module(nn.Linear(64, 32, bias=False), WeightQuantizer(torch.randn(32, 64), bits=2))
+    plain.weight_quantizer.convert(plain.weight)
+    assert compression_summary(nn.Sequential(plain)).rows[0].sparsity == 0.0  # QAT alone prunes nothing

@@ -109,6 +109,7 @@ class GPTQFinalize(CalibrationCallback):
         """GPTQ-quantize ``model``'s selected layers in place on ``batches``; returns ``{name: QuantizedLayer}``."""
         layers = self.select(model)
         batches = self.model_inputs(model, batches)
+        pruned = {name: layer.weight.detach() == 0 for name, layer in layers.items()}  # before GPTQ rounds any
         with restored_on_error(model):
             results = gptq_model(model, layers, batches, self.options, self.true_sequential, self.hessian_dtype)
             built, quantized = {}, {}
@@ -117,7 +118,7 @@ class GPTQFinalize(CalibrationCallback):
                 weight = QuantizedWeight(res.codes.reshape(layer.weight.shape), res.scale,
                                          None if opts.symmetric else res.zero_point, opts.bits,
                                          opts.group_size)  # fmt: skip
-                wq = WeightQuantizer.from_quantized(layer.weight, weight)
+                wq = WeightQuantizer.from_quantized(layer.weight, weight, pruned[name])
                 built[name] = fake_quant_class(layer).from_module(layer, wq)
                 quantized[name] = QuantizedLayer(weight)
         replace_layers(model, built)

@@ -93,6 +93,9 @@ class WeightQuantizer(_StatelessInStateDict):
         self.clustered = False
         self.register_buffer("indices", None, persistent=False)
         self.register_buffer("nonzero", None, persistent=False)
+        # bool of the weight's shape, True where it was exactly zero before it was put on the grid: pruned, as
+        # opposed to the weights that round to code 0 (set by convert / from_quantized; None before)
+        self.register_buffer("pruned", None, persistent=False)
 
     def _minmax(self, weight: Tensor) -> QParams:
         axis = None if self.group_size else 0
@@ -156,6 +159,7 @@ class WeightQuantizer(_StatelessInStateDict):
             The :class:`QuantizedWeight`; its ``dequantize()`` equals the new weight.
         """
         quantized = self.quantized(weight)
+        self.pruned = weight.detach() == 0
         weight.copy_(quantized.dequantize().to(weight.dtype))
         if self.method == "linear":
             zero = quantized.zero_point if quantized.zero_point is not None else torch.zeros_like(quantized.scale)
@@ -163,12 +167,16 @@ class WeightQuantizer(_StatelessInStateDict):
         return quantized
 
     @classmethod
-    def from_quantized(cls, weight: Tensor, quantized: QuantizedWeight) -> WeightQuantizer:
-        """A linear quantizer frozen at ``quantized``'s scales (e.g. GPTQ's), for a weight already on that grid."""
+    def from_quantized(
+        cls, weight: Tensor, quantized: QuantizedWeight, pruned: Tensor | None = None
+    ) -> WeightQuantizer:
+        """A linear quantizer frozen at ``quantized``'s scales (e.g. GPTQ's), for a weight already on that grid;
+        ``pruned`` marks the weights that were zero before quantization (see :attr:`pruned`)."""
         quantizer = cls(weight, bits=quantized.bits, symmetric=quantized.symmetric, group_size=quantized.group_size)
         scale = quantized.scale.to(weight.device)
         zero = torch.zeros_like(scale) if quantized.zero_point is None else quantized.zero_point.to(weight.device)
         quantizer.frozen = QParams(scale, zero)
+        quantizer.pruned = None if pruned is None else pruned.to(device=weight.device, dtype=torch.bool)
         return quantizer
 
     def quant_state(self) -> dict[str, Any]:
@@ -180,6 +188,8 @@ class WeightQuantizer(_StatelessInStateDict):
             state.update(
                 centroids=self.centroids.detach().cpu(), indices=self.indices.cpu(), nonzero=self.nonzero.cpu()
             )
+        if self.pruned is not None:
+            state["pruned"] = self.pruned.cpu()
         return state
 
     @torch.no_grad()
@@ -194,6 +204,8 @@ class WeightQuantizer(_StatelessInStateDict):
             self.centroids.copy_(state["centroids"])
             self.indices, self.nonzero = state["indices"].clone(), state["nonzero"].clone()
             self.clustered = True
+        if state.get("pruned") is not None:
+            self.pruned = state["pruned"].clone()
 
 
 class ActQuantizer(_StatelessInStateDict):
