@@ -9,19 +9,26 @@ their transformer blocks, found as the repeated ``nn.ModuleList`` of each model)
 projection when the widths differ. The teacher is frozen: eval mode, no gradients, not a registered submodule
 (so it is in neither the optimizer nor the checkpoint). Checkpoints hold the student's own weight keys, so they
 load back into the student alone with ``strict=True``.
+
+Optimizer rule: with ``lr=None`` (the default) a student LightningModule's own ``configure_optimizers`` (optimizers
+and schedulers) trains it, the projections joining its first optimizer; with ``lr`` given, AdamW at ``lr`` with linear
+warmup and decay (the DistilBERT recipe) trains every trainable parameter, whatever the student defines. A student
+without an optimizer of its own (a plain ``nn.Module``) needs ``lr``: construction raises ValueError otherwise.
 """
 
 from __future__ import annotations
 
 import copy
 import hashlib
-from collections.abc import Mapping, Sequence
+import math
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 import torchmetrics
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor, nn
 
 from lightning_compress.calibration.batches import LABEL_KEYS, call_args, first_tensor, split_batch, token_mask
@@ -107,6 +114,59 @@ def student_from_teacher(teacher: nn.Module, layers: Sequence[int] | None = None
     return student.train().requires_grad_(True)  # trainable even when copied from a frozen teacher
 
 
+def has_own_optimizer(model: nn.Module) -> bool:
+    """Whether ``model`` is a LightningModule that overrides ``configure_optimizers``."""
+    return isinstance(model, pl.LightningModule) and is_overridden("configure_optimizers", model, pl.LightningModule)
+
+
+def _leaves(config: Any) -> Iterator[Any]:
+    """The non-container items of an optimizer configuration (nested lists, tuples and dicts), in order."""
+    if isinstance(config, Mapping):
+        for value in config.values():
+            yield from _leaves(value)
+    elif isinstance(config, (list, tuple)):
+        for value in config:
+            yield from _leaves(value)
+    else:
+        yield config
+
+
+# per-param-group lists that schedulers fill at construction (LambdaLR, ReduceLROnPlateau, CyclicLR, all of them)
+_SCHEDULER_LISTS = ("base_lrs", "lr_lambdas", "min_lrs", "max_lrs", "_last_lr")
+
+
+def _extend_scheduler(scheduler: Any, groups: int) -> None:
+    """Give a scheduler built for ``groups`` param groups one more, a copy of its first group's entries."""
+    for name in _SCHEDULER_LISTS:
+        values = getattr(scheduler, name, None)
+        if isinstance(values, list) and len(values) == groups:
+            values.append(values[0])
+    for child in getattr(scheduler, "_schedulers", ()):  # SequentialLR, ChainedScheduler
+        _extend_scheduler(child, groups)
+
+
+def add_param_group(config: Any, params: Sequence[nn.Parameter]) -> torch.optim.Optimizer:
+    """Add ``params`` to the first optimizer of a ``configure_optimizers`` return value, as a new param group with the
+    hyperparameters of that optimizer's first group; the optimizer's schedulers are extended to step it too.
+
+    Returns:
+        The optimizer the group was added to.
+
+    Raises:
+        TypeError: the configuration holds no optimizer.
+    """
+    leaves = list(_leaves(config))
+    optimizer = next((o for o in leaves if isinstance(o, torch.optim.Optimizer)), None)
+    if optimizer is None:
+        raise TypeError(f"configure_optimizers returned no torch.optim.Optimizer ({config!r})")
+    groups = len(optimizer.param_groups)
+    first = {k: v for k, v in optimizer.param_groups[0].items() if k != "params"}
+    optimizer.add_param_group({**first, "params": list(params)})
+    for scheduler in (s for s in leaves if getattr(s, "optimizer", None) is optimizer):
+        _extend_scheduler(scheduler, groups)
+    return optimizer
+
+
 def _sample_keys(inputs: Any) -> list[str]:
     """One content hash per sample of a batch of model inputs (its first dimension)."""
     args, kwargs = call_args(inputs)
@@ -125,17 +185,27 @@ class DistillationModule(pl.LightningModule):
     (``QATFakeQuant``, ``IterativePruning``: layer names start with ``student.``; learned projections live under
     ``projections.``, which you may want in ``ignore``).
 
+    Optimizers: with ``lr=None`` (the default) a student LightningModule that overrides ``configure_optimizers``
+    trains with its own optimizer(s) and scheduler(s), called with ``student.trainer`` set (so it may read
+    ``self.trainer.estimated_stepping_batches``); the projections, if any, join its first optimizer as a param group
+    with that optimizer's first group's hyperparameters. Only ``configure_optimizers`` comes from the student, not its
+    ``training_step`` or optimizer hooks. With ``lr`` given, AdamW at ``lr`` (``weight_decay``, linear warmup over
+    ``warmup_fraction`` of the run, then linear decay to 0) trains the student and the projections, whatever the
+    student defines. A student without an optimizer of its own (an ``nn.Module``, or a LightningModule that does not
+    override ``configure_optimizers``) needs ``lr``; 5e-5 to 2e-4 suits BERT-size transformers.
+
     YAML (``conf/experiment/distill_minilm.yaml``)::
 
-        model:
+        distillation:
           _target_: lightning_compress.DistillationModule
           temperature: 4.0
-          alpha: 0.7
+          alpha: 0.5
           hidden_loss: cosine
+          lr: 1.0e-4
 
     Python::
 
-        module = DistillationModule(student, teacher, temperature=4.0, alpha=0.7)
+        module = DistillationModule(student, teacher, temperature=4.0, alpha=0.7)  # student: a LightningModule
         L.Trainer(max_epochs=3).fit(module, datamodule)
         student.load_state_dict(torch.load("last.ckpt")["state_dict"])  # the checkpoint is the student's
 
@@ -154,7 +224,15 @@ class DistillationModule(pl.LightningModule):
             widths differ).
         cache_teacher: keep the teacher's logits per sample (keyed by input content) and reuse them in later
             epochs; only without a hidden-state loss.
-        lr, weight_decay, warmup_fraction: AdamW with linear warmup and linear decay over the run.
+        lr: None to train with the student's own ``configure_optimizers`` (a LightningModule that defines one;
+            required otherwise); a positive number for AdamW at this peak learning rate, replacing the student's.
+        weight_decay: AdamW's decoupled weight decay, ``>= 0``; used only with ``lr``.
+        warmup_fraction: the share of the run, in ``[0, 1)``, spent warming AdamW's rate up from 0 before it decays
+            linearly to 0 at the last step; used only with ``lr``.
+
+    Raises:
+        ValueError: a bad argument, among them ``lr=None`` with a student that has no optimizer of its own.
+        TypeError: a student or teacher that is not an ``nn.Module``.
     """
 
     def __init__(
@@ -169,7 +247,7 @@ class DistillationModule(pl.LightningModule):
         layer_map: Sequence[int] | Mapping[int, int] | None = None,
         projection: bool = False,
         cache_teacher: bool = False,
-        lr: float = 5e-5,
+        lr: float | None = None,
         weight_decay: float = 0.01,
         warmup_fraction: float = 0.1,
     ) -> None:
@@ -181,6 +259,7 @@ class DistillationModule(pl.LightningModule):
         elif student_layers is not None:
             raise ValueError("student_layers builds the student from the teacher; pass it only with student=None")
         self._validate(student, teacher, temperature, alpha, hidden_loss, cache_teacher)
+        self._validate_optimizer(student, lr, weight_decay, warmup_fraction)
         self.student = student
         object.__setattr__(self, "teacher", teacher)  # not a submodule: not in parameters(), state_dict(), DDP
         teacher.eval().requires_grad_(False)
@@ -212,6 +291,24 @@ class DistillationModule(pl.LightningModule):
         s, t = num_outputs(student), num_outputs(teacher)
         if s is not None and t is not None and s != t:
             raise ValueError(f"the student predicts {s} classes and the teacher {t}; they must be equal")
+
+    @staticmethod
+    def _validate_optimizer(student: nn.Module, lr: float | None, weight_decay: float, warmup_fraction: float) -> None:
+        def number(value: Any) -> bool:
+            return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+
+        if lr is None and not has_own_optimizer(student):
+            raise ValueError(
+                f"lr is required: the student ({type(student).__name__}) is not a LightningModule with its own "
+                "configure_optimizers; pass lr=<AdamW peak learning rate> (e.g. 5e-5 to 2e-4 for a BERT-size "
+                "transformer, about 1e-3 for a small CNN), or a LightningModule student that defines its optimizer"
+            )
+        if lr is not None and not (number(lr) and lr > 0):
+            raise ValueError(f"lr must be None (the student's own optimizer) or a positive number, got {lr!r}")
+        if not (number(weight_decay) and weight_decay >= 0):
+            raise ValueError(f"weight_decay must be a number >= 0, got {weight_decay!r}")
+        if not (number(warmup_fraction) and 0 <= warmup_fraction < 1):
+            raise ValueError(f"warmup_fraction must be in [0, 1), got {warmup_fraction!r}")
 
     def _layer_map(self, layer_map: Sequence[int] | Mapping[int, int] | None) -> dict[int, int]:
         n_s, n_t = len(transformer_blocks(self.student)), len(transformer_blocks(self.teacher))
@@ -334,6 +431,26 @@ class DistillationModule(pl.LightningModule):
         return self(inputs)
 
     def configure_optimizers(self) -> Any:
+        """The student's own optimizer configuration when ``lr`` is None, else AdamW with warmup and decay."""
+        return self._student_optimizers() if self.lr is None else self._adamw()
+
+    def _student_optimizers(self) -> Any:
+        """The student's ``configure_optimizers()``, with the trainable projections added to its first optimizer."""
+        self.student.trainer = self.trainer  # Lightning's setter already did; the student may read self.trainer
+        config = self.student.configure_optimizers()
+        extra = [p for p in self.projections.parameters() if p.requires_grad]
+        if extra:
+            try:
+                add_param_group(config, extra)
+            except TypeError as err:
+                raise TypeError(
+                    f"{type(self.student).__name__}.configure_optimizers() returned no optimizer for the projections "
+                    "to join; return one or pass lr to DistillationModule"
+                ) from err
+        return config
+
+    def _adamw(self) -> dict[str, Any]:
+        """AdamW over every trainable parameter at ``lr``, linear warmup then linear decay, stepped per batch."""
         params = [p for p in self.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
         total = max(int(self.trainer.estimated_stepping_batches), 1)
