@@ -54,3 +54,29 @@ def test_export_config_composes_with_a_recipe_and_names_real_arguments():
         cfg = compose(config_name="export", overrides=["+compress=[prune_24,qat_int8]", "ckpt_path=last.ckpt"])
     assert set(cfg.callbacks) >= {"pruning", "qat"} and cfg.ckpt_path == "last.ckpt"
     assert set(cfg.export) <= set(inspect.signature(export_for_inference).parameters)
+
+
+EXAMPLE_CONF = CONF.parent / "examples" / "my_conf"
+
+
+@pytest.mark.parametrize("path", [str(EXAMPLE_CONF), "examples/my_conf"], ids=["absolute", "relative"])
+def test_a_user_config_folder_replaces_the_default_model_and_data_whole(path, tmp_path, monkeypatch):
+    """`model=rescnn` from the user's own folder (on the search path, as `--config-dir` puts it) keeps no key of
+    conf/model/cnn.yaml (no `net:`); a relative ``file://`` path is relative to the working directory."""
+    import yaml
+
+    monkeypatch.chdir(CONF.parent)
+    cfg = _compose([f"hydra.searchpath=[file://{path}]", "model=rescnn", "data=my_digits", "+compress=prune_24"],
+                   tmp_path)  # fmt: skip
+    assert set(cfg.model) == set(yaml.safe_load((EXAMPLE_CONF / "model" / "rescnn.yaml").read_text()))
+    assert "net" not in cfg.model
+    model, data = instantiate(cfg.model), instantiate(cfg.data)
+    assert type(model).__name__ == "ResCNN" and type(data).__name__ == "MyDigitsDataModule"
+    assert "ignore" not in cfg.callbacks.pruning  # recipes name no layers of the example model
+
+
+def test_dropping_the_default_model_lets_the_command_line_give_one(tmp_path):
+    cfg = _compose(["~model", "+model._target_=lightning_compress.examples.custom.ResCNN", "+model.width=8"],
+                   tmp_path)  # fmt: skip
+    assert dict(cfg.model) == {"_target_": "lightning_compress.examples.custom.ResCNN", "width": 8}
+    assert instantiate(cfg.model).head.in_features == 32

@@ -128,7 +128,7 @@ class IterativePruning(pl.Callback):
     Python::
 
         trainer = L.Trainer(callbacks=[IterativePruning(sparsity=0.9, schedule="cubic")])
-        trainer = L.Trainer(callbacks=[IterativePruning(method="nm", pattern="2:4", ignore=["net.0"])])
+        trainer = L.Trainer(callbacks=[IterativePruning(method="nm", pattern="2:4")])  # skips widths % 4 != 0
 
     Args:
         sparsity: target fraction pruned per unit (weights, rows or heads), in ``[0, 1)``; None for 0.5. N:M
@@ -137,7 +137,9 @@ class IterativePruning(pl.Callback):
         schedule: ``"oneshot"``, ``"iterative"`` or ``"cubic"`` (N:M is one-shot only).
         pattern: the N:M pattern, e.g. ``"2:4"``.
         scope: ``"layer"`` (each layer to its target) or ``"global"`` (one magnitude ranking over all layers).
-        targets, ignore: regexes over layer names (attention module names for ``"heads"``).
+        targets, ignore: regexes over layer names (attention module names for ``"heads"``). N:M with
+            ``targets=None`` skips (and logs) every layer whose input width is not divisible by M; a layer
+            named by ``targets`` that does not divide is an error.
         plan: per-layer targets, ``{layer: sparsity}`` or a YAML file from ``scripts/sensitivity.py``; layers
             not in the plan use ``sparsity``.
         rate: iterative: fraction of the remaining weights pruned per round, in ``(0, 1)``.
@@ -249,21 +251,52 @@ class IterativePruning(pl.Callback):
                 units.append(_Unit(name, _attention_parts(layout, model), layout.head_size))
         else:
             layers = select_layers(model, self.targets, self.ignore)
-            units = [self._layer_unit(name, layer) for name, layer in layers.items()]
+            found_units = {name: self._layer_unit(name, layer) for name, layer in layers.items()}
+            units = [u for u in found_units.values() if u is not None]
+            if not units:
+                widths = {name: layer.weight.shape[1] for name, layer in layers.items()}
+                raise ValueError(
+                    f"pattern {self.nm[0]}:{self.nm[1]}: no selected layer has an input width divisible by "
+                    f"M={self.nm[1]} (input widths {widths}); allowed: layers whose weight.shape[1] is a "
+                    f"multiple of {self.nm[1]}"
+                )
         unknown = sorted(set(self.plan) - {u.name for u in units})
         if unknown:
             raise ValueError(f"plan names unknown layers {unknown}; allowed: {[u.name for u in units]}")
         return units
 
-    def _layer_unit(self, name: str, layer: nn.Module) -> _Unit:
+    def _layer_unit(self, name: str, layer: nn.Module) -> _Unit | None:
+        """The pruning unit of one selected layer, or None for an N:M-incompatible layer selected by default.
+
+        With ``method="nm"``, a layer whose input width (``weight.shape[1]``) is not divisible by M cannot hold
+        the pattern: when ``targets`` is None (every Linear / Conv selected by default, as the recipes do) it is
+        skipped with a logged line and stays dense; when the user named it in ``targets`` that is an error.
+
+        Raises:
+            TypeError: the weight is not floating point.
+            ValueError: an N:M-incompatible layer was selected by ``targets``.
+        """
         weight = layer.weight
         if not weight.is_floating_point():
             raise TypeError(f"layer {name!r} has a {weight.dtype} weight; pruning needs a float weight")
         if self.nm is not None and weight.shape[1] % self.nm[1]:
-            raise ValueError(
-                f"layer {name!r}: input dimension {weight.shape[1]} is not divisible by M={self.nm[1]} "
-                f"(pattern {self.nm[0]}:{self.nm[1]}); add it to ignore"
+            n, m = self.nm
+            if self.targets is not None:
+                raise ValueError(
+                    f"layer {name!r}: input dimension {weight.shape[1]} is not divisible by M={m} "
+                    f"(pattern {n}:{m}); it was selected by targets={self.targets!r}: remove it from targets "
+                    f"or add it to ignore"
+                )
+            log.warning(
+                "IterativePruning: layer %r (input width %d) skipped: not divisible by M=%d (pattern %d:%d); it "
+                "stays dense",
+                name,
+                weight.shape[1],
+                m,
+                n,
+                m,
             )
+            return None
         parts = [_part(f"{name}.weight", weight)]
         if self.method == "rows" and getattr(layer, "bias", None) is not None:
             parts.append(_part(f"{name}.bias", layer.bias))

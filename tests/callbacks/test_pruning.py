@@ -337,7 +337,7 @@ def test_bad_arguments_fail_at_construction(kwargs, error, match):
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"method": "nm"}, r"layer 'net.0': input dimension 1 is not divisible by M=4"),
+        ({"method": "nm", "targets": "net\\.0"}, r"layer 'net.0': input dimension 1 is not divisible by M=4"),
         ({"targets": "fc.*"}, r"targets='fc.\*' with ignore=None match no layer"),
         ({"plan": {"net.7": 0.5}}, r"plan names unknown layers \['net.7'\]"),
         ({"method": "heads"}, "match no layer"),
@@ -360,3 +360,22 @@ def test_cubic_resume_keeps_the_ramp_it_started_with(tmp_path):
     fit([resumed], max_epochs=3, ckpt_path=tmp_path / "last.ckpt")  # a longer run must not stretch the ramp
     assert resumed._end_step == end
     assert resumed.global_sparsity() == pytest.approx(0.8, abs=2e-3)
+
+
+def test_nm_by_default_skips_layers_whose_input_width_does_not_divide_m_and_logs_them(caplog):
+    model = Classifier()  # net.0 is Conv2d(1, 16): input width 1
+    with caplog.at_level("WARNING", logger="lightning_compress.callbacks.pruning"):
+        units = IterativePruning(method="nm", pattern="2:4").units(model)
+    assert [u.name for u in units] == ["net.2", "net.6", "net.8"]
+    assert "layer 'net.0' (input width 1) skipped: not divisible by M=4" in caplog.text
+
+
+def test_nm_fails_when_every_selected_layer_is_skipped():
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten(), nn.Linear(9, 3))
+    with pytest.raises(ValueError, match=r"no selected layer has an input width divisible by M=4.*'0': 1, '2': 9"):
+        IterativePruning(method="nm", pattern="2:4").units(model)
+
+
+def test_nm_named_layer_that_does_not_divide_is_still_an_error():
+    with pytest.raises(ValueError, match=r"layer 'net.0': input dimension 1 .* selected by targets"):
+        IterativePruning(method="nm", targets=["net\\.0", "net\\.2"]).units(Classifier())
