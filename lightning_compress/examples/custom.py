@@ -19,7 +19,7 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Subset, TensorDataset, random_split
 
 
 class ResidualBlock(nn.Module):
@@ -93,53 +93,39 @@ class ResCNN(pl.LightningModule):
 
 
 class MyDigitsDataModule(pl.LightningDataModule):
-    """scikit-learn's bundled 8×8 digits as ``(B, 1, 8, 8)`` images in [0, 1], split by a seeded permutation.
+    """scikit-learn's bundled 8×8 digits as ``(B, 1, 8, 8)`` images in [0, 1], split 70 / 15 / 15 at random.
 
-    A plain LightningDataModule (``setup`` and the three dataloaders), as your own would be.
+    A plain LightningDataModule (``setup`` and the three dataloaders), written as your own would be.
 
     Args:
         batch_size: batch size of every loader.
-        val_fraction, test_fraction: split sizes, each in ``(0, 1)`` and together below 1.
         seed: the split's and the shuffling's seed.
     """
 
-    def __init__(
-        self, batch_size: int = 64, val_fraction: float = 0.15, test_fraction: float = 0.15, seed: int = 0
-    ) -> None:
+    def __init__(self, batch_size: int = 64, seed: int = 0) -> None:
         super().__init__()
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if not (0 < val_fraction < 1 and 0 < test_fraction < 1 and val_fraction + test_fraction < 1):
-            raise ValueError(
-                f"need 0 < val_fraction, test_fraction and val_fraction + test_fraction < 1; got "
-                f"val_fraction={val_fraction}, test_fraction={test_fraction}"
-            )
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         self.batch_size, self.seed = batch_size, seed
-        self.fractions = (val_fraction, test_fraction)
-        self.splits: dict[str, TensorDataset] = {}
+        self.parts: dict[str, Subset] = {}
 
     def setup(self, stage: str | None = None) -> None:
-        if self.splits:
+        if self.parts:
             return
         from sklearn.datasets import load_digits
 
-        digits = load_digits()
-        x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
-        y = torch.tensor(digits.target, dtype=torch.long)
-        order = torch.randperm(len(y), generator=torch.Generator().manual_seed(self.seed))
-        n_val, n_test = (round(f * len(y)) for f in self.fractions)
-        parts = {"val": order[:n_val], "test": order[n_val : n_val + n_test], "train": order[n_val + n_test :]}
-        self.splits = {name: TensorDataset(x[i], y[i]) for name, i in parts.items()}
-
-    def _loader(self, split: str, shuffle: bool = False) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
-        return DataLoader(self.splits[split], batch_size=self.batch_size, shuffle=shuffle, generator=generator)
+        images, labels = load_digits(return_X_y=True)
+        x = torch.tensor(images, dtype=torch.float32).reshape(-1, 1, 8, 8) / 16.0
+        dataset = TensorDataset(x, torch.tensor(labels, dtype=torch.long))
+        split = random_split(dataset, [0.7, 0.15, 0.15], generator=torch.Generator().manual_seed(self.seed))
+        self.parts = dict(zip(("train", "val", "test"), split, strict=True))
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
+        shuffled = torch.Generator().manual_seed(self.seed)
+        return DataLoader(self.parts["train"], batch_size=self.batch_size, shuffle=True, generator=shuffled)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val")
+        return DataLoader(self.parts["val"], batch_size=self.batch_size)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test")
+        return DataLoader(self.parts["test"], batch_size=self.batch_size)

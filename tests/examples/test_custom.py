@@ -66,7 +66,7 @@ def test_rescnn_has_the_layers_the_section_names():
     data.setup()
     x, y = next(iter(data.train_dataloader()))
     assert model(x).shape == (64, 10) and y.shape == (64,)
-    assert sum(len(data.splits[s]) for s in ("train", "val", "test")) == 1797
+    assert sum(len(data.parts[s]) for s in ("train", "val", "test")) == 1797
 
 
 @pytest.mark.slow
