@@ -241,8 +241,13 @@ def test_apply_takes_a_lightning_dataloader_of_x_y_batches(callback):
 
 
 def test_apply_takes_one_tensor_as_one_batch():
-    one, listed = LNRegressor(), LNRegressor()
-    x = torch.randn(16, 16, generator=torch.Generator().manual_seed(1))
+    """A (B, C, H, W) tensor is one batch, not B unbatched images (those broke the CNN's Flatten -> Linear)."""
+    from lightning_compress.examples.models import SmallCNN
+
+    torch.manual_seed(0)
+    one, listed = SmallCNN().eval(), SmallCNN().eval()
+    listed.load_state_dict(one.state_dict())
+    x = torch.randn(16, 1, 8, 8, generator=torch.Generator().manual_seed(1))
     GPTQFinalize(bits=4).apply(one, x)
     GPTQFinalize(bits=4).apply(listed, [x])
     assert all(torch.equal(a, b) for a, b in zip(one.state_dict().values(), listed.state_dict().values(), strict=True))
