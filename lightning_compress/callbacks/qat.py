@@ -214,10 +214,12 @@ class QATFakeQuant(pl.Callback):
                 )
         for name, layer in self.layers.items():
             layer.enabled = True
-            layer.weight_quantizer.convert(layer.weight)
+            weight = layer.weight_quantizer.convert(layer.weight)
+            act = None
             if layer.act_quantizer is not None:
                 layer.act_quantizer.observer.freeze()
-            self.quantized[name] = layer.quantized()
+                act = layer.act_quantizer.quantized()
+            self.quantized[name] = QuantizedLayer(weight, act)  # the codes convert made, not quantized a second time
         self.converted = True
         return self.quantized
 
