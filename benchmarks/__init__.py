@@ -44,16 +44,23 @@ def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int = 7, 
     return {k: ms / 1e3 for k, ms in interleaved_ms(fns, repeats, warmup).items()}
 
 
+ISA_FLAGS = ("amx_tile", "amx_bf16", "amx_int8", "avx512_vnni", "avx512_bf16", "avx512f", "avx2")
+
+
 def machine() -> str:
-    """One line describing where the benchmark ran."""
-    cpu = "unknown CPU"
+    """One line describing where the benchmark ran: CPU model, the ISA flags int8 / bf16 speed depends on (present
+    or absent), threads, GPU and torch version."""
+    cpu, flags = "unknown CPU", set()
     try:
         with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+            lines = f.read().splitlines()
+        cpu = next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
+        flags = set(next(line.split(":", 1)[1].split() for line in lines if line.startswith("flags")))
     except (OSError, StopIteration):
         pass
+    isa = " ".join(f"{flag}{'+' if flag in flags else '-'}" for flag in ISA_FLAGS)
     gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
-    return f"{cpu}, {torch.get_num_threads()} threads{gpu}, torch {torch.__version__}"
+    return f"{cpu} (ISA: {isa}), {torch.get_num_threads()} threads{gpu}, torch {torch.__version__}"
 
 
 def quiet() -> None:

@@ -85,7 +85,7 @@ LAYERS = ["net.0", "net.2", "net.6", "net.8"]
 
 @pytest.mark.parametrize("schedule", ["oneshot", "iterative", "cubic"])
 def test_magnitude_reaches_exact_target_per_layer(schedule):
-    cb = IterativePruning(sparsity=0.8, schedule=schedule, rate=0.6, frequency=4)
+    cb = IterativePruning(sparsity=0.8, schedule=schedule, rate=0.6, frequency=4, scope="layer")
     _, model = fit([cb], max_epochs=3)
     for name in LAYERS:
         w = model.get_parameter(f"{name}.weight")
@@ -101,6 +101,16 @@ def test_global_scope_ranks_all_layers_together():
     assert zeros == round(0.9 * total)
     per_layer = [weight_sparsity(model, n) for n in LAYERS]
     assert max(per_layer) - min(per_layer) > 0.2  # the big Linear takes most of the pruning
+
+
+def test_scope_defaults_to_global_for_magnitude_and_to_layer_where_global_cannot_apply():
+    # issue #14: per layer lost to Lightning's ModelPruning (a global ranking) on real digits; see benchmarks/pruning.py
+    assert IterativePruning(sparsity=0.9, schedule="cubic").scope == "global"
+    assert IterativePruning(method="nm").scope == "layer" and IterativePruning(method="rows").scope == "layer"
+    assert IterativePruning(plan={"net.0": 0.5}).scope == "layer"
+    assert IterativePruning(scope="layer").scope == "layer"
+    with pytest.raises(ValueError, match="scope='global' needs method='magnitude'"):
+        IterativePruning(method="rows", scope="global")
 
 
 def test_nm_keeps_two_of_four_along_inputs_through_training():
