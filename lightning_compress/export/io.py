@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from lightning_compress.export.int4_linear import Int4Linear
 from lightning_compress.export.int8_linear import Int8Linear
+from lightning_compress.export.kept import is_input_quantized, placeholder
 from lightning_compress.export.layer import (
     FLOAT,
     REFERENCE,
@@ -43,7 +44,7 @@ LAYER_CLASSES: dict[str, type[ExportedLinear]] = {
 FORMAT = "lightning_compress.exported"
 
 
-FORMAT_VERSION = 2  # 2: per-tensor SHA-256 in the manifest (1 loads, unverified)
+FORMAT_VERSION = 3  # 3: "inputs", kept float layers' input quantization; 2: per-tensor SHA-256 (1 loads, unverified)
 
 
 MANIFEST, WEIGHTS_FILE = "manifest.json", "model.safetensors"
@@ -86,6 +87,7 @@ def save_exported(model: nn.Module, path: str | Path) -> Path:
         "version": FORMAT_VERSION,
         "dtype": to_spec_dtype(float_dtype(model)),
         "layers": {n: {"class": type(m).__name__, "spec": m.spec(), "kernel": m.kernel} for n, m in layers.items()},
+        "inputs": {n: m.input_spec() for n, m in model.named_modules() if is_input_quantized(m)},
         "aliases": aliases,
         "tensors": len(tensors),
         "file_bytes": (path / WEIGHTS_FILE).stat().st_size,
@@ -163,10 +165,11 @@ def load_exported(path: str | Path, model: nn.Module, device: str | torch.device
     manifest = read_manifest(path)
     tensors = _read_tensors(Path(path), manifest)
     new = _rebuild_layers(Path(path), model, manifest)
-    _check_state(Path(path), model, new, tensors)
+    kept = _rebuild_inputs(model, manifest)
+    _check_state(Path(path), model, {**new, **kept}, tensors)
     device = torch.device(device) if device is not None else next(iter(model.parameters())).device
     model.to(device=device, dtype=from_spec_dtype(manifest["dtype"]))
-    replace_layers(model, {n: m.to(device) for n, m in new.items()})
+    replace_layers(model, {n: m.to(device) for n, m in {**new, **kept}.items()})
     model.load_state_dict(tensors, strict=True)
     for name, layer in new.items():
         _restore_kernel(name, layer, manifest["layers"][name]["kernel"])
@@ -210,7 +213,19 @@ def _rebuild_layers(path: Path, model: nn.Module, manifest: dict[str, Any]) -> d
     return new
 
 
-def _check_state(path: Path, model: nn.Module, new: dict[str, ExportedLinear], tensors: dict[str, Tensor]) -> None:
+def _rebuild_inputs(model: nn.Module, manifest: dict[str, Any]) -> dict[str, nn.Module]:
+    """The kept float layers with input quantization the manifest lists (placeholders until the state loads)."""
+    kept = {}
+    for name, spec in manifest.get("inputs", {}).items():
+        try:
+            plain = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"the manifest's input-quantized layer {name!r} does not exist in the model") from None
+        kept[name] = placeholder(name, plain, spec)
+    return kept
+
+
+def _check_state(path: Path, model: nn.Module, new: dict[str, nn.Module], tensors: dict[str, Tensor]) -> None:
     """Raise ValueError unless ``model`` with ``new`` swapped in would hold exactly ``tensors``' keys and shapes."""
     prefixes = tuple(f"{n}." for n in new)
     expected = {k: v.shape for k, v in model.state_dict().items() if not k.startswith(prefixes)}

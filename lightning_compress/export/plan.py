@@ -18,6 +18,7 @@ from torch import nn
 from lightning_compress.calibration.progress import Progress
 from lightning_compress.export.int4_linear import Int4Linear
 from lightning_compress.export.int8_linear import Int8Linear
+from lightning_compress.export.kept import input_quantized
 from lightning_compress.export.layer import ExportedLinear, float_dtype
 from lightning_compress.export.selfcheck import ExportReport, choose_kernel, kernel_note, layer_tokens
 from lightning_compress.export.sparse_linear import SemiStructuredSparseLinear
@@ -182,9 +183,10 @@ def export_for_inference(
     check_positive_int("tokens", tokens), check_positive_int("group_size", group_size, optional=True)
     with torch.no_grad():
         plan = plan_layers(model, weights, sparsity, targets, ignore, group_size, dtype)
+        kept = kept_layers(model, exclude=plan)
     rows = layer_tokens(model, list(plan), example_inputs) if example_inputs is not None else {}
     device = next(iter(model.parameters())).device
-    _unwrap_fake_quant(model, exclude=plan)
+    replace_layers(model, kept)
     if dtype is not None:
         model.to(dtype)
     replace_layers(model, {name: layer.to(device) for name, (_, layer) in plan.items()})
@@ -203,19 +205,32 @@ def export_for_inference(
     return model
 
 
-def _unwrap_fake_quant(model: nn.Module, exclude: dict[str, Any]) -> None:
-    """Turn fake-quant layers that are not exported into plain layers holding their quantized weights."""
+def kept_layers(model: nn.Module, exclude: dict[str, Any]) -> dict[str, nn.Module]:
+    """The fake-quant layers that are not exported, as the float layers that replace them (the model is not
+    touched): each holds its quantized weight as a float weight and, where it quantized its input, keeps that input
+    quantization (:mod:`~lightning_compress.export.kept`), so the export computes what the compressed model did.
+
+    Raises:
+        ValueError: a layer whose input quantization a kept float layer cannot reproduce (naming it).
+    """
     rest = {n: m for n, m in model.named_modules() if is_fake_quant(m) and n not in exclude}
-    if rest:
-        log.warning(
-            "not exported, kept as float layers with their quantized weights (activations unquantized): %s",
-            sorted(rest),
-        )
-    plain = {}
+    kept = {}
     for name, module in rest.items():
-        with torch.no_grad():
-            q = module.fake_quantized_weight().detach()
-            layer = module.to_module()
-            layer.weight = nn.Parameter(q, requires_grad=False)
-        plain[name] = layer
-    replace_layers(model, plain)
+        q = module.fake_quantized_weight().detach()
+        aq = module.act_quantizer
+        if aq is not None and not module.enabled and getattr(aq, "smooth", None) is not None:
+            raise ValueError(
+                f"layer {name!r} is a disabled fake-quant layer with a SmoothQuant divisor that its weight absorbed; "
+                "allowed: export it (name it in targets) or enable it"
+            )
+        act = aq.quantized() if aq is not None and module.enabled else None
+        layer = module.to_module()
+        layer.weight = nn.Parameter(q, requires_grad=False)
+        kept[name] = layer if act is None else input_quantized(name, layer, act)
+    if kept:
+        log.warning(
+            "not exported, kept as float layers with their quantized weights (and input quantization where they "
+            "had it): %s",
+            sorted(kept),
+        )
+    return kept

@@ -9,7 +9,6 @@ QAT callback saves that state itself. ``to_module()`` gives the plain layer back
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import torch
@@ -31,6 +30,7 @@ from lightning_compress.functional.quant import (
 from lightning_compress.functional.size import TensorFormat
 from lightning_compress.nn.observers import Observer
 from lightning_compress.nn.quantized import QuantizedInput, QuantizedLayer, QuantizedWeight
+from lightning_compress.nn.select import retyped
 
 METHODS = ("linear", "kmeans")
 KMEANS_INITS = ("linear", "kmeans++", "density")
@@ -298,12 +298,8 @@ class _FakeQuantMixin:
         act_quantizer: ActQuantizer | SymmetricActQuantizer | None = None,
     ) -> nn.Module:
         """A fake-quant version of ``module`` sharing its Parameter objects and attributes."""
-        new = copy.copy(module)
-        for key, value in vars(module).items():
-            if isinstance(value, dict):  # _parameters, _buffers, _modules, hook dicts: own dicts, same values
-                object.__setattr__(new, key, type(value)(value))
+        new = retyped(module, cls)
         object.__setattr__(new, "_plain_class", type(module))
-        new.__class__ = cls
         new.weight_quantizer = weight_quantizer
         new.act_quantizer = act_quantizer
         new.enabled = True
@@ -311,15 +307,11 @@ class _FakeQuantMixin:
 
     def to_module(self) -> nn.Module:
         """The plain layer (its original class) with the same Parameters and no quantizers."""
-        plain = copy.copy(self)
-        for key, value in vars(self).items():
-            if isinstance(value, dict):
-                object.__setattr__(plain, key, type(value)(value))
+        plain = retyped(self, self._plain_class)
         for name in ("weight_quantizer", "act_quantizer"):
             plain._modules.pop(name, None)
         for name in ("_plain_class", "enabled"):
             plain.__dict__.pop(name, None)
-        plain.__class__ = self._plain_class
         return plain
 
     @property

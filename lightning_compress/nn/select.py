@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -67,6 +68,17 @@ def select_layers(
                 "ignore pattern %r matches none of the model's %s layers: %s", p.pattern, kind, sorted(candidates)
             )
     return chosen
+
+
+def retyped(module: nn.Module, cls: type[nn.Module]) -> nn.Module:
+    """A shallow copy of ``module`` as class ``cls``: the same Parameters, buffers and submodules (in dicts of its
+    own, so adding or removing one leaves ``module`` as it was), every other attribute shared."""
+    new = copy.copy(module)
+    for key, value in vars(module).items():
+        if isinstance(value, dict):  # _parameters, _buffers, _modules, hook dicts
+            object.__setattr__(new, key, type(value)(value))
+    new.__class__ = cls
+    return new
 
 
 def replace_layers(model: nn.Module, new: Mapping[str, nn.Module]) -> None:
