@@ -13,7 +13,8 @@ group are grouped along their flattened input dimension ``prod(shape[1:])`` (a c
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -224,27 +225,46 @@ def dequantize(q: Tensor, scale: Tensor, zero_point: Tensor) -> Tensor:
     return (q.float() - z) * s
 
 
-class _FakeQuantizeSTE(torch.autograd.Function):
-    """Quantize-dequantize forward in five passes over ``x`` (symmetric); straight-through backward, zeroed where
-    the code was clipped."""
+def fake_quantize_and_mask(x: Tensor, scale: Tensor, zero_point: Tensor | None, bits: int) -> tuple[Tensor, Tensor]:
+    """The fake-quantize forward and its straight-through mask, parameters already broadcastable to ``x``.
+
+    Returns:
+        ``S * (clamp(round(x / S + Z), qmin, qmax) - Z)`` in ``x``'s dtype (computed in float32; ``zero_point=None``
+        is symmetric and skips two passes), and bool ``round(x / S + Z) in [qmin, qmax]`` (the clamp changed
+        nothing), both of ``x``'s shape.
+    """
+    qmin, qmax = quant_range(bits)
+    v = x.float() / scale
+    if zero_point is not None:
+        v.add_(zero_point)
+    v.round_()
+    codes = v.clamp(qmin, qmax)
+    inside = v == codes
+    if zero_point is not None:
+        codes.sub_(zero_point)
+    return codes.mul_(scale).to(x.dtype), inside
+
+
+class StraightThrough(torch.autograd.Function):
+    """``y, inside = kernel(x, *args)`` forward; clipped straight-through backward ``dL/dx = dL/dy * inside``.
+
+    ``kernel`` is any quantize-dequantize returning the output and the mask of the values it did not clip: the
+    eager :func:`fake_quantize_and_mask`, or a fused kernel (:mod:`~lightning_compress.functional.fused`, which
+    also gives the backward multiply as ``kernel.backward``).
+    """
 
     @staticmethod
-    def forward(ctx, x: Tensor, scale: Tensor, zero_point: Tensor | None, bits: int) -> Tensor:  # type: ignore[override]
-        qmin, qmax = quant_range(bits)
-        v = x.float() / scale
-        if zero_point is not None:
-            v.add_(zero_point)
-        v.round_()
-        codes = v.clamp(qmin, qmax)
-        ctx.save_for_backward(v == codes)  # inside the range: the clamp changed nothing
-        if zero_point is not None:
-            codes.sub_(zero_point)
-        return codes.mul_(scale).to(x.dtype)
+    def forward(ctx, x: Tensor, kernel: Callable[..., tuple[Tensor, Tensor]], *args: Any) -> Tensor:  # type: ignore[override]
+        y, inside = kernel(x, *args)
+        ctx.save_for_backward(inside)
+        ctx.n_args, ctx.mask_grad = len(args), getattr(kernel, "backward", None)
+        return y
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, None, None, None]:  # type: ignore[override]
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         (inside,) = ctx.saved_tensors
-        return grad * inside, None, None, None
+        masked = ctx.mask_grad(grad, inside) if ctx.mask_grad is not None else grad * inside
+        return (masked, None, *([None] * ctx.n_args))
 
 
 def fake_quantize(x: Tensor, scale: Tensor, zero_point: Tensor | None, bits: int) -> Tensor:
@@ -268,7 +288,7 @@ def fake_quantize(x: Tensor, scale: Tensor, zero_point: Tensor | None, bits: int
     """
     s = expand_params(scale, x.shape).detach()
     z = None if zero_point is None else expand_params(zero_point, x.shape).detach()
-    return _FakeQuantizeSTE.apply(x, s, z, bits)
+    return StraightThrough.apply(x, fake_quantize_and_mask, s, z, bits)
 
 
 def reduce_to_params(t: Tensor, params_shape: tuple[int, ...] | torch.Size) -> Tensor:

@@ -16,6 +16,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_compress.functional.checks import check_choice, check_positive_int
+from lightning_compress.functional.fused import (
+    minmax_fake_quantize,
+    observe_fake_quantize,
+    observe_fake_quantize_input_and_weight,
+)
 from lightning_compress.functional.kmeans import kmeans_1d
 from lightning_compress.functional.quant import (
     QParams,
@@ -123,6 +128,14 @@ class WeightQuantizer(_StatelessInStateDict):
         self.centroids.copy_(centroids)
         self.clustered = True
 
+    def fused_arguments(self) -> tuple[Any, ...] | None:
+        """``(bits, symmetric, group_size)`` of the fused kernel
+        (:func:`~lightning_compress.functional.fused.minmax_fake_quantize`) when this quantizer computes min-max scales
+        of the current weight; None otherwise (k-means, LSQ, frozen)."""
+        if self.method != "linear" or self.scale is not None or self.frozen is not None:
+            return None
+        return self.bits, self.symmetric, self.group_size
+
     def forward(self, weight: Tensor) -> Tensor:
         if self.method == "kmeans":
             if not self.clustered:
@@ -130,6 +143,8 @@ class WeightQuantizer(_StatelessInStateDict):
             return (self.centroids[self.indices] * self.nonzero).to(weight.dtype)
         if self.scale is not None and self.frozen is None:
             return lsq_fake_quantize(weight, self.scale.abs(), self.bits)
+        if (fused := self.fused_arguments()) is not None:  # min-max and fake-quantize in one kernel
+            return minmax_fake_quantize(weight, *fused)
         s, z = self.qparams(weight)
         return fake_quantize(weight, s, None if self.symmetric else z, self.bits)
 
@@ -224,11 +239,25 @@ class ActQuantizer(_StatelessInStateDict):
         """The input of a disabled layer: ``x`` as is."""
         return x
 
+    def fused_arguments(self, x: Tensor) -> tuple[Any, ...] | None:
+        """The observer arguments of the fused kernel
+        (:func:`~lightning_compress.functional.fused.observe_fake_quantize`) when this forward would update a min / max
+        or EMA observer; None otherwise."""
+        obs = self.observer
+        if not obs.updating or x.numel() == 0:
+            return None
+        fused, averaging_constant = obs.fused_update()
+        return (obs.min_val, obs.max_val, obs.num_batches, self.bits, averaging_constant) if fused else None
+
     def forward(self, x: Tensor) -> Tensor:
-        x = self.observer(x)
-        if int(self.observer.num_batches) == 0:
+        fused = self.fused_arguments(x)
+        if fused is not None:  # observe and fake-quantize in one kernel
+            return observe_fake_quantize(x, *fused)
+        obs = self.observer
+        x = obs(x)
+        if int(obs.num_batches) == 0:
             return x
-        s, z = self.observer.qparams(self.bits, symmetric=False)
+        s, z = obs.qparams(self.bits, symmetric=False)
         return fake_quantize(x, s.to(x.device), z.to(x.device), self.bits)
 
     def quantized(self) -> QuantizedInput | None:
@@ -332,6 +361,15 @@ class _FakeQuantMixin:
         """The weight as the forward pass uses it."""
         return self.weight_quantizer(self.weight) if self.enabled else self.weight
 
+    def fake_quantized_operands(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``(fake_quantized_input(x), fake_quantized_weight())``, as one fused call when both quantizers allow it."""
+        aq = self.act_quantizer
+        if self.enabled and isinstance(aq, ActQuantizer):
+            act, weight = aq.fused_arguments(x), self.weight_quantizer.fused_arguments()
+            if act is not None and weight is not None:
+                return observe_fake_quantize_input_and_weight(x, *act, self.weight, *weight)
+        return self.fake_quantized_input(x), self.fake_quantized_weight()
+
     def fake_quantized_input(self, x: Tensor) -> Tensor:
         """The input as the forward pass uses it (a disabled layer keeps an exact smoothing division)."""
         if self.act_quantizer is None:
@@ -345,14 +383,14 @@ class FakeQuantLinear(_FakeQuantMixin, nn.Linear):
     """``nn.Linear`` with fake-quantized weight and (optionally) input. Shapes as ``nn.Linear``."""
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(self.fake_quantized_input(x), self.fake_quantized_weight(), self.bias)
+        return F.linear(*self.fake_quantized_operands(x), self.bias)
 
 
 class _FakeQuantConv(_FakeQuantMixin):
     """The conv forward with fake-quantized weight and (optionally) input; shapes as the wrapped conv."""
 
     def forward(self, x: Tensor) -> Tensor:
-        return self._conv_forward(self.fake_quantized_input(x), self.fake_quantized_weight(), self.bias)
+        return self._conv_forward(*self.fake_quantized_operands(x), self.bias)
 
 
 class FakeQuantConv1d(_FakeQuantConv, nn.Conv1d):

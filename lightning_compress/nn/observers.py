@@ -58,9 +58,27 @@ class Observer(nn.Module, abc.ABC):
         self.frozen = False
         self.observing = False
 
+    @property
+    def updating(self) -> bool:
+        """Whether a forward updates the range now: training or calibrating, and not frozen."""
+        return not self.frozen and (self.training or self.observing)
+
+    def fused_update(self) -> tuple[bool, float | None]:
+        """Whether :func:`~lightning_compress.functional.fused.observe_fake_quantize` reproduces this observer's
+        update, and its ``averaging_constant`` (None: running min / max). True only for :class:`MinMaxObserver` and
+        :class:`MovingAverageMinMaxObserver` whose range and update rules are not overridden."""
+        cls = type(self)
+        if cls._batch_range is not Observer._batch_range:
+            return False, None
+        if cls._update is MinMaxObserver._update:
+            return True, None
+        if isinstance(self, MovingAverageMinMaxObserver) and cls._update is _EMAObserver._update:
+            return True, self.averaging_constant
+        return False, None
+
     def forward(self, x: Tensor) -> Tensor:
         """Update the statistics from ``x`` (training or calibrating, not frozen, not empty); return ``x`` as is."""
-        if not self.frozen and (self.training or self.observing) and x.numel() > 0:
+        if self.updating and x.numel() > 0:
             with torch.no_grad():
                 lo, hi = self._batch_range(x.detach())
                 self._update(lo.float(), hi.float())

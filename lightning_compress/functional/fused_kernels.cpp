@@ -1,0 +1,147 @@
+// Fused fake-quantization kernels for quantization-aware training on CPU (lightning_compress.functional.fused).
+//
+// Each is the eager composition in lightning_compress.functional.quant, op for op in float32 (IEEE division,
+// std::nearbyint: round half to even, clamp as min(max(v, lo), hi)), so results are bit-identical; built with
+// -ffp-contract=off so that no multiply-add is fused behind our back.
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <tuple>
+
+namespace {
+
+constexpr float kMinScale = 1e-12f;  // functional.quant.MIN_SCALE
+constexpr int64_t kGrain = 32768;     // elements per thread task
+
+inline float clampf(float v, float lo, float hi) { return std::min(std::max(v, lo), hi); }
+
+// qparams_from_range, asymmetric: widen to contain 0, S = (max - min) / (qmax - qmin), Z = round(qmin - min / S).
+inline void asymmetric_qparams(float rmin, float rmax, float qmin, float qmax, float& scale, float& zero) {
+  rmin = std::min(rmin, 0.0f);
+  rmax = std::max(rmax, 0.0f);
+  scale = std::max((rmax - rmin) / (qmax - qmin), kMinScale);
+  zero = clampf(std::nearbyint(qmin - rmin / scale), qmin, qmax);
+}
+
+// qparams_from_range, symmetric: S = max(-min, max) / qmax.
+inline float symmetric_scale(float rmin, float rmax, float qmax) {
+  return std::max(std::max(-rmin, rmax) / qmax, kMinScale);
+}
+
+// fake_quantize_and_mask on n values sharing (scale, zero): y = S (clamp(round(x / S + Z)) - Z), inside = no clip.
+template <typename scalar_t>
+inline void fake_quantize_run(const scalar_t* x, scalar_t* y, bool* inside, int64_t n, float scale, float zero,
+                              bool asymmetric, float qmin, float qmax) {
+  // Adding and subtracting a zero-point of 0 changes no value (at most the sign of a zero), so the symmetric case
+  // shares the loop.
+  if (!asymmetric) zero = 0.0f;
+  for (int64_t i = 0; i < n; ++i) {
+    const float v = std::nearbyint(static_cast<float>(x[i]) / scale + zero);
+    const float c = clampf(v, qmin, qmax);
+    inside[i] = v == c;
+    y[i] = static_cast<scalar_t>((c - zero) * scale);
+  }
+}
+
+}  // namespace
+
+// Activations: update the running range [min_val, max_val] from x (EMA with constant c, or min / max when c < 0),
+// count the batch, then fake-quantize x asymmetric per tensor with the updated range. Returns (y, inside).
+std::tuple<torch::Tensor, torch::Tensor> observe_fake_quantize(torch::Tensor x, torch::Tensor min_val,
+                                                               torch::Tensor max_val, torch::Tensor num_batches,
+                                                               int64_t bits, double averaging_constant) {
+  TORCH_CHECK(x.device().is_cpu() && min_val.scalar_type() == torch::kFloat, "CPU input and float32 range expected");
+  x = x.contiguous();
+  auto range = at::aminmax(x);
+  float lo = std::get<0>(range).item<float>(), hi = std::get<1>(range).item<float>();
+  float* mn = min_val.data_ptr<float>();
+  float* mx = max_val.data_ptr<float>();
+  int64_t* count = num_batches.data_ptr<int64_t>();
+  if (averaging_constant < 0) {  // MinMaxObserver: torch.minimum / torch.maximum
+    *mn = std::min(*mn, lo);
+    *mx = std::max(*mx, hi);
+  } else if (*count == 0) {  // MovingAverageMinMaxObserver: the first batch initialises
+    *mn = lo;
+    *mx = hi;
+  } else {  // v <- v + (v_batch - v) * c, with c as float32 (how torch multiplies by a Python float)
+    const float c = static_cast<float>(averaging_constant);
+    *mn = *mn + (lo - *mn) * c;
+    *mx = *mx + (hi - *mx) * c;
+  }
+  *count += 1;
+  const float qmin = -static_cast<float>(int64_t{1} << (bits - 1)), qmax = -qmin - 1;
+  float scale, zero;
+  asymmetric_qparams(*mn, *mx, qmin, qmax, scale, zero);
+  auto y = torch::empty_like(x);
+  auto inside = torch::empty(x.sizes(), x.options().dtype(torch::kBool));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "observe_fake_quantize", [&] {
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    scalar_t* yp = y.data_ptr<scalar_t>();
+    bool* ip = inside.data_ptr<bool>();
+    at::parallel_for(0, x.numel(), kGrain, [&](int64_t begin, int64_t end) {
+      fake_quantize_run(xp + begin, yp + begin, ip + begin, end - begin, scale, zero, true, qmin, qmax);
+    });
+  });
+  return {y, inside};
+}
+
+// Weights (out, ...) viewed as rows of `group` values: min-max scales per row (group = row length: per channel) or
+// per group of inputs, symmetric or asymmetric, and fake-quantize. Returns (y, inside).
+std::tuple<torch::Tensor, torch::Tensor> minmax_fake_quantize(torch::Tensor w, int64_t bits, bool symmetric,
+                                                              int64_t group) {
+  TORCH_CHECK(w.device().is_cpu() && w.numel() % group == 0, "CPU weight whose size divides by the group expected");
+  w = w.contiguous();
+  const float qmin = -static_cast<float>(int64_t{1} << (bits - 1)), qmax = -qmin - 1;
+  auto y = torch::empty_like(w);
+  auto inside = torch::empty(w.sizes(), w.options().dtype(torch::kBool));
+  const int64_t groups = w.numel() / group;
+  auto rows = w.view({groups, group});
+  auto mins = rows.amin(1).to(torch::kFloat).contiguous(), maxs = rows.amax(1).to(torch::kFloat).contiguous();
+  const float* lo = mins.data_ptr<float>();
+  const float* hi = maxs.data_ptr<float>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "minmax_fake_quantize", [&] {
+    const scalar_t* wp = w.data_ptr<scalar_t>();
+    scalar_t* yp = y.data_ptr<scalar_t>();
+    bool* ip = inside.data_ptr<bool>();
+    at::parallel_for(0, groups, std::max<int64_t>(1, kGrain / group), [&](int64_t begin, int64_t end) {
+      for (int64_t g = begin; g < end; ++g) {
+        float scale, zero = 0.0f;
+        if (symmetric) {
+          scale = symmetric_scale(lo[g], hi[g], qmax);
+        } else {
+          asymmetric_qparams(lo[g], hi[g], qmin, qmax, scale, zero);
+        }
+        const int64_t at = g * group;
+        fake_quantize_run(wp + at, yp + at, ip + at, group, scale, zero, !symmetric, qmin, qmax);
+      }
+    });
+  });
+  return {y, inside};
+}
+
+// The clipped straight-through backward: grad where the value was inside the range, 0 where it was clipped.
+torch::Tensor straight_through_backward(torch::Tensor grad, torch::Tensor inside) {
+  TORCH_CHECK(grad.device().is_cpu() && inside.scalar_type() == torch::kBool && grad.sizes() == inside.sizes(),
+              "CPU gradient and a bool mask of its shape expected");
+  grad = grad.contiguous();
+  inside = inside.contiguous();
+  auto out = torch::empty_like(grad);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "straight_through_backward", [&] {
+    const scalar_t* gp = grad.data_ptr<scalar_t>();
+    const bool* ip = inside.data_ptr<bool>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    at::parallel_for(0, grad.numel(), kGrain, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) op[i] = ip[i] ? gp[i] : scalar_t(0);
+    });
+  });
+  return out;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("straight_through_backward", &straight_through_backward, "grad masked by the values not clipped");
+  m.def("observe_fake_quantize", &observe_fake_quantize, "observer update + asymmetric per-tensor fake-quantize");
+  m.def("minmax_fake_quantize", &minmax_fake_quantize, "min-max per-row / per-group fake-quantize");
+}
