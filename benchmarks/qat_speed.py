@@ -65,7 +65,7 @@ def step_time_table(repeats: int = 7, epochs: int = 3) -> Table:
         "A step = forward, backward and Adam step (batch start to batch end), the first 5 of each fit skipped. The "
         "fused kernels (lightning_compress.functional.fused) update the activation range and fake-quantize in one C++ "
         "pass, the weight's min-max scales and fake-quantize in another, under one autograd node per layer. Targets: "
-        "issue #4, QAT <= 1.3× plain; issue #14, W8A8 <= 1.25× plain (torch.ao measured 1.41× there)."
+        "issue #4, QAT <= 1.3× plain; issue #14, W8A8 <= 1.25× plain (the issue measured torch.ao at 1.41×)."
     )
     return table
 
