@@ -22,6 +22,7 @@ import hashlib
 import logging
 import os
 import platform
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +61,10 @@ def _extension() -> Any | None:
     try:
         from torch.utils.cpp_extension import load
 
+        if shutil.which("ninja") is None:  # the PyPI ninja (a dependency) sits next to this Python, maybe off PATH
+            import ninja
+
+            os.environ["PATH"] = os.pathsep.join([ninja.BIN_DIR, os.environ.get("PATH", "")])
         source = Path(__file__).with_name("fused_kernels.cpp")
         return load(
             name=f"lightning_compress_fused_kernels_{_cpu_tag()}",
