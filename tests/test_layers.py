@@ -25,6 +25,7 @@ HOMES = {
     "plots": "tools",
     "size": "tools",
     "sensitivity": "tools",
+    "evaluation": "tools",
     "callbacks": "lightning",
     "distillation": "lightning",
     "examples": "examples",

@@ -23,6 +23,7 @@ import logging
 import os
 import platform
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -61,10 +62,9 @@ def _extension() -> Any | None:
     try:
         from torch.utils.cpp_extension import load
 
-        if shutil.which("ninja") is None:  # the PyPI ninja (a dependency) sits next to this Python, maybe off PATH
-            import ninja
-
-            os.environ["PATH"] = os.pathsep.join([ninja.BIN_DIR, os.environ.get("PATH", "")])
+        here = Path(sys.executable).parent
+        if shutil.which("ninja") is None and (here / "ninja").exists():  # PyPI's ninja (a dependency), off PATH
+            os.environ["PATH"] = os.pathsep.join([str(here), os.environ.get("PATH", "")])
         source = Path(__file__).with_name("fused_kernels.cpp")
         return load(
             name=f"lightning_compress_fused_kernels_{_cpu_tag()}",
