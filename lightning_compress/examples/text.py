@@ -57,6 +57,50 @@ def tokenize_batches(
     ]
 
 
+def token_sequences(
+    tokenizer: PreTrainedTokenizerBase,
+    documents: Sequence[str],
+    seq_len: int,
+    batch_size: int = 8,
+    limit: int | None = None,
+) -> list[dict[str, torch.Tensor]]:
+    """Causal-LM batches of whole ``seq_len``-token windows of running text, for calibration and perplexity.
+
+    The documents are tokenized one by one (no special tokens), joined with the tokenizer's end-of-sequence token
+    (when it has one) into one stream, and cut into consecutive non-overlapping windows; the incomplete tail is
+    dropped, so every token is real (``attention_mask`` all ones) and each window is ``seq_len`` long.
+
+    Args:
+        tokenizer: a Hugging Face tokenizer.
+        documents: the texts, in order (e.g. whole Brown documents, calibration and evaluation from disjoint ones).
+        seq_len: tokens per window, >= 2 (a window predicts ``seq_len - 1`` of them).
+        batch_size: windows per batch (the last batch may hold fewer).
+        limit: at most this many windows (the first ones); None keeps all.
+
+    Returns:
+        Batches ``{"input_ids": (B, seq_len) int64, "attention_mask": (B, seq_len)}``.
+
+    Raises:
+        ValueError: ``seq_len < 2``, ``batch_size`` or ``limit`` below 1, or text shorter than one window.
+    """
+    if seq_len < 2 or batch_size < 1 or (limit is not None and limit < 1):
+        raise ValueError(
+            f"seq_len must be >= 2, batch_size and limit >= 1, got seq_len={seq_len}, batch_size={batch_size}, "
+            f"limit={limit}"
+        )
+    if not documents or isinstance(documents, str):
+        raise ValueError("documents must be a non-empty sequence of strings")
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    stream: list[int] = []
+    for i, text in enumerate(documents):
+        stream += (eos if i else []) + tokenizer(text, add_special_tokens=False)["input_ids"]
+    n = len(stream) // seq_len if limit is None else min(limit, len(stream) // seq_len)
+    if n == 0:
+        raise ValueError(f"the documents hold {len(stream)} tokens, fewer than one window of seq_len={seq_len}")
+    windows = torch.tensor(stream[: n * seq_len], dtype=torch.long).view(n, seq_len)
+    return [{"input_ids": w, "attention_mask": torch.ones_like(w)} for w in windows.split(batch_size)]
+
+
 class TokenizedSentences(Dataset):
     """Pre-tokenized, unpadded sentences with labels; item ``i`` is a dict of 1-D token tensors (``input_ids``,
     ``attention_mask``, … whatever the tokenizer returned) plus a 0-d ``labels``. Batch with :func:`pad_collate`.

