@@ -3,10 +3,13 @@
 python scripts/ptq.py +compress=gptq_int4              # GPTQ int4 on all-MiniLM-L6-v2, Brown corpus calibration
 python scripts/ptq.py +compress=[smoothquant_w8a8]     # SmoothQuant W8A8
 python scripts/ptq.py +compress=gptq_int3 pretrained=bert-base-uncased
+python scripts/ptq.py lm=smollm2 +compress=gptq_int4     # a causal LM: SmolLM2-135M, held-out perplexity
+python scripts/ptq.py task=causal_lm pretrained=PATH_OR_HUB_NAME +compress=gptq_int4
 
-Writes the compression summary, the embedding cosine to FP32 on held-out sentences, and the int tensors each
-callback produced (``quantized.safetensors``: ``<layer>/weight.codes``, ``<layer>/weight.scale``, ...) into the run
-directory.
+Writes the compression summary, the quality on held-out Brown text (an encoder's embedding cosine to FP32 on
+sentences; a causal LM's perplexity, before and after, on ``seq_len``-token windows of other documents), and the int
+tensors each callback produced (``quantized.safetensors``: ``<layer>/weight.codes``, ``<layer>/weight.scale``, ...)
+into the run directory.
 """
 
 from __future__ import annotations
@@ -23,10 +26,13 @@ from omegaconf import DictConfig
 from safetensors.torch import save_file
 
 from lightning_compress.callbacks.report import stage_of, weight_snapshots, write_report
+from lightning_compress.evaluation import perplexity
 from lightning_compress.examples.brown import read_brown
 from lightning_compress.examples.pretrained import load_pretrained, mean_pool
-from lightning_compress.examples.text import tokenize_batches
+from lightning_compress.examples.text import token_sequences, tokenize_batches
 from lightning_compress.summary import compression_summary
+
+TASKS = ("base", "causal_lm")
 
 
 def split_sentences(calibration: int, evaluation: int, seed: int) -> tuple[list[str], list[str]]:
@@ -38,6 +44,34 @@ def split_sentences(calibration: int, evaluation: int, seed: int) -> tuple[list[
         sentences = [s for d in half for s in d.sentences if len(s.split()) >= 5]
         parts.append([sentences[i] for i in torch.randperm(len(sentences), generator=rng)[:n].tolist()])
     return parts[0], parts[1]
+
+
+def split_documents(seed: int) -> tuple[list[str], list[str]]:
+    """The texts of the even and the odd Brown documents (disjoint: calibration and evaluation), each half's
+    documents shuffled with ``seed``."""
+    docs = read_brown()
+    rng = torch.Generator().manual_seed(seed)
+    halves = []
+    for half in (docs[0::2], docs[1::2]):
+        order = torch.randperm(len(half), generator=rng).tolist()
+        halves.append([" ".join(half[i].sentences) for i in order])
+    return halves[0], halves[1]
+
+
+def data(cfg: DictConfig, tokenizer: object) -> tuple[list[dict], list[dict]]:
+    """Calibration and evaluation batches: sentences for an encoder, ``seq_len``-token windows for a causal LM."""
+    c = cfg.calibration
+    if cfg.task == "causal_lm":
+        calib, held_out = split_documents(cfg.seed)
+        return (
+            token_sequences(tokenizer, calib, c.seq_len, c.batch_size, c.sequences),
+            token_sequences(tokenizer, held_out, c.seq_len, c.batch_size, cfg.evaluation.sequences),
+        )
+    calib, held_out = split_sentences(c.sentences, cfg.evaluation.sentences, cfg.seed)
+    return (
+        tokenize_batches(tokenizer, calib, c.batch_size, c.max_length),
+        tokenize_batches(tokenizer, held_out, c.batch_size, c.max_length),
+    )
 
 
 @torch.no_grad()
@@ -62,10 +96,10 @@ def main(cfg: DictConfig) -> dict[str, float]:
             f"scripts/ptq.py needs post-training recipes (+compress=gptq_int4, gptq_int3, smoothquant_w8a8); got "
             f"{[type(c).__name__ for c in callbacks]}"
         )
-    model, tokenizer = load_pretrained(cfg.pretrained)
-    calib, held_out = split_sentences(cfg.calibration.sentences, cfg.evaluation.sentences, cfg.seed)
-    batches = tokenize_batches(tokenizer, calib, cfg.calibration.batch_size, cfg.calibration.max_length)
-    eval_batches = tokenize_batches(tokenizer, held_out, cfg.calibration.batch_size, cfg.calibration.max_length)
+    if cfg.task not in TASKS:
+        raise ValueError(f"task={cfg.task!r} is not supported; allowed: {list(TASKS)}")
+    model, tokenizer = load_pretrained(cfg.pretrained, task=cfg.task)
+    batches, eval_batches = data(cfg, tokenizer)
     fp32 = copy.deepcopy(model)
     snapshots = weight_snapshots(model)
     start = time.perf_counter()
@@ -73,11 +107,17 @@ def main(cfg: DictConfig) -> dict[str, float]:
     for callback in callbacks:
         for layer, quantized in callback.apply(model, batches).items():
             tensors.update({f"{layer}/{k}": v for k, v in quantized.tensors().items()})
-    metrics = {"seconds": time.perf_counter() - start, "embedding_cosine": embedding_cosine(model, fp32, eval_batches)}
+    metrics = {"seconds": time.perf_counter() - start}
+    if cfg.task == "causal_lm":
+        metrics |= {"perplexity_fp32": perplexity(fp32, eval_batches), "perplexity": perplexity(model, eval_batches)}
+        monitor, before, after = "held-out perplexity", metrics["perplexity_fp32"], metrics["perplexity"]
+    else:
+        metrics["embedding_cosine"] = embedding_cosine(model, fp32, eval_batches)
+        monitor, before, after = "embedding cosine to FP32", 1.0, metrics["embedding_cosine"]
     out = Path(HydraConfig.get().runtime.output_dir)
     summary = compression_summary(model).to_markdown()
-    stages = [stage_of(fp32, "FP32", 1.0), stage_of(model, "quantized", metrics["embedding_cosine"])]
-    write_report(model, out, stages, monitor="embedding cosine to FP32", snapshots=snapshots)
+    stages = [stage_of(fp32, "FP32", before), stage_of(model, "quantized", after)]
+    write_report(model, out, stages, monitor=monitor, snapshots=snapshots)
     save_file(tensors, str(out / "quantized.safetensors"))
     print(summary)
     for key, value in metrics.items():

@@ -80,3 +80,17 @@ def test_dropping_the_default_model_lets_the_command_line_give_one(tmp_path):
                    tmp_path)  # fmt: skip
     assert dict(cfg.model) == {"_target_": "lightning_compress.examples.custom.ResCNN", "width": 8}
     assert instantiate(cfg.model).head.in_features == 32
+
+
+def test_ptq_lm_option_selects_a_causal_lm_and_its_windows():
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        base = compose(config_name="ptq")
+        cfg = compose(config_name="ptq", overrides=["lm=smollm2", "+compress=gptq_int4", "calibration.seq_len=128"])
+    assert (base.pretrained, base.task) == ("all-MiniLM-L6-v2", "base")
+    assert (cfg.pretrained, cfg.task, cfg.calibration.seq_len, cfg.calibration.sequences) == (
+        "smollm2",
+        "causal_lm",
+        128,
+        128,
+    )
+    assert "gptq" in cfg.callbacks
