@@ -35,6 +35,10 @@ def select_layers(
     A layer is selected when ``accept(module)`` holds (Linear and Conv by default), its qualified name (as in
     ``model.named_modules()``) fully matches one of ``targets`` (every such layer when ``targets`` is None),
     and it matches none of ``ignore`` (``re.fullmatch``, so ``"fc.*"`` means names starting with "fc").
+    With ``targets=None`` a language model's output embeddings (what a Hugging Face model's
+    ``get_output_embeddings()`` returns: ``lm_head``, often the input embedding table itself, tied) are left out, as
+    GPTQ's, AWQ's and llm-compressor's recipes leave them: compressing them degrades every token twice. Name them in
+    ``targets`` to include them.
 
     Args:
         model: the model to search.
@@ -52,10 +56,13 @@ def select_layers(
     wanted = check_patterns("targets", targets)
     unwanted = check_patterns("ignore", ignore)
     candidates = {n: m for n, m in model.named_modules() if n and accept(m)}
+    head = output_embeddings(model) if not wanted else None
     chosen = {
         n: m
         for n, m in candidates.items()
-        if (not wanted or any(p.fullmatch(n) for p in wanted)) and not any(p.fullmatch(n) for p in unwanted)
+        if (not wanted or any(p.fullmatch(n) for p in wanted))
+        and not any(p.fullmatch(n) for p in unwanted)
+        and m is not head
     }
     if not chosen:
         raise ValueError(
@@ -68,6 +75,16 @@ def select_layers(
                 "ignore pattern %r matches none of the model's %s layers: %s", p.pattern, kind, sorted(candidates)
             )
     return chosen
+
+
+def output_embeddings(model: nn.Module) -> nn.Module | None:
+    """A language model's output embedding layer (Hugging Face's ``get_output_embeddings()``), or None."""
+    get = getattr(model, "get_output_embeddings", None)
+    try:
+        head = get() if callable(get) else None
+    except (NotImplementedError, AttributeError):
+        return None
+    return head if isinstance(head, nn.Module) else None
 
 
 def retyped(module: nn.Module, cls: type[nn.Module]) -> nn.Module:
