@@ -93,8 +93,8 @@ def main(cfg: DictConfig) -> dict[str, float]:
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
     if not callbacks or not all(hasattr(c, "apply") for c in callbacks):
         raise ValueError(
-            f"scripts/ptq.py needs post-training recipes (+compress=gptq_int4, gptq_int3, smoothquant_w8a8); got "
-            f"{[type(c).__name__ for c in callbacks]}"
+            "scripts/ptq.py needs post-training recipes (+compress=gptq_int4, gptq_int3, smoothquant_w8a8, "
+            f"wanda_24); got {[type(c).__name__ for c in callbacks]}"
         )
     if cfg.task not in TASKS:
         raise ValueError(f"task={cfg.task!r} is not supported; allowed: {list(TASKS)}")
@@ -105,8 +105,9 @@ def main(cfg: DictConfig) -> dict[str, float]:
     start = time.perf_counter()
     tensors = {}
     for callback in callbacks:
-        for layer, quantized in callback.apply(model, batches).items():
-            tensors.update({f"{layer}/{k}": v for k, v in quantized.tensors().items()})
+        for layer, result in callback.apply(model, batches).items():  # a QuantizedLayer, or a pruning keep-mask
+            parts = {"mask": result} if isinstance(result, torch.Tensor) else result.tensors()
+            tensors.update({f"{layer}/{k}": v for k, v in parts.items()})
     metrics = {"seconds": time.perf_counter() - start}
     if cfg.task == "causal_lm":
         metrics |= {"perplexity_fp32": perplexity(fp32, eval_batches), "perplexity": perplexity(model, eval_batches)}
