@@ -6,7 +6,6 @@ import logging
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from lightning_compress.calibration.wanda import wanda_model
@@ -88,7 +87,7 @@ class WandaPrune(CalibrationCallback):
         (also kept in :attr:`masks`). An error midway restores every weight."""
         layers = self.select(model)
         batches = self.model_inputs(model, batches)
-        with restored_on_error(model), torch.no_grad():
+        with restored_on_error(model):
             masks = wanda_model(model, layers, batches, self.sparsity, self.nm)
         self.masks.update(masks)
         kept = sum(int(m.sum()) for m in masks.values()) / max(1, sum(m.numel() for m in masks.values()))
