@@ -1,9 +1,10 @@
 """lightning_compress: pruning, quantization and distillation for PyTorch Lightning.
 
 Public API: :class:`IterativePruning`, :class:`QATFakeQuant`, :class:`SmoothQuantCalibrate`, :class:`GPTQFinalize`,
-:class:`WandaPrune`, :class:`CompressionReport`, :func:`compression_summary`, :class:`DistillationModule`,
-:func:`export_for_inference`, :func:`save_exported`, :func:`load_exported`. Each is imported on first use (PEP 562),
-so tools that need none of them (``python -m lightning_compress.size``) start without importing Lightning.
+:class:`WandaPrune`, :class:`SparseGPTPrune`, :class:`CompressionReport`, :func:`compression_summary`,
+:class:`DistillationModule`, :func:`export_for_inference`, :func:`save_exported`, :func:`load_exported`. Each is
+imported on first use (PEP 562), so tools that need none of them (``python -m lightning_compress.size``) start
+without importing Lightning.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ if TYPE_CHECKING:
     from lightning_compress.callbacks.qat import QATFakeQuant
     from lightning_compress.callbacks.report import CompressionReport
     from lightning_compress.callbacks.smoothquant import SmoothQuantCalibrate
+    from lightning_compress.callbacks.sparsegpt import SparseGPTPrune
     from lightning_compress.callbacks.wanda import WandaPrune
     from lightning_compress.distillation import DistillationModule
     from lightning_compress.export.io import load_exported, save_exported
@@ -31,6 +33,7 @@ _HOMES = {
     "IterativePruning": "lightning_compress.callbacks.pruning",
     "QATFakeQuant": "lightning_compress.callbacks.qat",
     "SmoothQuantCalibrate": "lightning_compress.callbacks.smoothquant",
+    "SparseGPTPrune": "lightning_compress.callbacks.sparsegpt",
     "WandaPrune": "lightning_compress.callbacks.wanda",
     "compression_summary": "lightning_compress.summary",
     "export_for_inference": "lightning_compress.export.plan",
@@ -45,6 +48,7 @@ __all__ = [  # the keys of _HOMES, spelled out for linters and readers
     "IterativePruning",
     "QATFakeQuant",
     "SmoothQuantCalibrate",
+    "SparseGPTPrune",
     "WandaPrune",
     "compression_summary",
     "export_for_inference",

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -63,40 +63,55 @@ def _collect_hessians(layers: Mapping[str, nn.Module], passes: Sequence[Pass], d
     return hessians
 
 
-@torch.no_grad()
-def _solve_layer(name: str, module: nn.Module, hessian: Tensor, options: GPTQOptions) -> GPTQResult:
-    """GPTQ one layer, write its quantized weight in place, and return the result (identical on every rank)."""
+def solved_without_input(name: str, hessian: Tensor, method: str) -> Tensor:
+    """``hessian``, or the identity (with a warning: the method falls back to its data-free form) for a layer that
+    saw no calibration input."""
     if hessian.diagonal().sum() == 0:
-        warnings.warn(f"GPTQ: layer {name!r} saw no calibration input; rounded to nearest instead", stacklevel=4)
-        hessian = torch.eye(hessian.shape[0], dtype=hessian.dtype, device=hessian.device)
-    result = gptq_quantize(weight_matrix(module), hessian, options, threads=gptq_threads)
-    for t in result[:4]:
-        broadcast_(t)
-    module.weight.copy_(result.weight.reshape(module.weight.shape).to(module.weight.dtype))
-    return result
+        warnings.warn(
+            f"{method}: layer {name!r} saw no calibration input; solved as if its inputs were white "
+            "(GPTQ: round to nearest, SparseGPT: by magnitude)",
+            stacklevel=4,
+        )
+        return torch.eye(hessian.shape[0], dtype=hessian.dtype, device=hessian.device)
+    return hessian
 
 
-def _quantize_stage(
+LayerSolver = Callable[[str, nn.Module, Tensor], Any]
+"""``solve(name, layer, hessian)``: change ``layer`` in place from its Hessian; the return value is kept per name."""
+
+
+def hessian_model(
+    model: nn.Module,
     layers: Mapping[str, nn.Module],
-    passes: Sequence[Pass],
-    options: GPTQOptions,
-    true_sequential: bool,
-    hessian_dtype: torch.dtype,
-    results: dict[str, GPTQResult],
-    bar: Progress,
-) -> None:
-    """Quantize ``layers``, all reached by ``passes`` (one forward each), group by group or all at once.
+    batches: Sequence[Any],
+    solve: LayerSolver,
+    true_sequential: bool = True,
+    hessian_dtype: torch.dtype = torch.float64,
+    label: str = "GPTQ",
+) -> dict[str, Any]:
+    """Run a Hessian-based solver (GPTQ, SparseGPT) over ``layers`` of ``model``, block by block (true-sequential).
 
-    Linears reading the very same input (q, k, v) share one Hessian, computed once.
+    On the engine's walk (:func:`~lightning_compress.calibration.engine.sequential_stages`), within each block group
+    by group in execution order (or the whole block at once without ``true_sequential``): ``H = 2 XᵀX`` of each
+    layer over the real tokens (all-reduced across ranks; Linears reading the very same input, q/k/v, share one,
+    computed once), then ``solve(name, layer, H)``. Call under ``torch.no_grad()``.
+
+    Returns:
+        ``{name: solve(...)}``.
     """
-    groups = dataflow(passes[0].run, layers).groups
-    owner = {n: g[0] if all(type(layers[m]) is nn.Linear for m in g) else n for g in groups for n in g}
-    for stage in groups if true_sequential else [[n for g in groups for n in g]]:
-        hessians = _collect_hessians({o: layers[o] for o in dict.fromkeys(owner[n] for n in stage)}, passes,
-                                     hessian_dtype)  # fmt: skip
-        for name in stage:
-            results[name] = _solve_layer(name, layers[name], hessians[owner[name]], options)
-            bar.step(name)
+    results: dict[str, Any] = {}
+    with eval_mode(model), torch.no_grad(), Progress(len(layers), f"{label} layers") as bar:
+        for stage in sequential_stages(model, layers, batches):
+            groups = dataflow(stage.passes[0].run, stage.layers).groups
+            owner = {n: g[0] if all(type(stage.layers[m]) is nn.Linear for m in g) else n for g in groups for n in g}
+            for names in groups if true_sequential else [[n for g in groups for n in g]]:
+                shared = {o: stage.layers[o] for o in dict.fromkeys(owner[n] for n in names)}
+                hessians = _collect_hessians(shared, stage.passes, hessian_dtype)
+                for name in names:
+                    results[name] = solve(name, stage.layers[name], hessians[owner[name]])
+                    bar.step(name)
+    log.info("%s: %d layers solved", label, len(results))
+    return results
 
 
 def gptq_model(
@@ -123,9 +138,13 @@ def gptq_model(
     Returns:
         ``{name: GPTQResult}`` in the original column order; each layer's weight now equals ``result.weight``.
     """
-    results: dict[str, GPTQResult] = {}
-    with eval_mode(model), torch.no_grad(), Progress(len(layers), "GPTQ layers") as bar:
-        for stage in sequential_stages(model, layers, batches):
-            _quantize_stage(stage.layers, stage.passes, options, true_sequential, hessian_dtype, results, bar)
-    log.info("GPTQ: %d layers quantized", len(results))
-    return results
+
+    def solve(name: str, module: nn.Module, hessian: Tensor) -> GPTQResult:
+        result = gptq_quantize(weight_matrix(module), solved_without_input(name, hessian, "GPTQ"), options,
+                               threads=gptq_threads)  # fmt: skip
+        for t in result[:4]:
+            broadcast_(t)
+        module.weight.copy_(result.weight.reshape(module.weight.shape).to(module.weight.dtype))
+        return result
+
+    return hessian_model(model, layers, batches, solve, true_sequential, hessian_dtype, "GPTQ")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import abc
 import itertools
+import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -14,7 +15,12 @@ from torch import Tensor, nn
 from lightning_compress.calibration.batches import LABEL_KEYS, call_model, describe, head, split_batch
 from lightning_compress.calibration.capture import eval_mode
 from lightning_compress.functional.checks import check_patterns
+from lightning_compress.functional.masks import sparsity_or_pattern
+from lightning_compress.nn.fake_quant import is_fake_quant
 from lightning_compress.nn.quantized import QuantizedLayer
+from lightning_compress.nn.select import restored_on_error, select_layers
+
+log = logging.getLogger(__name__)
 
 
 class CalibrationCallback(pl.Callback, abc.ABC):
@@ -94,3 +100,58 @@ class CalibrationCallback(pl.Callback, abc.ABC):
     def apply(self, model: nn.Module, batches: Iterable[Any]) -> dict[str, QuantizedLayer]:
         """Quantize ``model`` in place on ``batches`` (model inputs: Tensor, tuple or dict); returns
         ``{name: QuantizedLayer}`` of the layers it quantized (also kept in :attr:`quantized`)."""
+
+
+class OneShotPruning(CalibrationCallback):
+    """Base of the one-shot pruners of a model's Linears (Wanda, SparseGPT): ``sparsity`` or an ``"N:M"``
+    ``pattern``, layer selection and checks, and an ``apply`` that restores every weight if the pruner fails midway.
+
+    Subclasses implement :meth:`prune`. Args as for :class:`CalibrationCallback`, plus ``sparsity`` (the fraction
+    removed, in ``[0, 1)``; None for 0.5; unset with a pattern) and ``pattern`` (``"N:M"`` along the inputs, or None).
+    """
+
+    def __init__(
+        self,
+        sparsity: float | None = None,
+        pattern: str | None = None,
+        num_batches: int | None = 32,
+        calibration_data: Iterable[Any] | None = None,
+        input_fn: Any = None,
+        targets: str | Sequence[str] | None = None,
+        ignore: str | Sequence[str] | None = None,
+    ) -> None:
+        super().__init__(num_batches, calibration_data, input_fn, targets, ignore)
+        self.sparsity, self.nm = sparsity_or_pattern(sparsity, pattern)
+        self.pattern = pattern
+        self.masks: dict[str, Tensor] = {}
+
+    def select(self, model: nn.Module) -> dict[str, nn.Module]:
+        """The Linears to prune; raises before anything changes when one cannot be (a non-float weight, an input
+        width that ``M`` does not divide)."""
+        layers = select_layers(model, self.targets, self.ignore, kind="Linear",
+                               accept=lambda m: isinstance(m, nn.Linear) and not is_fake_quant(m))  # fmt: skip
+        for name, layer in layers.items():
+            if not layer.weight.is_floating_point():
+                raise TypeError(f"layer {name!r} has a {layer.weight.dtype} weight; allowed: float Linears")
+            if self.nm is not None and layer.in_features % self.nm[1]:
+                raise ValueError(
+                    f"layer {name!r}: input width {layer.in_features} is not divisible by M={self.nm[1]} (pattern "
+                    f"{self.pattern!r}); allowed: layers whose in_features is a multiple of M (name others in ignore)"
+                )
+        return layers
+
+    @abc.abstractmethod
+    def prune(self, model: nn.Module, layers: dict[str, nn.Module], batches: list[Any]) -> dict[str, Tensor]:
+        """Prune ``layers`` of ``model`` in place on model-input ``batches``; returns ``{name: bool keep-mask}``."""
+
+    def apply(self, model: nn.Module, batches: Iterable[Any]) -> dict[str, Tensor]:  # type: ignore[override]
+        """Prune ``model``'s selected Linears in place on ``batches``; returns ``{name: bool keep-mask (out, in)}``
+        (also kept in :attr:`masks`). An error midway restores every weight."""
+        layers = self.select(model)
+        batches = self.model_inputs(model, batches)
+        with restored_on_error(model):
+            masks = self.prune(model, layers, batches)
+        self.masks.update(masks)
+        kept = sum(int(m.sum()) for m in masks.values()) / max(1, sum(m.numel() for m in masks.values()))
+        log.info("%s: %d layers, %.1f%% of their weights pruned", type(self).__name__, len(masks), 100 * (1 - kept))
+        return masks

@@ -7,7 +7,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from lightning_compress.calibration.gptq import gptq_model, is_gptq_layer, weight_matrix
 from lightning_compress.callbacks.base import CalibrationCallback
@@ -19,6 +19,17 @@ from lightning_compress.nn.select import replace_layers, restored_on_error, sele
 log = logging.getLogger(__name__)
 
 HESSIAN_DTYPES = {"float64": torch.float64, "float32": torch.float32}
+
+
+def on_grid(
+    layer: nn.Module, codes: Tensor, scale: Tensor, zero_point: Tensor, options: GPTQOptions, pruned: Tensor | None
+) -> tuple[nn.Module, QuantizedLayer]:
+    """The fake-quant twin of ``layer`` frozen at a solver's grid (its weight already equals the dequantized codes),
+    and the :class:`QuantizedLayer` export reads; ``pruned`` marks weights that were zero before (kept zero)."""
+    weight = QuantizedWeight(codes.reshape(layer.weight.shape), scale, None if options.symmetric else zero_point,
+                             options.bits, options.group_size)  # fmt: skip
+    wq = WeightQuantizer.from_quantized(layer.weight, weight, pruned)
+    return fake_quant_class(layer).from_module(layer, wq), QuantizedLayer(weight)
 
 
 class GPTQFinalize(CalibrationCallback):
@@ -114,13 +125,9 @@ class GPTQFinalize(CalibrationCallback):
             results = gptq_model(model, layers, batches, self.options, self.true_sequential, self.hessian_dtype)
             built, quantized = {}, {}
             for name, layer in layers.items():
-                res, opts = results[name], self.options
-                weight = QuantizedWeight(res.codes.reshape(layer.weight.shape), res.scale,
-                                         None if opts.symmetric else res.zero_point, opts.bits,
-                                         opts.group_size)  # fmt: skip
-                wq = WeightQuantizer.from_quantized(layer.weight, weight, pruned[name])
-                built[name] = fake_quant_class(layer).from_module(layer, wq)
-                quantized[name] = QuantizedLayer(weight)
+                res = results[name]
+                built[name], quantized[name] = on_grid(layer, res.codes, res.scale, res.zero_point, self.options,
+                                                       pruned[name])  # fmt: skip
         replace_layers(model, built)
         self.quantized.update(quantized)
         log.info("GPTQFinalize: %d layers at %d bits", len(built), self.options.bits)

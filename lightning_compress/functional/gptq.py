@@ -28,6 +28,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from lightning_compress.functional.masks import n_pruned, nm_mask, topk_mask
 from lightning_compress.functional.quant import (
     QParams,
     check_bits,
@@ -64,6 +65,9 @@ class GPTQOptions:
         percdamp: dampening ``λ = percdamp · mean(diag H)`` added to the Hessian's diagonal; :func:`gptq_quantize`
             raises it ×10 (with a warning) while the Cholesky factorisation fails, the reference does not.
         block_size: columns per lazy-update block (the paper's ``B``).
+        clip_search: choose each channel's (or group's) range by the clipping search of
+            :func:`~lightning_compress.functional.quant.compute_qparams` (the reference's ``mse`` quantizer) instead
+            of min-max.
 
     Raises:
         TypeError: ``bits`` is not an int. ValueError: a field out of range or of the wrong type (named, with the
@@ -77,13 +81,14 @@ class GPTQOptions:
     static_groups: bool = False
     percdamp: float = 0.01
     block_size: int = 128
+    clip_search: bool = False
 
     def __post_init__(self) -> None:
         check_bits(self.bits)
         g, damp, block = self.group_size, self.percdamp, self.block_size
         if g is not None and (isinstance(g, bool) or not isinstance(g, int) or g < 1):
             raise ValueError(f"group_size must be a positive int or None, got {g!r}")
-        for name in ("symmetric", "act_order", "static_groups"):
+        for name in ("symmetric", "act_order", "static_groups", "clip_search"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool (True or False), got {getattr(self, name)!r}")
         if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not damp >= 0:
@@ -139,8 +144,8 @@ def _unchanged_threads(work: int) -> AbstractContextManager[None]:
     return contextlib.nullcontext()
 
 
-def _compensation(flipped: Tensor, percdamp: float, threads: ThreadPolicy) -> tuple[Tensor, float]:
-    """``V = R / diag(R)`` (float32) of the upper-triangular ``R`` with ``H + λI = RRᵀ``, and ``λ``.
+def _compensation(flipped: Tensor, percdamp: float, threads: ThreadPolicy) -> tuple[Tensor, Tensor, float]:
+    """``V = R / diag(R)`` and ``diag(R)`` (float32) of the upper-triangular ``R`` with ``H + λI = RRᵀ``, and ``λ``.
 
     ``flipped`` is ``JHJ`` (``H`` with rows and columns reversed, float64), dampened in place by
     ``λ = percdamp · mean(diag H)``, ×10 while its Cholesky factorisation ``LLᵀ`` fails; ``R = JLJ``. ``R⁻¹`` is the
@@ -159,12 +164,13 @@ def _compensation(flipped: Tensor, percdamp: float, threads: ThreadPolicy) -> tu
                 warnings.warn(
                     f"GPTQ: Hessian not positive definite at percdamp={percdamp}; used damp={damp:.3g}", stacklevel=3
                 )
-            return chol.div_(chol.diagonal().clone()).float().flip(0, 1), damp
+            rdiag = chol.diagonal().clone()
+            return chol.div_(rdiag).float().flip(0, 1), rdiag.float().flip(0), damp
         damp = damp * 10 if damp > 0 else 0.01 * mean_diag
     raise RuntimeError(f"GPTQ: Cholesky of the Hessian failed even with damp={damp / 10:.3g}")
 
 
-def _check_inputs(weight: Tensor, hessian: Tensor, options: GPTQOptions | None) -> GPTQOptions:
+def check_solver_inputs(weight: Tensor, hessian: Tensor, options: GPTQOptions | None) -> GPTQOptions:
     """The checks of both solvers that need the tensors; returns ``options`` (``GPTQOptions()`` for ``None``).
 
     ``weight`` must be 2-D ``(out, in)``, ``hessian`` a finite ``(in, in)``, and ``options.group_size`` divide ``in``;
@@ -240,10 +246,49 @@ def gptq_quantize(
         ValueError: a bad argument (named). TypeError: ``options`` is not a :class:`GPTQOptions`. RuntimeError: the
             Hessian cannot be factorised or the result is not finite.
     """
+    weight_q, codes, qp, damp, _ = solve_columns(weight, hessian, options, threads)
+    return GPTQResult(weight_q, codes, qp.scale, qp.zero_point, damp)
+
+
+class Pruning(NamedTuple):
+    """What the column loop of :func:`solve_columns` prunes (SparseGPT, Frantar & Alistarh 2023).
+
+    Attributes:
+        sparsity: unstructured: the fraction of each block of ``block_size`` columns removed (``round(sparsity ·
+            out · block)`` weights of the lowest ``w² / [H⁻¹]_jj²`` in the block, all rows together).
+        nm: ``(n, m)``: keep the ``n`` of every ``m`` consecutive inputs of a row with the highest ``w² / [H⁻¹]_jj²``
+            instead (``sparsity`` is then ``1 - n / m``).
+    """
+
+    sparsity: float
+    nm: tuple[int, int] | None = None
+
+
+def solve_columns(
+    weight: Tensor,
+    hessian: Tensor,
+    options: GPTQOptions | None = None,
+    threads: ThreadPolicy | None = None,
+    quantize: bool = True,
+    pruning: Pruning | None = None,
+) -> tuple[Tensor, Tensor | None, QParams | None, float, Tensor | None]:
+    """The one error-compensating column loop of GPTQ and SparseGPT: each input column is rounded onto the grid
+    (``quantize``), pruned (``pruning``) or both, and its error spread onto the columns not yet solved.
+
+    See :func:`gptq_quantize` for the loop and the options; ``pruning`` chooses its masks from the current weights
+    (SparseGPT's adaptive mask selection: per block, or per ``m`` columns for N:M). With pruning, ``act_order`` and
+    groups whose qparams are taken during the solve (``group_size`` without ``static_groups``) are not offered.
+
+    Returns:
+        ``(weight, codes, qparams, damp, keep)``: float32 ``(out, in)`` weight (dequantized codes when
+        ``quantize``, pruned where ``keep`` is False); int8 codes (or None) and their qparams (see
+        :class:`GPTQResult`); the dampening; bool keep-mask ``(out, in)`` (None without ``pruning``).
+    """
     threads = threads or _unchanged_threads
     with threads(0):  # elementwise ops and small products
-        options = _check_inputs(weight, hessian, options)
+        options = check_solver_inputs(weight, hessian, options)
         bits, group_size, symmetric, act_order = options.bits, options.group_size, options.symmetric, options.act_order
+        clip = options.clip_search
         w, h = weight.detach().float(), hessian.detach().to(torch.float64)  # read only: not copied
         n, rows, dead = w.shape[1], w.shape[0], h.diagonal() == 0
         if dead.any():
@@ -251,23 +296,35 @@ def gptq_quantize(
             w[:, dead] = 0.0
         diag = h.diagonal().masked_fill(dead, 1.0)
         perm = torch.argsort(diag, descending=True, stable=True) if act_order else torch.arange(n, device=w.device)
-        dynamic = group_size is not None and not options.static_groups
+        dynamic = quantize and group_size is not None and not options.static_groups
         if dynamic:  # one row per group in solve order, filled by the solver at each group's first column
             scale, zero = w.new_empty(n // group_size, rows), w.new_empty(n // group_size, rows)
             group = torch.arange(n, device=w.device) // group_size
-        else:  # qparams up front in the original column order: per channel or static groups
-            qp = compute_qparams(w, bits, symmetric, axis=0 if group_size is None else None, group_size=group_size)
+        elif quantize:  # qparams up front in the original column order: per channel or static groups
+            axis = 0 if group_size is None else None
+            qp = compute_qparams(w, bits, symmetric, axis=axis, group_size=group_size, clip_search=clip)
             scale, zero = qp.scale.T.contiguous(), qp.zero_point.T.contiguous()
             group = perm // group_size if group_size else torch.zeros_like(perm)  # row of scale for each column
         # in solve order: the weight transposed (one row per column), the Hessian reversed (JHJ)
         rev = perm.flip(0)
         wt, flipped = (w.T[perm], h[rev][:, rev]) if act_order else (w.T.contiguous(), h.flip(0, 1))
         flipped.diagonal()[dead[rev]] = 1.0
-        v, damp = _compensation(flipped, options.percdamp, threads)
-        gs = group_size if dynamic else None
-        solved = _solve(wt, v, scale, zero, group.tolist(), bits, symmetric, gs, options.block_size, threads)
+        v, rdiag, damp = _compensation(flipped, options.percdamp, threads)
+        grid = (
+            _Grid(scale, zero, group.tolist(), bits, symmetric, group_size if dynamic else None, clip)
+            if quantize
+            else None
+        )
+        solved, keep = _solve(wt, v, grid, pruning, rdiag, options.block_size, threads)
+        back = torch.argsort(perm) if act_order else None
+        keep = None if keep is None else (keep[back] if act_order else keep).T.contiguous()
+        if not quantize:
+            out = (solved[back] if act_order else solved).T.contiguous()
+            if not torch.isfinite(out.sum()):
+                raise RuntimeError("GPTQ produced non-finite weights")
+            return out, None, None, damp, keep
         codes = solved.to(torch.int8)
-        codes = (codes[torch.argsort(perm)] if act_order else codes).T.contiguous()
+        codes = (codes[back] if act_order else codes).T.contiguous()
         if dynamic and act_order:  # groups formed in solve order are scattered: one (scale, zero) per column
             qp = QParams(torch.empty_like(w), torch.empty_like(w))
             qp.scale[:, perm], qp.zero_point[:, perm] = scale[group].T, zero[group].T
@@ -276,54 +333,98 @@ def gptq_quantize(
         deq = dequantize(codes, qp.scale, qp.zero_point)
         if not torch.isfinite(solved.sum() + deq.sum()):  # one pass each, no copies
             raise RuntimeError("GPTQ produced non-finite weights")
-        return GPTQResult(deq, codes, qp.scale, qp.zero_point, damp)
+        return deq, codes, qp, damp, keep
+
+
+class _Grid(NamedTuple):
+    """The quantization grid of :func:`_solve`: column ``i`` uses row ``group[i]`` of ``scale`` / ``zero``
+    (groups, out); with ``group_size`` that row is computed from the current weights at the group's first column."""
+
+    scale: Tensor
+    zero: Tensor
+    group: list[int]
+    bits: int
+    symmetric: bool
+    group_size: int | None
+    clip_search: bool
 
 
 def _solve(
     wt: Tensor,
     v: Tensor,
-    scale: Tensor,
-    zero: Tensor,
-    group: list[int],
-    bits: int,
-    symmetric: bool,
-    group_size: int | None,
+    grid: _Grid | None,
+    pruning: Pruning | None,
+    rdiag: Tensor,
     block_size: int,
     threads: ThreadPolicy,
-) -> Tensor:
-    """The blocked GPTQ loop over the rows of ``wt``, the weight transposed (in, out); returns the float codes alike.
+) -> tuple[Tensor, Tensor | None]:
+    """The blocked loop over the rows of ``wt``, the weight transposed (in, out); returns the float codes alike (the
+    solved weights without a ``grid``) and the keep-mask alike (None without ``pruning``).
 
-    ``v`` is ``R / diag(R)`` (in, in); column ``i`` uses the qparams in row ``group[i]`` of ``scale`` / ``zero``
-    (groups, out). With ``group_size`` (then ``group[i] = i // group_size``) that row is computed from the current
-    weights at the group's first column. Each block gets the compensation for all earlier columns in one product;
-    inside it, sub-blocks of ``SUB_BLOCK`` columns (split at group starts) update each other by one small product.
-    Each block's product runs under ``threads(multiply-adds)``, the rest under the caller's ``threads(0)``.
+    ``v`` is ``R / diag(R)`` (in, in) and ``rdiag`` is ``diag(R)``: SparseGPT's score ``w² / [H⁻¹]_jj²`` is
+    ``(w · R_jj)²``. Each block gets the compensation for all earlier columns in one product; inside it, sub-blocks
+    of ``SUB_BLOCK`` columns (split at group starts and N:M groups, where every row of the block is current) update
+    each other by one small product. Each block's product runs under ``threads(multiply-adds)``, the rest under the
+    caller's ``threads(0)``.
     """
-    qmin, qmax = quant_range(bits)
-    n, g = wt.shape[0], group_size or wt.shape[0]
-    codes, delta = torch.empty_like(wt), torch.empty_like(wt)  # delta: W - Q, one row per column
+    n = wt.shape[0]
+    qmin, qmax = quant_range(grid.bits) if grid is not None else (0, 0)
+    g = (grid.group_size if grid is not None else None) or n
+    nm = pruning.nm if pruning is not None else None
+    m = nm[1] if nm is not None else n
+    out, delta = torch.empty_like(wt), torch.empty_like(wt)  # delta: W - Q, one row per column
+    keep = torch.ones_like(wt, dtype=torch.bool) if pruning is not None else None
     for i1 in range(0, n, block_size):
         i2 = min(i1 + block_size, n)
         with threads(i1 * (i2 - i1) * wt.shape[1]):
             w1 = torch.addmm(wt[i1:i2], v[:i1, i1:i2].T, delta[:i1])  # the current weights of the block
-        bounds = sorted({*range(i1, i2, SUB_BLOCK), *range(i1 + -i1 % g, i2, g), i2})  # sub-blocks
+        if pruning is not None and nm is None:  # SparseGPT's adaptive mask: the block's lowest (w R_jj)²
+            scores = (_paper_weights(wt, v, w1, i1, i2) * rdiag[i1:i2, None]).square_()
+            keep[i1:i2] = topk_mask(scores, scores.numel() - n_pruned(scores.numel(), pruning.sparsity))
+        bounds = sorted({*range(i1, i2, SUB_BLOCK), *range(i1 + -i1 % g, i2, g), *range(i1 + -i1 % m, i2, m), i2})
         for k1, k2 in pairwise(bounds):
             for i in range(k1, k2):
-                if group_size is not None and i % group_size == 0:  # rows i - i1.. of w1 are up to date
-                    e = i + group_size
-                    cur = w1[i - i1 : e - i1]
-                    if e > i2:  # the rest of the group, with the compensation so far
-                        cur = torch.cat([cur, torch.addmm(wt[i2:e], v[:i, i2:e].T, delta[:i])])
-                    # GPTQ's current weights (the best fit given columns < i): W + (w - W) V_gg⁻¹ on the group
-                    cur = wt[i:e] + torch.linalg.solve_triangular(v[i:e, i:e].T, cur - wt[i:e], upper=False)
-                    qp = compute_qparams(cur, bits, symmetric, axis=1)
-                    scale[group[i]], zero[group[i]] = qp.scale[0], qp.zero_point[0]
-                s, z, c = scale[group[i]], zero[group[i]], codes[i]
-                torch.div(w1[i - i1], s, out=c).add_(z).round_().clamp_(qmin, qmax)  # == quantize(), bit for bit
-                torch.sub(wt[i], (c - z).mul_(s), out=delta[i])
+                if nm is not None and i % m == 0:  # at a bound: rows i - i1.. of w1 are all current
+                    scores = (
+                        _paper_weights(wt, v, w1[i - i1 : i - i1 + m], i, i + m) * rdiag[i : i + m, None]
+                    ).square_()
+                    keep[i : i + m] = nm_mask(scores.T, *nm).T
+                if grid is None:  # prune only: the current weight where kept
+                    torch.mul(w1[i - i1], keep[i], out=out[i])
+                    torch.sub(wt[i], out[i], out=delta[i])
+                else:
+                    if grid.group_size is not None and i % g == 0:  # rows i - i1.. of w1 are up to date
+                        _group_qparams(grid, wt, v, w1, delta, i, i1, i2)
+                    s, z, c = grid.scale[grid.group[i]], grid.zero[grid.group[i]], out[i]
+                    torch.div(w1[i - i1], s, out=c).add_(z).round_().clamp_(qmin, qmax)  # == quantize(), bit for bit
+                    if keep is not None:
+                        torch.where(keep[i], c, z, out=c)  # a pruned weight's code is the zero-point: exactly 0
+                    torch.sub(wt[i], (c - z).mul_(s), out=delta[i])
                 w1[i - i1 + 1 : k2 - i1].addr_(v[i, i + 1 : k2], delta[i])
             w1[k2 - i1 :].addmm_(v[k1:k2, k2:i2].T, delta[k1:k2])
-    return codes
+    return out, keep
+
+
+def _paper_weights(wt: Tensor, v: Tensor, current: Tensor, i: int, e: int) -> Tensor:
+    """The paper's intermediate weights of columns ``i..e`` once columns ``< i`` are solved, from ``current`` (their
+    rows of ``w1`` with the compensation of every column ``< i``): ``W + (w1 - W) V_gg⁻¹`` on those columns ``g``.
+
+    ``w1`` row ``j`` is the paper's weight only once all columns ``< j`` are in; a mask or qparams chosen for a
+    whole span of columns at its first (SparseGPT's scores, a group's range) need the paper's weights of the span.
+    """
+    return wt[i:e] + torch.linalg.solve_triangular(v[i:e, i:e].T, current - wt[i:e], upper=False)
+
+
+def _group_qparams(grid: _Grid, wt: Tensor, v: Tensor, w1: Tensor, delta: Tensor, i: int, i1: int, i2: int) -> None:
+    """Fill row ``grid.group[i]`` of the grid with the qparams of the group starting at column ``i``, from GPTQ's
+    current weights of the whole group (the best fit given columns < i, :func:`_paper_weights`)."""
+    e = i + grid.group_size
+    cur = w1[i - i1 : e - i1]
+    if e > i2:  # the rest of the group, with the compensation so far
+        cur = torch.cat([cur, torch.addmm(wt[i2:e], v[:i, i2:e].T, delta[:i])])
+    cur = _paper_weights(wt, v, cur, i, e)
+    qp = compute_qparams(cur, grid.bits, grid.symmetric, axis=1, clip_search=grid.clip_search)
+    grid.scale[grid.group[i]], grid.zero[grid.group[i]] = qp.scale[0], qp.zero_point[0]
 
 
 def gptq_quantize_reference(weight: Tensor, hessian: Tensor, options: GPTQOptions | None = None) -> GPTQResult:
@@ -353,7 +454,7 @@ def gptq_quantize_reference(weight: Tensor, hessian: Tensor, options: GPTQOption
     Returns:
         :class:`GPTQResult` with the shapes :func:`gptq_quantize` returns.
     """
-    options = _check_inputs(weight, hessian, options)
+    options = check_solver_inputs(weight, hessian, options)
     bits, group_size, symmetric, act_order = options.bits, options.group_size, options.symmetric, options.act_order
     block_size = options.block_size
     w, h = weight.detach().double().clone(), hessian.detach().double().clone()
@@ -361,7 +462,8 @@ def gptq_quantize_reference(weight: Tensor, hessian: Tensor, options: GPTQOption
     w[:, dead], h[dead, dead] = 0.0, 1.0
     n, dynamic = w.shape[1], group_size is not None and not options.static_groups
     perm = torch.argsort(h.diagonal(), descending=True, stable=True) if act_order else torch.arange(n, device=w.device)
-    qp = compute_qparams(w.float(), bits, symmetric, axis=0 if group_size is None else None, group_size=group_size)
+    axis, clip = 0 if group_size is None else None, options.clip_search
+    qp = compute_qparams(w.float(), bits, symmetric, axis=axis, group_size=group_size, clip_search=clip)
     damp = options.percdamp * h.diagonal().mean().item()
     h = h + damp * torch.eye(n, dtype=h.dtype, device=h.device)
     w, h = w[:, perm], h[perm][:, perm]
@@ -375,7 +477,7 @@ def gptq_quantize_reference(weight: Tensor, hessian: Tensor, options: GPTQOption
             if dynamic and j % group_size == 0:  # the group's current weights, past the block with E so far
                 cur = w[:, j : j + group_size].clone()
                 cur[:, i2 - j :] -= err[:, : j - i1] @ u[i1:j, i2 : j + group_size]
-                s, z = compute_qparams(cur.float(), bits, symmetric, axis=0)
+                s, z = compute_qparams(cur.float(), bits, symmetric, axis=0, clip_search=clip)
             elif not dynamic:  # up front, in the original order: column perm[j]'s channel or group
                 col = order[j] // group_size if group_size else 0
                 s, z = qp.scale[:, col : col + 1], qp.zero_point[:, col : col + 1]

@@ -32,6 +32,26 @@ def parse_nm(pattern: str) -> tuple[int, int]:
     return n, m
 
 
+def sparsity_or_pattern(
+    sparsity: float | None, pattern: str | None, default: float = 0.5
+) -> tuple[float, tuple[int, int] | None]:
+    """``(sparsity, (n, m) or None)`` from a one-shot pruner's two arguments: an ``"N:M"`` ``pattern`` fixes the
+    sparsity at ``1 - N/M`` (``sparsity`` must then stay None); otherwise ``sparsity`` (``default`` when None).
+
+    Raises:
+        ValueError / TypeError: a bad pattern or sparsity, or both given.
+    """
+    if pattern is None:
+        return check_sparsity(default if sparsity is None else sparsity), None
+    nm = parse_nm(pattern)
+    if sparsity is not None:
+        raise ValueError(
+            f"sparsity={sparsity!r} with pattern={pattern!r}: N:M fixes the sparsity at {1 - nm[0] / nm[1]:g}; "
+            "allowed: sparsity unset (None) with a pattern"
+        )
+    return 1 - nm[0] / nm[1], nm
+
+
 def check_nm(n: int, m: int) -> None:
     """Validate an N:M pattern: integers with ``0 < N < M``."""
     if not (isinstance(n, int) and isinstance(m, int)) or not 0 < n < m:

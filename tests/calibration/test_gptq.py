@@ -1,5 +1,7 @@
 """GPTQ over whole models: conv unfolding, true-sequential Hessians, transformer blocks, uncalled layers."""
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -7,7 +9,9 @@ from torch import nn
 from lightning_compress.calibration.batches import call_model, real_tokens
 from lightning_compress.calibration.gptq import gptq_model, is_gptq_layer, layer_inputs, weight_matrix
 from lightning_compress.functional.gptq import GPTQOptions, gptq_quantize, hessian_update
-from tests.tiny_models import tiny_bert, token_batches
+from lightning_compress.nn.select import select_layers
+from tests.calibration.reference import true_sequential_reference
+from tests.tiny_models import tiny_bert, tiny_llama, token_batches
 
 
 def test_conv_unfolding_reproduces_the_convolution():
@@ -95,3 +99,25 @@ def test_gptq_model_restores_train_mode():
     model = _mlp().train()
     gptq_model(model, {"0": model[0]}, [torch.randn(4, 16)], GPTQOptions(bits=8))
     assert model.training and model[0].training
+
+
+@pytest.mark.parametrize("options", [GPTQOptions(bits=4, symmetric=False), GPTQOptions(bits=3, act_order=True)])
+def test_gptq_on_a_llama_is_the_reference_scripts_true_sequential_walk(options):
+    """Pins the walk of Frantar et al.'s llama.py (sequential block outputs, q/k/v → o → gate/up → down, Hessians
+    of real tokens, lm_head left out) on a small Llama-style model."""
+    model, batches = tiny_llama().eval(), token_batches(3)
+    reference = copy.deepcopy(model)
+
+    def solve(name, layer, hessian):
+        result = gptq_quantize(layer.weight, hessian, options)
+        layer.weight.copy_(result.weight)
+        return result
+
+    expected = true_sequential_reference(reference, batches, solve)
+    layers = select_layers(model)
+    assert sorted(layers) == sorted(expected)  # every Linear of the blocks, not lm_head
+    results = gptq_model(model, layers, batches, options)
+    for name, result in results.items():
+        assert (result.codes == expected[name].codes).double().mean() > 0.99, name  # float32 near-ties only
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batches[0]).logits, reference(**batches[0]).logits, rtol=0, atol=5e-3)

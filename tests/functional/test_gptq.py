@@ -81,6 +81,8 @@ def test_blocked_solver_matches_unblocked_definition(problem, group_size, symmet
         {"group_size": 32, "symmetric": False},
         {"group_size": 64, "act_order": True},
         {"group_size": 32, "act_order": True, "static_groups": True},
+        {"bits": 3, "symmetric": False, "clip_search": True},
+        {"group_size": 32, "clip_search": True},
     ],
 )
 def test_fast_solver_matches_reference(problem, kwargs):
@@ -298,3 +300,13 @@ def test_options_are_frozen_and_validate_each_field(field, bad, error, match):
         GPTQOptions(**{field: bad})
     with pytest.raises(TypeError, match="options must be a GPTQOptions or None, got dict"):
         gptq_quantize(torch.randn(4, 8), torch.eye(8), {field: bad})
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+def test_clip_search_lowers_the_output_error_at_low_bits(problem, bits):
+    x, w, h = problem
+    w = w.clone()
+    w[::7, 5] *= 6  # a few outlier weights: min-max wastes the grid on them
+    plain = gptq_quantize(w, h, GPTQOptions(bits=bits, symmetric=False))
+    clipped = gptq_quantize(w, h, GPTQOptions(bits=bits, symmetric=False, clip_search=True))
+    assert _out_err(x, w, clipped.weight) < _out_err(x, w, plain.weight)

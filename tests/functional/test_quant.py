@@ -1,4 +1,5 @@
 import itertools
+import math
 
 import pytest
 import torch
@@ -202,3 +203,40 @@ def test_zero_dim_params_are_per_tensor():
     full = (torch.full((1, 1), 0.05), torch.full((1, 1), 3.0))
     assert torch.equal(fake_quantize(x, scale, zp, 8), fake_quantize(x, *full, 8))
     assert torch.equal(quantize(x, scale, zp, 8), quantize(x, *full, 8))
+
+
+def _clip_search_reference(row: torch.Tensor, bits: int, symmetric: bool) -> tuple[float, float]:
+    """The GPTQ reference's mse quantizer for one row, in Python: shrink the range by p = 1, 0.99, ..., 0.21 and keep
+    the first p with the least sum |x - q(x)|^2.4."""
+    qmin, qmax = quant_range(bits)
+    best, best_err = None, math.inf
+    for i in range(80):
+        p = 1 - i / 100
+        lo, hi = min(float(row.min()) * p, 0.0), max(float(row.max()) * p, 0.0)
+        if symmetric:
+            s, z = max(-lo, hi) / qmax, 0.0
+        else:
+            s = (hi - lo) / (qmax - qmin)
+            z = float(round(qmin - lo / s))
+        q = (torch.clamp(torch.round(row / s + z), qmin, qmax) - z) * s
+        err = float((row - q).abs().pow(2.4).sum())
+        if err < best_err:
+            best, best_err = (s, z), err
+    return best
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("bits", [3, 4])
+def test_clip_search_is_the_per_row_grid_search(symmetric, bits):
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(12, 64, generator=g) * torch.logspace(-1, 1, 12)[:, None]
+    qp = compute_qparams(w, bits, symmetric, axis=0, clip_search=True)
+    for r in range(12):
+        s, z = _clip_search_reference(w[r].double(), bits, symmetric)
+        assert float(qp.scale[r, 0]) == pytest.approx(s, rel=1e-5)
+        assert float(qp.zero_point[r, 0]) == z
+    plain = compute_qparams(w, bits, symmetric, axis=0)
+    assert torch.all(qp.scale <= plain.scale) and torch.any(qp.scale < plain.scale)  # some rows clipped, none wider
+    grouped = compute_qparams(w, bits, symmetric, group_size=16, clip_search=True)
+    s, z = _clip_search_reference(w[3, :16].double(), bits, symmetric)
+    assert float(grouped.scale[3, 0]) == pytest.approx(s, rel=1e-5) and float(grouped.zero_point[3, 0]) == z
