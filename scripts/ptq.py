@@ -94,7 +94,7 @@ def main(cfg: DictConfig) -> dict[str, float]:
     if not callbacks or not all(hasattr(c, "apply") for c in callbacks):
         raise ValueError(
             "scripts/ptq.py needs post-training recipes (+compress=gptq_int4, gptq_int3, smoothquant_w8a8, "
-            f"wanda_24); got {[type(c).__name__ for c in callbacks]}"
+            f"wanda_24, sparsegpt_50, sparsegpt_24); got {[type(c).__name__ for c in callbacks]}"
         )
     if cfg.task not in TASKS:
         raise ValueError(f"task={cfg.task!r} is not supported; allowed: {list(TASKS)}")
@@ -105,9 +105,11 @@ def main(cfg: DictConfig) -> dict[str, float]:
     start = time.perf_counter()
     tensors = {}
     for callback in callbacks:
-        for layer, result in callback.apply(model, batches).items():  # a QuantizedLayer, or a pruning keep-mask
-            parts = {"mask": result} if isinstance(result, torch.Tensor) else result.tensors()
-            tensors.update({f"{layer}/{k}": v for k, v in parts.items()})
+        callback.apply(model, batches)
+        for layer, mask in getattr(callback, "masks", {}).items():  # the one-shot pruners' keep-masks
+            tensors[f"{layer}/mask"] = mask
+        for layer, quantized in callback.quantized.items():  # codes, scales, zero-points
+            tensors.update({f"{layer}/{k}": v for k, v in quantized.tensors().items()})
     metrics = {"seconds": time.perf_counter() - start}
     if cfg.task == "causal_lm":
         metrics |= {"perplexity_fp32": perplexity(fp32, eval_batches), "perplexity": perplexity(model, eval_batches)}

@@ -39,7 +39,10 @@ def test_a_training_recipe_is_refused(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("recipe", ["gptq_int4", "wanda_24"])
+@pytest.mark.parametrize(
+    "recipe",
+    [["+compress=gptq_int4"], ["+compress=wanda_24"], ["+compress=sparsegpt_24", "+callbacks.sparsegpt.bits=4"]],
+)
 def test_a_causal_lm_is_calibrated_on_windows_and_judged_by_perplexity(tmp_path, recipe):
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -51,17 +54,17 @@ def test_a_causal_lm_is_calibrated_on_windows_and_judged_by_perplexity(tmp_path,
                       num_attention_heads=4, num_key_value_heads=2, eos_token_id=tokenizer.eos_token_id)  # fmt: skip
     LlamaForCausalLM(cfg).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    proc = run_ptq(tmp_path / "run", "task=causal_lm", f"pretrained={folder}", f"+compress={recipe}",
+    proc = run_ptq(tmp_path / "run", "task=causal_lm", f"pretrained={folder}", *recipe,
                    "calibration.sequences=8", "calibration.seq_len=64", "calibration.batch_size=4",
                    "evaluation.sequences=4")  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     before, after = _metric(proc.stdout, "perplexity_fp32"), _metric(proc.stdout, "perplexity")
     assert before > 1 and 0.5 < after / before < 2  # a random model's perplexity, moved a little by int4
     tensors = load_file(tmp_path / "run" / "quantized.safetensors")
-    if recipe == "gptq_int4":
+    if "gptq" in recipe[0] or len(recipe) > 1:  # int4 codes (SparseGPT with bits=4: in the same pass as 2:4)
         codes = tensors["model.layers.1.mlp.down_proj/weight.codes"]
         assert codes.shape == (64, 128) and int(codes.abs().max()) <= 8
-    else:  # Wanda's keep-masks: exactly 2 of every 4
+    if "gptq" not in recipe[0]:  # the pruners' keep-masks: exactly 2 of every 4
         mask = tensors["model.layers.1.mlp.down_proj/mask"]
         assert mask.shape == (64, 128) and bool((mask.reshape(64, -1, 4).sum(-1) == 2).all())
     assert "held-out perplexity" in (tmp_path / "run" / "report.md").read_text()
