@@ -124,7 +124,7 @@ def activation_absmax(
     return result
 
 
-def _fold(model: nn.Module, layers: Mapping[str, nn.Module], group: SmoothGroup, s: Tensor) -> None:
+def fold_group(model: nn.Module, layers: Mapping[str, nn.Module], group: SmoothGroup, s: Tensor) -> None:
     """Fold ``1/s`` into the group's producer and ``s`` into its layers' weights (in place)."""
     producer = model.get_submodule(group.producer)
     fold = fold_into_norm if is_foldable_norm(producer) else fold_into_linear
@@ -181,12 +181,12 @@ def smooth_model(
 
     folded = [i for i, g in enumerate(groups) if g.producer]
     for i in folded:
-        _fold(model, layers, groups[i], factors[i])
+        fold_group(model, layers, groups[i], factors[i])
     if folded and relative_error(reference, call_model(model, batch)) > FOLD_TOLERANCE:
         restore(touched)
         kept = []
         for i in folded:
-            _fold(model, layers, groups[i], factors[i])
+            fold_group(model, layers, groups[i], factors[i])
             if relative_error(reference, call_model(model, batch)) <= FOLD_TOLERANCE:
                 kept.append(i)
             else:
