@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 
 from lightning_compress.callbacks.report import stage_of, weight_snapshots, write_report
 from lightning_compress.evaluation import perplexity
-from lightning_compress.examples.brown import read_brown
+from lightning_compress.examples.brown import read_brown, split_documents
 from lightning_compress.examples.pretrained import load_pretrained, mean_pool
 from lightning_compress.examples.text import token_sequences, tokenize_batches
 from lightning_compress.summary import compression_summary
@@ -44,18 +44,6 @@ def split_sentences(calibration: int, evaluation: int, seed: int) -> tuple[list[
         sentences = [s for d in half for s in d.sentences if len(s.split()) >= 5]
         parts.append([sentences[i] for i in torch.randperm(len(sentences), generator=rng)[:n].tolist()])
     return parts[0], parts[1]
-
-
-def split_documents(seed: int) -> tuple[list[str], list[str]]:
-    """The texts of the even and the odd Brown documents (disjoint: calibration and evaluation), each half's
-    documents shuffled with ``seed``."""
-    docs = read_brown()
-    rng = torch.Generator().manual_seed(seed)
-    halves = []
-    for half in (docs[0::2], docs[1::2]):
-        order = torch.randperm(len(half), generator=rng).tolist()
-        halves.append([" ".join(half[i].sentences) for i in order])
-    return halves[0], halves[1]
 
 
 def data(cfg: DictConfig, tokenizer: object) -> tuple[list[dict], list[dict]]:

@@ -41,7 +41,12 @@ def test_a_training_recipe_is_refused(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "recipe",
-    [["+compress=gptq_int4"], ["+compress=wanda_24"], ["+compress=sparsegpt_24", "+callbacks.sparsegpt.bits=4"]],
+    [
+        ["+compress=gptq_int4"],
+        ["+compress=wanda_24"],
+        ["+compress=sparsegpt_24", "+callbacks.sparsegpt.bits=4"],
+        ["+compress=awq_gptq_int4"],
+    ],
 )
 def test_a_causal_lm_is_calibrated_on_windows_and_judged_by_perplexity(tmp_path, recipe):
     from transformers import LlamaConfig, LlamaForCausalLM

@@ -212,3 +212,17 @@ def sample_sentences(doc: BrownDocument, min_words: int, limit: int | None, seed
         return eligible
     chosen = random.Random(f"{seed}:{doc.fileid}").sample(range(len(eligible)), limit)
     return [eligible[i] for i in sorted(chosen)]
+
+
+def split_documents(seed: int) -> tuple[list[str], list[str]]:
+    """The texts of the even and the odd Brown documents (disjoint: calibration and evaluation), each half's
+    documents shuffled with ``seed``."""
+    import torch  # the shuffle of the measured tables (torch's generator); the rest of this module needs no torch
+
+    docs = read_brown()
+    rng = torch.Generator().manual_seed(seed)
+    halves = []
+    for half in (docs[0::2], docs[1::2]):
+        order = torch.randperm(len(half), generator=rng).tolist()
+        halves.append([" ".join(half[i].sentences) for i in order])
+    return halves[0], halves[1]

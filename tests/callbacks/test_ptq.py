@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_compress import GPTQFinalize, SmoothQuantCalibrate
+from lightning_compress import GPTQFinalize, SmoothQuantCalibrate, SparseGPTPrune
 from lightning_compress.calibration.batches import call_model, relative_error, split_batch
 from lightning_compress.calibration.progress import Progress
 from lightning_compress.functional.quant import dequantize, quant_range
@@ -98,13 +98,17 @@ def test_smoothquant_at_fit_end_with_a_given_calibration_loader():
 
 
 @pytest.mark.slow
-def test_ddp_calibration_gives_the_same_weights_as_one_process(tmp_path):
+@pytest.mark.parametrize("recipe", ["smoothquant+gptq", "sparsegpt"])
+def test_ddp_calibration_gives_the_same_weights_as_one_process(tmp_path, recipe):
     def run(devices, path):
         pl.seed_everything(0)
         model = LNRegressor(lr=0.0)  # training leaves the weights as they are: only calibration differs
-        callbacks = [SmoothQuantCalibrate(targets="net.2", num_batches=None),
-                     GPTQFinalize(bits=3, num_batches=None, act_order=True), SaveWeights(path),
-                     CloseProcessGroup()]  # fmt: skip
+        if recipe == "sparsegpt":  # Hessians summed across ranks, as GPTQ's
+            ptq = [SparseGPTPrune(pattern="2:4", bits=4, num_batches=None)]
+        else:
+            ptq = [SmoothQuantCalibrate(targets="net.2", num_batches=None),
+                   GPTQFinalize(bits=3, num_batches=None, act_order=True)]  # fmt: skip
+        callbacks = [*ptq, SaveWeights(path), CloseProcessGroup()]
         strategy = "ddp_spawn" if devices > 1 else "auto"
         _trainer(callbacks, devices=devices, strategy=strategy, use_distributed_sampler=True).fit(model, _loader())
         return torch.load(path, weights_only=True)
