@@ -21,12 +21,16 @@ LLAMA_GROUPS = [
 
 
 def true_sequential_reference(
-    model: nn.Module, batches: list[dict], solve: Callable[[str, nn.Module, torch.Tensor], object]
+    model: nn.Module,
+    batches: list[dict],
+    solve: Callable[[str, nn.Module, torch.Tensor], object],
+    groups: list[list[str]] = LLAMA_GROUPS,
 ) -> dict[str, object]:
-    """``{name: solve(name, layer, H)}`` for every Linear of ``model.model.layers``, block by block, group by group."""
+    """``{name: solve(name, layer, H)}`` for every Linear of ``model.model.layers``, block by block, group by group
+    (``groups``: ``[all of them]`` for one pass per block, as Wanda's script does)."""
     results = {}
     for i in range(len(model.model.layers)):
-        for group in LLAMA_GROUPS:
+        for group in groups:
             names = [f"model.layers.{i}.{suffix}" for suffix in group]
             layers = {n: model.get_submodule(n) for n in names}
             hessians = {n: torch.zeros(m.in_features, m.in_features, dtype=torch.float64) for n, m in layers.items()}

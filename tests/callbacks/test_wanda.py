@@ -13,37 +13,20 @@ from lightning_compress import WandaPrune
 from lightning_compress.export.plan import export_for_inference
 from lightning_compress.export.sparse_linear import SemiStructuredSparseLinear
 from lightning_compress.functional.wanda import wanda_mask
+from tests.calibration.reference import LLAMA_GROUPS, true_sequential_reference
 from tests.tiny_models import tiny_llama, token_batches
 
 
 def _reference(model: nn.Module, batches, sparsity, nm) -> dict[str, torch.Tensor]:
-    """Block i's Linears scored by hooks on whole-model forwards, after blocks 0..i-1 were pruned."""
-    masks = {}
-    for i in range(len(model.model.layers)):
-        layers = {
-            n: m for n, m in model.named_modules() if n.startswith(f"model.layers.{i}.") and isinstance(m, nn.Linear)
-        }
-        norms = {n: torch.zeros(m.in_features, dtype=torch.float64) for n, m in layers.items()}
-        current = {}
+    """Block i's Linears scored by hooks on whole-model forwards, after blocks 0..i-1 were pruned (one group per
+    block: ``Σ_t x_tj² = diag(H) / 2``)."""
 
-        def hook(name, norms=norms, current=current):
-            def add(module, args):  # returns None: the layer's input stays as it is
-                norms[name].add_(args[0][current["mask"]].double().square().sum(0))
+    def solve(name, layer, hessian):
+        mask = wanda_mask(layer.weight, hessian.diagonal() / 2, sparsity, nm)
+        layer.weight.masked_fill_(~mask, 0.0)
+        return mask
 
-            return add
-
-        handles = [m.register_forward_pre_hook(hook(n)) for n, m in layers.items()]
-        with torch.no_grad():
-            for b in batches:
-                current["mask"] = b["attention_mask"].bool()
-                model(**b)
-        for h in handles:
-            h.remove()
-        with torch.no_grad():
-            for n, m in layers.items():
-                masks[n] = wanda_mask(m.weight, norms[n], sparsity, nm)
-                m.weight.masked_fill_(~masks[n], 0.0)
-    return masks
+    return true_sequential_reference(model, batches, solve, [[n for g in LLAMA_GROUPS for n in g]])
 
 
 @pytest.mark.parametrize(("kwargs", "nm"), [({"sparsity": 0.5}, None), ({"pattern": "2:4"}, (2, 4))])
