@@ -42,7 +42,7 @@ class GPTQFinalize(CalibrationCallback):
     that already went through the quantized layers before it. Afterwards each layer is a fake-quant layer frozen at
     its GPTQ grid (weights exactly on the grid; the same weight keys, so checkpoints load into the plain model), and
     :attr:`quantized` holds each layer's codes, scales and zero-points (:class:`QuantizedLayer`) for export. The
-    seven solver arguments (``bits`` to ``block_size``) are kept, validated, as :attr:`options`, one
+    eight solver arguments (``bits`` to ``clip_search``) are kept, validated, as :attr:`options`, one
     :class:`~lightning_compress.functional.gptq.GPTQOptions`.
 
     YAML (``conf/compress/gptq_int4.yaml``)::
@@ -63,11 +63,15 @@ class GPTQFinalize(CalibrationCallback):
         bits: weight code width, 2..8.
         group_size: one scale per ``group_size`` inputs of each row (it must divide every layer's input width);
             None for one per output channel.
-        symmetric: symmetric (zero-point 0) or asymmetric.
-        act_order: quantize columns in descending ``diag(H)`` order.
-        static_groups: with groups and ``act_order``, fix the group scales up front so groups stay contiguous.
+        symmetric: symmetric (zero-point 0) or asymmetric; None (default): asymmetric at 2-4 bits (better, and the
+            int4 export takes zero-points), symmetric at 5-8 bits (what the int8 kernels take).
+        act_order: quantize columns in descending ``diag(H)`` order (default; better on every model measured).
+        static_groups: with groups and ``act_order``, fix the group scales up front so groups stay contiguous
+            (default: exportable ``(out, in / group_size)`` scales).
         percdamp: relative dampening of the Hessian's diagonal.
         block_size: columns per lazy-update block.
+        clip_search: choose each channel's / group's range by the clipping search (the reference's ``mse``
+            quantizer) instead of min-max.
         true_sequential: calibrate each group of layers after the ones before it are quantized.
         hessian_dtype: ``"float64"`` or ``"float32"`` running sums of ``H``.
         num_batches, calibration_data, input_fn: calibration batches at fit end (see :class:`CalibrationCallback`).
@@ -78,11 +82,12 @@ class GPTQFinalize(CalibrationCallback):
         self,
         bits: int = 4,
         group_size: int | None = None,
-        symmetric: bool = True,
-        act_order: bool = False,
-        static_groups: bool = False,
+        symmetric: bool | None = None,
+        act_order: bool = True,
+        static_groups: bool = True,
         percdamp: float = 0.01,
         block_size: int = 128,
+        clip_search: bool = False,
         true_sequential: bool = True,
         hessian_dtype: str = "float64",
         num_batches: int | None = 32,
@@ -92,9 +97,11 @@ class GPTQFinalize(CalibrationCallback):
         ignore: str | Sequence[str] | None = None,
     ) -> None:
         super().__init__(num_batches, calibration_data, input_fn, targets, ignore)
+        if symmetric is None:  # int4 and below: zero-points (weight-only kernels take them); 5-8 bits: int8 kernels
+            symmetric = isinstance(bits, int) and bits > 4
         self.options = GPTQOptions(
             bits=bits, group_size=group_size, symmetric=symmetric, act_order=act_order,
-            static_groups=static_groups, percdamp=percdamp, block_size=block_size,
+            static_groups=static_groups, percdamp=percdamp, block_size=block_size, clip_search=clip_search,
         )  # fmt: skip
         if hessian_dtype not in HESSIAN_DTYPES:
             raise ValueError(f"hessian_dtype={hessian_dtype!r} is not supported; allowed: {list(HESSIAN_DTYPES)}")
