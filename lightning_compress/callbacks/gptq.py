@@ -71,7 +71,7 @@ class GPTQFinalize(CalibrationCallback):
         percdamp: relative dampening of the Hessian's diagonal.
         block_size: columns per lazy-update block.
         clip_search: choose each channel's / group's range by the clipping search (the reference's ``mse``
-            quantizer) instead of min-max.
+            quantizer) instead of min-max (default: SmolLM2 4-bit per channel perplexity 53.3 with it, 55.2 without).
         true_sequential: calibrate each group of layers after the ones before it are quantized.
         hessian_dtype: ``"float64"`` or ``"float32"`` running sums of ``H``.
         num_batches, calibration_data, input_fn: calibration batches at fit end (see :class:`CalibrationCallback`).
@@ -87,7 +87,7 @@ class GPTQFinalize(CalibrationCallback):
         static_groups: bool = True,
         percdamp: float = 0.01,
         block_size: int = 128,
-        clip_search: bool = False,
+        clip_search: bool = True,
         true_sequential: bool = True,
         hessian_dtype: str = "float64",
         num_batches: int | None = 32,
