@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from lightning_compress.calibration.awq import AWQGroup, awq_model
-from lightning_compress.callbacks.base import CalibrationCallback
+from lightning_compress.callbacks.base import CalibrationCallback, check_group_size
 from lightning_compress.callbacks.gptq import on_grid
 from lightning_compress.functional.gptq import GPTQOptions
 from lightning_compress.functional.quant import compute_qparams, dequantize, quantize
@@ -86,15 +86,10 @@ class AWQCalibrate(CalibrationCallback):
         """The Linears AWQ will scale; raises ValueError before anything changes when one cannot be."""
         layers = select_layers(model, self.targets, self.ignore, kind="Linear",
                                accept=lambda m: isinstance(m, nn.Linear) and not is_fake_quant(m))  # fmt: skip
-        g = self.options.group_size
         for name, layer in layers.items():
             if not layer.weight.is_floating_point():
                 raise TypeError(f"layer {name!r} has a {layer.weight.dtype} weight; allowed: float Linears")
-            if g is not None and layer.in_features % g:
-                raise ValueError(
-                    f"layer {name!r}: group_size={g} does not divide its input width {layer.in_features}; allowed: "
-                    "a divisor of every selected layer's input width, or group_size=None (per channel)"
-                )
+        check_group_size({n: m.in_features for n, m in layers.items()}, self.options.group_size)
         return layers
 
     def apply(self, model: nn.Module, batches: Iterable[Any]) -> dict[str, QuantizedLayer]:

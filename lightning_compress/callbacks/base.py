@@ -102,6 +102,16 @@ class CalibrationCallback(pl.Callback, abc.ABC):
         ``{name: QuantizedLayer}`` of the layers it quantized (also kept in :attr:`quantized`)."""
 
 
+def check_group_size(widths: Mapping[str, int], group_size: int | None) -> None:
+    """Raise ValueError (naming the first layer) unless ``group_size`` divides every ``{layer name: input width}``."""
+    for name, width in widths.items():
+        if group_size is not None and width % group_size:
+            raise ValueError(
+                f"layer {name!r}: group_size={group_size} does not divide its input width {width}; allowed: "
+                "a divisor of every selected layer's input width, or group_size=None (per channel)"
+            )
+
+
 class OneShotPruning(CalibrationCallback):
     """Base of the one-shot pruners of a model's Linears (Wanda, SparseGPT): ``sparsity`` or an ``"N:M"``
     ``pattern``, layer selection and checks, and an ``apply`` that restores every weight if the pruner fails midway.

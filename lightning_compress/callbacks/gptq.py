@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_compress.calibration.gptq import gptq_model, is_gptq_layer, weight_matrix
-from lightning_compress.callbacks.base import CalibrationCallback
+from lightning_compress.callbacks.base import CalibrationCallback, check_group_size
 from lightning_compress.functional.gptq import GPTQOptions
 from lightning_compress.nn.fake_quant import WeightQuantizer, fake_quant_class, is_fake_quant
 from lightning_compress.nn.quantized import QuantizedLayer, QuantizedWeight
@@ -113,14 +113,7 @@ class GPTQFinalize(CalibrationCallback):
             model, self.targets, self.ignore, accept=lambda m: is_gptq_layer(m) and not is_fake_quant(m),
             kind="Linear / Conv2d (groups=1)",
         )  # fmt: skip
-        group_size = self.options.group_size
-        for name, layer in layers.items():
-            width = weight_matrix(layer).shape[1]
-            if group_size is not None and width % group_size:
-                raise ValueError(
-                    f"layer {name!r}: group_size={group_size} does not divide its input width {width}; allowed: "
-                    "a divisor of every selected layer's input width, or group_size=None (per channel)"
-                )
+        check_group_size({n: weight_matrix(m).shape[1] for n, m in layers.items()}, self.options.group_size)
         return layers
 
     def apply(self, model: nn.Module, batches: Iterable[Any]) -> dict[str, QuantizedLayer]:

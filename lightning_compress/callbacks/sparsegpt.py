@@ -10,7 +10,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from lightning_compress.calibration.sparsegpt import sparsegpt_model
-from lightning_compress.callbacks.base import OneShotPruning
+from lightning_compress.callbacks.base import OneShotPruning, check_group_size
 from lightning_compress.callbacks.gptq import HESSIAN_DTYPES, on_grid
 from lightning_compress.functional.gptq import GPTQOptions
 from lightning_compress.nn.select import replace_layers
@@ -89,13 +89,7 @@ class SparseGPTPrune(OneShotPruning):
     def select(self, model: nn.Module) -> dict[str, nn.Module]:
         """The Linears to prune; also checks that ``group_size`` divides every input width."""
         layers = super().select(model)
-        g = self.options.group_size
-        for name, layer in layers.items():
-            if g is not None and layer.in_features % g:
-                raise ValueError(
-                    f"layer {name!r}: group_size={g} does not divide its input width {layer.in_features}; allowed: "
-                    "a divisor of every selected layer's input width, or group_size=None (per channel)"
-                )
+        check_group_size({n: m.in_features for n, m in layers.items()}, self.options.group_size)
         return layers
 
     def prune(self, model: nn.Module, layers: dict[str, nn.Module], batches: list[Any]) -> dict[str, Tensor]:
