@@ -52,16 +52,16 @@ def main() -> None:
     for name in args.names or REGISTRY:
         print(f"[benchmarks] running {name} ...", flush=True)
         tables = []
+        note = f"_Measured {stamp} on {machine()} with `python -m benchmarks {name}`._"
         for table in importlib.import_module(f"benchmarks.{name}").run():
             print(table.to_markdown() + "\n", flush=True)
             tables.append(table.to_markdown())
+            # after each table: nothing lost to a crash or a timeout, other modules' sections kept
+            sections[name] = note + "\n\n" + "\n\n".join(tables)
+            write_results(sections)
+            print(f"[benchmarks] wrote {RESULTS}", flush=True)
         if not tables:  # nothing measurable here (e.g. the GPU rows on a CPU machine): keep what was there
             print(f"[benchmarks] {name}: nothing measured on this machine; its section is kept", flush=True)
-            continue
-        note = f"_Measured {stamp} on {machine()} with `python -m benchmarks {name}`._"
-        sections[name] = note + "\n\n" + "\n\n".join(tables)
-        write_results(sections)  # after each module: nothing lost, other modules' sections kept
-        print(f"[benchmarks] wrote {RESULTS}", flush=True)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +43,21 @@ ASYM = {"symmetric": False}
 
 
 def _rows() -> list[tuple[str, str, list[tuple[str, dict]], dict | None]]:
-    """``(table, method, our callbacks, peer config)`` for every row, in table order."""
+    """``(table, method, our callbacks, peer config)`` for every row, one table's rows together: 4-bit per channel
+    (the targets), pruning, then 3-bit per channel and groups of 64."""
+    pruning = []
+    for pattern, sparsity, label in ((None, 0.5, "50%"), ("2:4", None, "2:4")):
+        prune = {"pattern": pattern} if pattern else {"sparsity": sparsity}
+        peer = {"sparsity": 0.5, "mask_structure": pattern or "0:0"}
+        pruning += [
+            ("pruning", f"magnitude {label}", [("magnitude", prune)], {"method": "magnitude", **peer}),
+            ("pruning", f"Wanda {label}", [("WandaPrune", prune)], {"method": "wanda", **peer}),
+            ("pruning", f"SparseGPT {label}", [("SparseGPTPrune", prune)], {"method": "sparsegpt", **peer}),
+        ]
+    pruning.append(("pruning", "SparseGPT 2:4 + W4 per channel (one pass)",
+                    [("SparseGPTPrune", {"pattern": "2:4", "bits": 4, "symmetric": False})],
+                    {"method": "sparsegpt", "sparsity": 0.5, "mask_structure": "2:4", "bits": 4, "group_size": None,
+                     "symmetric": False}))  # fmt: skip
     rows = []
     for table, scheme in SCHEMES.items():
         grid = {**scheme, **ASYM}
@@ -59,19 +74,9 @@ def _rows() -> list[tuple[str, str, list[tuple[str, dict]], dict | None]]:
                                              ("GPTQFinalize", {**grid, "act_order": True, "static_groups": True})],
              {"method": "awq_gptq", "act_order": "static", **peer}),
         ]  # fmt: skip
-    rows.append(("W4 per channel", "GPTQFinalize(bits=4) default", [("GPTQFinalize", {"bits": 4})], None))
-    for pattern, sparsity, label in ((None, 0.5, "50%"), ("2:4", None, "2:4")):
-        prune = {"pattern": pattern} if pattern else {"sparsity": sparsity}
-        peer = {"sparsity": 0.5, "mask_structure": pattern or "0:0"}
-        rows += [
-            ("pruning", f"magnitude {label}", [("magnitude", prune)], {"method": "magnitude", **peer}),
-            ("pruning", f"Wanda {label}", [("WandaPrune", prune)], {"method": "wanda", **peer}),
-            ("pruning", f"SparseGPT {label}", [("SparseGPTPrune", prune)], {"method": "sparsegpt", **peer}),
-        ]
-    rows.append(("pruning", "SparseGPT 2:4 + W4 per channel (one pass)",
-                 [("SparseGPTPrune", {"pattern": "2:4", "bits": 4, "symmetric": False})],
-                 {"method": "sparsegpt", "sparsity": 0.5, "mask_structure": "2:4", "bits": 4, "group_size": None,
-                  "symmetric": False}))  # fmt: skip
+        if table == "W4 per channel":
+            rows.append((table, "GPTQFinalize(bits=4) default", [("GPTQFinalize", {"bits": 4})], None))
+            rows += pruning
     return rows
 
 
@@ -151,8 +156,23 @@ def _fmt(result: dict[str, Any] | None, fp32: float) -> list[str]:
     return [f"{ppl:.2f}", f"{ppl / fp32:.3f}", f"{result['oneshot_s']:.0f}", f"{result['peak_rss_mb']:.0f}"]
 
 
-def run() -> list[Table]:
-    """The tables: per scheme (4-bit / 3-bit per channel, 4-bit groups of 64) and pruning, ours and the peer's."""
+def _notes(peer_version: str | None) -> list[str]:
+    return [
+        f"Measured on {machine()}.",
+        f"Calibration: {CALIBRATION} windows × {SEQ_LEN} tokens of the even Brown documents; perplexity on "
+        f"{EVALUATION} windows × {SEQ_LEN} of the odd ones (disjoint), the same token windows for both sides.",
+        "SmolLM2's weights were stored as Q4_1 (asymmetric 4-bit, groups of 32): 4-bit group-32 rounding would be "
+        "nearly lossless and prove nothing, so the schemes are per channel (4 and 3 bits) and groups of 64.",
+        "All quantizer rows are asymmetric (as llm-compressor's and the reference GPTQ's); embeddings and the tied "
+        "lm_head stay float. One-shot s: the compression call only (model load and perplexity excluded); peak RSS: "
+        "the whole process. llm-compressor "
+        f"{peer_version or '(not run)'}, in its own venv on the same torch.",
+    ]
+
+
+def run() -> Iterator[Table]:
+    """The tables, each yielded once its rows are measured (``benchmarks`` writes it then): 4-bit per channel,
+    pruning, 3-bit per channel, 4-bit groups of 64; ours and the peer's side by side, row by row."""
     only = {s.strip() for s in os.environ.get("LLM_BENCH_ONLY", "").split(",") if s.strip()}
     with_peer = os.environ.get("LLM_BENCH_PEER", "1") != "0"
     with tempfile.TemporaryDirectory() as tmp:
@@ -172,15 +192,19 @@ def run() -> list[Table]:
                 peer_python()
             except RuntimeError as err:
                 peer_error = f"peer venv not available: {str(err).splitlines()[0][:120]}"
-        tables: dict[str, Table] = {}
         headers = ["method", "ours: perplexity", "× FP32", "one-shot s", "peak RSS MB",
                    "llm-compressor: perplexity", "× FP32", "one-shot s", "peak RSS MB"]  # fmt: skip
+        current: Table | None = None
         for table, method, callbacks, peer_cfg in _rows():
             if only and method not in only and table not in only:
                 continue
-            if table not in tables:
+            title = f"SmolLM2-135M, {table}: held-out Brown perplexity"
+            if current is None or current.title != title:
+                if current is not None:
+                    current.notes = _notes(peer_version)
+                    yield current
                 first = ["FP32", f"{fp32:.2f}", "1.000", "", "", f"{fp32:.2f}", "1.000", "", ""]
-                tables[table] = Table(f"SmolLM2-135M, {table}: held-out Brown perplexity", headers, [first])
+                current = Table(title, headers, [first])
             print(f"[llm] {table} / {method} ...", flush=True)
             ours = _subprocess([sys.executable, "-m", "benchmarks.llm", str(data_file), json.dumps(callbacks)],
                                TIMEOUT_S)  # fmt: skip
@@ -188,23 +212,11 @@ def run() -> list[Table]:
             if peer_cfg is not None and with_peer:
                 peer = {"error": peer_error} if peer_error else run_peer(peer_cfg, data_file, TIMEOUT_S)
                 peer_version = peer.get("llmcompressor", peer_version)
-            tables[table].rows.append([method, *_fmt(ours, fp32), *_fmt(peer, fp32)])
-            print(f"[llm]   {tables[table].rows[-1]}", flush=True)
-    notes = [
-        f"Measured on {machine()}.",
-        f"Calibration: {CALIBRATION} windows × {SEQ_LEN} tokens of the even Brown documents; perplexity on "
-        f"{EVALUATION} windows × {SEQ_LEN} of the odd ones (disjoint), the same token windows for both sides.",
-        "SmolLM2's weights were stored as Q4_1 (asymmetric 4-bit, groups of 32): 4-bit group-32 rounding would be "
-        "nearly lossless and prove nothing, so the schemes are per channel (4 and 3 bits) and groups of 64.",
-        "All quantizer rows are asymmetric (as llm-compressor's and the reference GPTQ's); embeddings and the tied "
-        "lm_head stay float. One-shot s: the compression call only (model load and perplexity excluded); peak RSS: "
-        "the whole process. llm-compressor "
-        f"{peer_version or '(not run)'}, in its own venv on the same torch.",
-    ]
-    out = list(tables.values())
-    for t in out:
-        t.notes = notes
-    return out
+            current.rows.append([method, *_fmt(ours, fp32), *_fmt(peer, fp32)])
+            print(f"[llm]   {current.rows[-1]}", flush=True)
+        if current is not None:
+            current.notes = _notes(peer_version)
+            yield current
 
 
 if __name__ == "__main__":  # one of our rows, in a fresh process: python -m benchmarks.llm DATA CALLBACKS_JSON
