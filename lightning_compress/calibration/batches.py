@@ -9,7 +9,7 @@ activations beyond what a caller asks for.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -109,6 +109,37 @@ def token_mask(batch: Any) -> Tensor | None:
     """The ``(B, T)`` bool mask of real (not padding) tokens of a tokenizer-style batch, or None."""
     mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
     return mask.bool() if isinstance(mask, Tensor) and mask.dim() == 2 else None
+
+
+def context_length(model: nn.Module) -> int | None:
+    """The longest sequence ``model`` (or a Hugging Face model inside it) takes: its config's
+    ``max_position_embeddings``; None when it declares none."""
+    for module in model.modules():
+        length = getattr(getattr(module, "config", None), "max_position_embeddings", None)
+        if isinstance(length, int):
+            return length
+    return None
+
+
+def check_tokens(model: nn.Module, batches: Sequence[Any]) -> None:
+    """Raise ValueError when tokenizer-style calibration ``batches`` (dicts with ``input_ids``) hold no real token, or
+    hold sequences longer than the model's context (:func:`context_length`); other batches pass."""
+    tokenized = [b for b in batches if isinstance(b, Mapping) and isinstance(b.get("input_ids"), Tensor)]
+    if not tokenized:
+        return
+    limit = context_length(model)
+    longest = max(int(b["input_ids"].shape[-1]) if b["input_ids"].dim() else 0 for b in tokenized)
+    if limit is not None and longest > limit:
+        raise ValueError(
+            f"calibration batches hold sequences of {longest} tokens, beyond {type(model).__name__}'s context of "
+            f"{limit} (config.max_position_embeddings); allowed: sequences of at most {limit} tokens"
+        )
+    masks = [token_mask(b) for b in tokenized]
+    if not any(b["input_ids"].numel() if m is None else m.any() for b, m in zip(tokenized, masks, strict=True)):
+        raise ValueError(
+            "calibration batches hold no real token (every input_ids is empty or every attention_mask is 0); "
+            "allowed: batches with at least one token whose attention_mask is 1"
+        )
 
 
 def real_tokens(x: Tensor, mask: Tensor | None) -> Tensor:

@@ -12,7 +12,7 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 
-from lightning_compress.calibration.batches import LABEL_KEYS, call_model, describe, head, split_batch
+from lightning_compress.calibration.batches import LABEL_KEYS, call_model, check_tokens, describe, head, split_batch
 from lightning_compress.calibration.capture import eval_mode
 from lightning_compress.functional.checks import check_patterns
 from lightning_compress.functional.masks import sparsity_or_pattern
@@ -70,7 +70,8 @@ class CalibrationCallback(pl.Callback, abc.ABC):
         batch it cannot take fails here, saying what was expected, before anything is changed.
 
         Raises:
-            ValueError: no batches. TypeError: batches the model's forward cannot take.
+            ValueError: no batches, no real token, or sequences beyond the model's context.
+            TypeError: batches the model's forward cannot take.
         """
         if isinstance(batches, (Tensor, Mapping)):
             batches = [batches]
@@ -81,6 +82,7 @@ class CalibrationCallback(pl.Callback, abc.ABC):
         inputs = [self._inputs(b) for b in batches]
         if not inputs:
             raise ValueError(f"batches is empty; {type(self).__name__} needs at least one calibration batch")
+        check_tokens(model, inputs)
         try:
             with eval_mode(model), torch.no_grad():
                 call_model(model, head(inputs[0], 1))

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_compress import GPTQFinalize, SmoothQuantCalibrate, SparseGPTPrune
+from lightning_compress import AWQCalibrate, GPTQFinalize, SmoothQuantCalibrate, SparseGPTPrune, WandaPrune
 from lightning_compress.calibration.batches import call_model, relative_error, split_batch
 from lightning_compress.calibration.progress import Progress
 from lightning_compress.functional.quant import dequantize, quant_range
@@ -265,3 +265,22 @@ def test_batches_the_model_cannot_take_fail_first_saying_what_is_expected():
         GPTQFinalize(bits=4).apply(model, [torch.randn(4, 3)])
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert not any(is_fake_quant(m) for m in model.modules())
+
+
+@pytest.mark.parametrize(
+    "callback",
+    [GPTQFinalize(bits=4), SmoothQuantCalibrate(), SparseGPTPrune(pattern="2:4"), WandaPrune(sparsity=0.5),
+     AWQCalibrate(bits=4)],
+    ids=lambda c: type(c).__name__,
+)  # fmt: skip
+def test_token_batches_the_llm_cannot_take_are_refused_before_any_weight_changes(callback):
+    model = tiny_llama()
+    model.config.max_position_embeddings = 12  # the batches hold 16 tokens
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="sequences of 16 tokens, beyond LlamaForCausalLM's context of 12"):
+        callback.apply(model, token_batches(2))
+    model.config.max_position_embeddings = 2048
+    padding_only = [{**b, "attention_mask": torch.zeros_like(b["attention_mask"])} for b in token_batches(2)]
+    with pytest.raises(ValueError, match="hold no real token"):
+        callback.apply(model, padding_only)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
