@@ -62,20 +62,23 @@ def _rows() -> list[tuple[str, str, list[tuple[str, dict]], dict | None]]:
     for table, scheme in SCHEMES.items():
         grid = {**scheme, **ASYM}
         peer = {"bits": scheme["bits"], "group_size": scheme["group_size"], "symmetric": False}
+        gptq = {**grid, "act_order": False, "clip_search": False}
+        ordered = {**grid, "act_order": True, "static_groups": True, "clip_search": False}
+        clipped = {**ordered, "clip_search": True}
+        default = table == "W4 per channel"  # there the clip-search row is the bare GPTQFinalize(bits=4)
+        static, mse = {"act_order": "static"}, {"act_order": "static", "observer": "mse"}
         rows += [
             (table, "RTN", [("rtn", grid)], {"method": "rtn", **peer}),
-            (table, "GPTQ", [("GPTQFinalize", grid)], {"method": "gptq", "act_order": None, **peer}),
-            (table, "GPTQ act-order", [("GPTQFinalize", {**grid, "act_order": True, "static_groups": True})],
-             {"method": "gptq", "act_order": "static", **peer}),
-            (table, "GPTQ act-order + clip search",
-             [("GPTQFinalize", {**grid, "act_order": True, "static_groups": True, "clip_search": True})], None),
+            (table, "GPTQ", [("GPTQFinalize", gptq)], {"method": "gptq", "act_order": None, **peer}),
+            (table, "GPTQ act-order", [("GPTQFinalize", ordered)], {"method": "gptq", **static, **peer}),
+            (table, "GPTQ act-order + clip search" + (" = GPTQFinalize(bits=4) default" if default else ""),
+             [("GPTQFinalize", {"bits": 4} if default else clipped)], {"method": "gptq", **mse, **peer}),
             (table, "AWQ", [("AWQCalibrate", grid)], {"method": "awq", **peer}),
-            (table, "AWQ + GPTQ act-order", [("AWQCalibrate", {**grid, "quantize": False}),
-                                             ("GPTQFinalize", {**grid, "act_order": True, "static_groups": True})],
-             {"method": "awq_gptq", "act_order": "static", **peer}),
+            (table, "AWQ + GPTQ act-order + clip search",
+             [("AWQCalibrate", {**grid, "quantize": False}), ("GPTQFinalize", clipped)],
+             {"method": "awq_gptq", **mse, **peer}),
         ]  # fmt: skip
-        if table == "W4 per channel":
-            rows.append((table, "GPTQFinalize(bits=4) default", [("GPTQFinalize", {"bits": 4})], None))
+        if default:
             rows += pruning
     return rows
 

@@ -13,7 +13,9 @@ lightning_compress. By hand::
 ``--config`` keys: ``method`` (fp32, rtn, gptq, awq, awq_gptq, sparsegpt, wanda, magnitude), ``bits`` (4 or 3;
 for sparsegpt/wanda: optional joint quantization after the pruning, by ``joint_quantizer`` "gptq" (default, as in
 llm-compressor's 2:4 + W4A16 example) or "rtn"), ``group_size`` (null: per output channel), ``symmetric`` (default
-true), ``act_order`` (null or "static"; GPTQ only), ``sparsity`` (0.5), ``mask_structure`` ("0:0" unstructured or
+true), ``act_order`` (null or "static"; GPTQ only), ``observer`` ("minmax", default, or "mse": the weights'
+range searched as the reference GPTQ's ``mse`` option, maxshrink 0.8, grid 100, norm 2.4, no early stop),
+``sparsity`` (0.5), ``mask_structure`` ("0:0" unstructured or
 "2:4"), ``threads`` (torch threads), ``eval_batch`` (8).
 
 ``magnitude`` is not offered one-shot (see MAGNITUDE_NOTE): the result says so, without running anything, unless
@@ -84,6 +86,9 @@ def config_groups(cfg: dict) -> dict:
     (``scheme=`` takes only preset names such as "W4A16" in 0.14; a custom scheme goes through ``config_groups``.)
     """
     weights = {"num_bits": int(cfg["bits"]), "type": "int", "symmetric": bool(cfg["symmetric"])}
+    if cfg.get("observer") == "mse":  # the reference GPTQ's clip search: grid 100, shrink to 0.2, norm 2.4, all steps
+        weights.update(observer="memoryless_mse",
+                       observer_kwargs={"grid": 100.0, "maxshrink": 0.8, "norm": 2.4, "patience": 1000})  # fmt: skip
     if cfg["group_size"]:
         weights.update(strategy="group", group_size=int(cfg["group_size"]))
     else:
