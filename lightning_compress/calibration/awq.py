@@ -29,14 +29,14 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from lightning_compress.calibration.batches import first_tensor, relative_error
+from lightning_compress.calibration.batches import first_tensor, relative_error, token_count
 from lightning_compress.calibration.capture import StopForward, eval_mode, hooks, run_until
 from lightning_compress.calibration.dataflow import dataflow
 from lightning_compress.calibration.engine import Pass, accumulate_inputs, sequential_stages
 from lightning_compress.calibration.progress import Progress
 from lightning_compress.calibration.smoothquant import FOLD_TOLERANCE, SmoothGroup, fold_group, is_foldable_norm
 from lightning_compress.functional.awq import awq_factors, clip_ratios, clip_weight, scaled_fake_quant
-from lightning_compress.nn.distributed import all_reduce_, broadcast_
+from lightning_compress.nn.distributed import all_reduce_, broadcast_, world_size
 
 log = logging.getLogger(__name__)
 
@@ -66,15 +66,15 @@ def _common_prefix(names: Sequence[str]) -> str:
     return ".".join(common)
 
 
-def _search_passes(passes: Sequence[Pass], max_tokens: int) -> list[Pass]:
-    """The first passes holding at most ``max_tokens`` real tokens (at least one pass)."""
+def _search_passes(passes: Sequence[Pass], tokens: Sequence[int], max_tokens: int) -> list[Pass]:
+    """The first passes (whose batches hold ``tokens`` real tokens each) holding at most ``max_tokens`` in all, at
+    least one."""
     chosen, total = [], 0
-    for p in passes:
-        tokens = int(p.mask.sum()) if p.mask is not None else None
-        if chosen and (tokens is None or total + tokens > max_tokens):
+    for p, n in zip(passes, tokens, strict=True):
+        if chosen and total + n > max_tokens:
             break
         chosen.append(p)
-        total += tokens or 0
+        total += n
     return chosen
 
 
@@ -166,15 +166,19 @@ def awq_model(
         bits, group_size, symmetric: the grid the weights will be rounded onto afterwards.
         grid: ``α`` steps of the scale search (``α = i / grid``, ``i < grid``).
         clip: run the clipping search after the scales.
-        max_search_tokens: real tokens (whole batches, at least one) the searches run on; the mean ``|X|`` uses all.
+        max_search_tokens: real tokens (whole batches, at least one) the searches run on, in all: under DDP each rank
+            searches on its first ``max_search_tokens / world size`` and the errors are summed across ranks, so with
+            interleaved shards the ranks search on what one process would. The mean ``|X|`` uses every batch.
 
     Returns:
         One :class:`AWQGroup` per group of Linears, in execution order.
     """
     done: list[AWQGroup] = []
+    tokens = [token_count(b) for b in batches]
+    budget = max(1, max_search_tokens // world_size())  # per rank: the ranks' searches sum their errors
     with eval_mode(model), torch.no_grad(), Progress(len(layers), "AWQ layers") as bar:
         for stage in sequential_stages(model, layers, batches):
-            search = _search_passes(stage.passes, max_search_tokens)
+            search = _search_passes(stage.passes, tokens, budget)
             prefix = _common_prefix(list(stage.layers))
             block = model.get_submodule(prefix) if prefix else model
             inner = {
@@ -188,7 +192,7 @@ def awq_model(
                 done.append(_scale_group(model, stage.layers, block, prefix, group, producer, stage.passes, search,
                                          bits, group_size, symmetric, grid))  # fmt: skip
             if clip:
-                _clip_layers(stage.layers, search, bits, group_size, symmetric, max_search_tokens)
+                _clip_layers(stage.layers, search, bits, group_size, symmetric, budget)
             for name in stage.layers:
                 broadcast_(stage.layers[name].weight.data)
                 bar.step(name)
@@ -256,5 +260,6 @@ def _clip_layers(
     for name, layer in stage_layers.items():
         if inputs[name]:
             w = layer.weight.detach()
-            ratios = clip_ratios(w, torch.cat(inputs[name]), bits, group_size, symmetric)
+            ratios = clip_ratios(w, torch.cat(inputs[name]), bits, group_size, symmetric,
+                                 reduce=lambda e: all_reduce_(e, "sum"))  # fmt: skip
             layer.weight.copy_(clip_weight(w.float(), ratios.to(w.device)).to(w.dtype))

@@ -142,6 +142,20 @@ def check_tokens(model: nn.Module, batches: Sequence[Any]) -> None:
         )
 
 
+def token_count(batch: Any) -> int:
+    """The real tokens (rows a Linear sees) in one batch of model inputs: its attention mask's ones; else every id
+    of an integer first Tensor, or the rows ``numel / features`` of a float one."""
+    mask = token_mask(batch)
+    if mask is not None:
+        return int(mask.sum())
+    tensors = [t for t in (batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, (tuple, list))
+                           else [batch]) if isinstance(t, Tensor)]  # fmt: skip
+    if not tensors:
+        return 0
+    t = tensors[0]
+    return t.numel() if not t.is_floating_point() or t.dim() < 2 else t.numel() // t.shape[-1]
+
+
 def real_tokens(x: Tensor, mask: Tensor | None) -> Tensor:
     """The rows of a layer input ``x`` (B, T, C) at the real tokens of ``mask`` (B, T) as ``(n, C)``; ``x``
     unchanged when there is no mask or the shapes do not line up (e.g. a pooler's ``(B, C)`` input)."""

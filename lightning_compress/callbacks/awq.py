@@ -51,7 +51,7 @@ class AWQCalibrate(CalibrationCallback):
         grid: steps of the ``α`` search in ``[0, 1)``.
         clip: run the clipping search.
         quantize: round to nearest at the end (False: keep the float weights for GPTQ).
-        max_search_tokens: real tokens the searches run on (whole batches, at least one).
+        max_search_tokens: real tokens the searches run on (whole batches, at least one), across all DDP ranks.
         num_batches, calibration_data, input_fn: calibration batches at fit end (see :class:`CalibrationCallback`).
         targets, ignore: regexes over Linear layer names.
     """

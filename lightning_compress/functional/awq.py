@@ -10,6 +10,8 @@ layer's output error on calibration tokens.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -60,16 +62,19 @@ def clip_ratios(
     symmetric: bool,
     grid: int = 20,
     max_shrink: float = 0.5,
+    reduce: Callable[[Tensor], Tensor] | None = None,
 ) -> Tensor:
     """AWQ's weight-clipping search: per output row and weight group, the ratio ``r`` of the range ``[r·min, r·max]``
     (``r = 1, 1 - 1/grid, ...`` down to ``1 - max_shrink``) with the least ``Σ_t (x_t,g · (w_g - Q_r(w_g)))²``, the
-    group's contribution to the layer's output error over the tokens ``x``.
+    group's contribution to the layer's output error over the tokens ``x`` (ties: the larger ``r``).
 
     Args:
         weight: ``(out, in)``.
         x: ``(tokens, in)`` calibration inputs of the layer.
         bits, group_size, symmetric: the grid the weight will be rounded onto (``group_size`` None: per channel).
         grid, max_shrink: the search's steps and its smallest ratio ``1 - max_shrink``.
+        reduce: applied to the errors ``(steps, out, groups)`` before the choice, e.g. a sum across processes that
+            each hold some of the tokens (None: this ``x`` only).
 
     Returns:
         float32 ``(out, in / group_size)`` (``(out, 1)`` per channel) ratios in ``(0, 1]``.
@@ -79,17 +84,16 @@ def clip_ratios(
     w = weight.detach().float().reshape(out, width // g, g)
     xg = x.detach().float().reshape(-1, width // g, g)
     lo, hi = w.amin(-1), w.amax(-1)
-    best = torch.ones(out, width // g)
-    best_err = torch.full((out, width // g), float("inf"))
-    for i in range(int(max_shrink * grid) + 1):
-        r = 1 - i / grid
+    ratios = [1 - i / grid for i in range(int(max_shrink * grid) + 1)]
+    errors = torch.empty(len(ratios), out, width // g, dtype=torch.float64, device=w.device)
+    for i, r in enumerate(ratios):
         qp = qparams_from_range(r * lo, r * hi, bits, symmetric)
         s, z = qp.scale[..., None], qp.zero_point[..., None]
         q = dequantize(quantize(w, expand_params(s, w.shape), expand_params(z, w.shape), bits), s, z)
-        err = torch.einsum("tkg,okg->tok", xg, w - q).square().sum(0)  # (out, groups)
-        better = err < best_err
-        best_err, best = torch.where(better, err, best_err), torch.where(better, r, best)
-    return best
+        errors[i] = torch.einsum("tkg,okg->tok", xg, w - q).square().sum(0)  # (out, groups)
+    if reduce is not None:
+        errors = reduce(errors)
+    return torch.tensor(ratios, device=w.device)[errors.argmin(0)]  # argmin: the first (largest r) of ties
 
 
 def clip_weight(weight: Tensor, ratios: Tensor) -> Tensor:

@@ -25,6 +25,11 @@ def is_rank_zero() -> bool:
     return not is_distributed() or dist.get_rank() == 0
 
 
+def world_size() -> int:
+    """The number of processes in the running process group (1 without one)."""
+    return dist.get_world_size() if is_distributed() else 1
+
+
 def all_reduce_(tensor: Tensor, op: str = "sum") -> Tensor:
     """All-reduce ``tensor`` in place across ranks with ``op`` (``"sum"``, ``"mean"``, ``"min"``, ``"max"``).
 

@@ -4,7 +4,15 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_compress.calibration.batches import call_args, call_model, head, real_tokens, relative_error, token_mask
+from lightning_compress.calibration.batches import (
+    call_args,
+    call_model,
+    head,
+    real_tokens,
+    relative_error,
+    token_count,
+    token_mask,
+)
 from lightning_compress.calibration.capture import capture_inputs, find_blocks, replace_hidden
 from lightning_compress.calibration.dataflow import dataflow
 from tests.tiny_models import tiny_bert, tiny_llama, token_batches
@@ -130,3 +138,12 @@ def test_head_cuts_every_batch_form():
     assert cut["input_ids"].shape == (2, 3) and cut["attention_mask"].shape == (2, 3) and cut["flag"] is True
     a, b = head((x, torch.ones(3)), 2)
     assert a.shape == (2, 3) and b.shape == (3,)  # a tensor of another leading size is not a per-sample input
+
+
+def test_token_count_counts_the_rows_a_linear_sees():
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    assert token_count({"input_ids": torch.zeros(2, 3, dtype=torch.long), "attention_mask": mask}) == 3
+    assert token_count({"input_ids": torch.zeros(2, 3, dtype=torch.long)}) == 6  # every id is a token
+    assert token_count(torch.randn(5, 16)) == 5
+    assert token_count((torch.randn(2, 7, 16), torch.ones(2))) == 14
+    assert token_count({"flag": True}) == 0

@@ -98,13 +98,15 @@ def test_smoothquant_at_fit_end_with_a_given_calibration_loader():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("recipe", ["smoothquant+gptq", "sparsegpt"])
+@pytest.mark.parametrize("recipe", ["smoothquant+gptq", "sparsegpt", "awq"])
 def test_ddp_calibration_gives_the_same_weights_as_one_process(tmp_path, recipe):
     def run(devices, path):
         pl.seed_everything(0)
         model = LNRegressor(lr=0.0)  # training leaves the weights as they are: only calibration differs
         if recipe == "sparsegpt":  # Hessians summed across ranks, as GPTQ's
             ptq = [SparseGPTPrune(pattern="2:4", bits=4, num_batches=None)]
+        elif recipe == "awq":  # mean |X|, the α errors and the clipping errors summed across ranks
+            ptq = [AWQCalibrate(bits=3, num_batches=None)]
         else:
             ptq = [SmoothQuantCalibrate(targets="net.2", num_batches=None),
                    GPTQFinalize(bits=3, num_batches=None, act_order=True)]  # fmt: skip
