@@ -34,6 +34,19 @@ def read_sections(text: str) -> dict[str, str]:
     return {k: "\n".join(v).strip() for k, v in sections.items()}
 
 
+def table_blocks(section: str) -> dict[str, str]:
+    """The tables of a section, ``{title: markdown}`` in order (each from its ``### title`` line to the next)."""
+    blocks: dict[str, list[str]] = {}
+    current = None
+    for line in section.splitlines():
+        if line.startswith("### "):
+            current = line[4:]
+            blocks[current] = []
+        if current is not None:
+            blocks[current].append(line)
+    return {k: "\n".join(v).strip() for k, v in blocks.items()}
+
+
 def write_results(sections: dict[str, str]) -> None:
     """RESULTS.md with every known section, in REGISTRY order."""
     body = [f"{MARKER.format(name)}\n{sections[name]}" for name in REGISTRY if name in sections]
@@ -51,13 +64,20 @@ def main() -> None:
     stamp = datetime.date.today().isoformat()
     for name in args.names or REGISTRY:
         print(f"[benchmarks] running {name} ...", flush=True)
-        tables = []
+        module = importlib.import_module(f"benchmarks.{name}")
+        # a module running some of its tables (``partial()`` says how it was asked) keeps its other measured ones
+        partial = getattr(module, "partial", lambda: None)()
+        kept = table_blocks(sections.get(name, "")) if partial else {}
         note = f"_Measured {stamp} on {machine()} with `python -m benchmarks {name}`._"
-        for table in importlib.import_module(f"benchmarks.{name}").run():
+        if partial:
+            note = (f"_Latest run {stamp} on {machine()} with `{partial} python -m benchmarks {name}`; each table's "
+                    "notes say when and where it was measured._")  # fmt: skip
+        tables: dict[str, str] = {}
+        for table in module.run():
             print(table.to_markdown() + "\n", flush=True)
-            tables.append(table.to_markdown())
+            tables[table.title] = table.to_markdown()
             # after each table: nothing lost to a crash or a timeout, other modules' sections kept
-            sections[name] = note + "\n\n" + "\n\n".join(tables)
+            sections[name] = note + "\n\n" + "\n\n".join({**kept, **tables}.values())
             write_results(sections)
             print(f"[benchmarks] wrote {RESULTS}", flush=True)
         if not tables:  # nothing measurable here (e.g. the GPU rows on a CPU machine): keep what was there

@@ -8,12 +8,13 @@ own venv (``benchmarks/peers``), on the very same token windows, saved to one fi
 SmolLM2's weights were stored as Q4_1 (asymmetric 4-bit, groups of 32): 4-bit group-32 rounding is nearly lossless on
 it, so the rows are per channel at 4 and 3 bits, groups of 64, and pruning at 50% and 2:4.
 
-``LLM_BENCH_ONLY=name,name`` runs only the named rows (e.g. to measure one configuration); ``LLM_BENCH_PEER=0`` skips
-the peer.
+``LLM_BENCH_ONLY=name,name`` runs only the named rows or tables (the section keeps the other tables already in
+RESULTS.md, each with its own date); ``LLM_BENCH_PEER=0`` skips the peer.
 """
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import resource
@@ -159,9 +160,15 @@ def _fmt(result: dict[str, Any] | None, fp32: float) -> list[str]:
     return [f"{ppl:.2f}", f"{ppl / fp32:.3f}", f"{result['oneshot_s']:.0f}", f"{result['peak_rss_mb']:.0f}"]
 
 
+def partial() -> str | None:
+    """How this run was narrowed to some rows (``LLM_BENCH_ONLY=...``), or None for all of them."""
+    only = os.environ.get("LLM_BENCH_ONLY", "").strip()
+    return f'LLM_BENCH_ONLY="{only}"' if only else None
+
+
 def _notes(peer_version: str | None) -> list[str]:
     return [
-        f"Measured on {machine()}.",
+        f"Measured {datetime.date.today().isoformat()} on {machine()}.",
         f"Calibration: {CALIBRATION} windows × {SEQ_LEN} tokens of the even Brown documents; perplexity on "
         f"{EVALUATION} windows × {SEQ_LEN} of the odd ones (disjoint), the same token windows for both sides.",
         "SmolLM2's weights were stored as Q4_1 (asymmetric 4-bit, groups of 32): 4-bit group-32 rounding would be "
