@@ -152,7 +152,7 @@ def _subprocess(args: list[str], timeout: float) -> dict[str, Any]:
 
 
 def _fmt(result: dict[str, Any] | None, fp32: float) -> list[str]:
-    if result is None:
+    if result is None or result.get("offered") is False:  # not offered one-shot (the peer's magnitude: its notes)
         return ["not offered", "", "", ""]
     if "error" in result:
         return [f"failed: {result['error']}", "", "", ""]
