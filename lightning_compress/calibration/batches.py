@@ -134,8 +134,7 @@ def check_tokens(model: nn.Module, batches: Sequence[Any]) -> None:
             f"calibration batches hold sequences of {longest} tokens, beyond {type(model).__name__}'s context of "
             f"{limit} (config.max_position_embeddings); allowed: sequences of at most {limit} tokens"
         )
-    masks = [token_mask(b) for b in tokenized]
-    if not any(b["input_ids"].numel() if m is None else m.any() for b, m in zip(tokenized, masks, strict=True)):
+    if not any(token_count(b) for b in tokenized):
         raise ValueError(
             "calibration batches hold no real token (every input_ids is empty or every attention_mask is 0); "
             "allowed: batches with at least one token whose attention_mask is 1"
