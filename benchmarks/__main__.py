@@ -50,9 +50,9 @@ def table_blocks(section: str) -> dict[str, str]:
 def write_results(sections: dict[str, str]) -> None:
     """RESULTS.md with every known section, in REGISTRY order."""
     body = [f"{MARKER.format(name)}\n{sections[name]}" for name in REGISTRY if name in sections]
-    partial = RESULTS.with_suffix(".md.tmp")  # written whole, then renamed: a crash never leaves half a file
-    partial.write_text(HEADER + "\n" + "\n\n".join(body) + "\n")
-    partial.replace(RESULTS)
+    staged = RESULTS.with_suffix(".md.tmp")  # written whole, then renamed: a crash never leaves half a file
+    staged.write_text(HEADER + "\n" + "\n\n".join(body) + "\n")
+    staged.replace(RESULTS)
 
 
 def main() -> None:
