@@ -136,12 +136,16 @@ def gptq_model(
         hessian_dtype: accumulation dtype of the Hessian sums (float64, or float32 at half the memory and time).
 
     Returns:
-        ``{name: GPTQResult}`` in the original column order; each layer's weight now equals ``result.weight``.
+        ``{name: GPTQResult}`` in the original column order; each layer's weight now equals ``result.weight``, zero
+        wherever it was zero before (a pruned model stays pruned: the pruned weights' errors are compensated by the
+        kept ones, ``keep`` of :func:`~lightning_compress.functional.gptq.gptq_quantize`).
     """
 
     def solve(name: str, module: nn.Module, hessian: Tensor) -> GPTQResult:
-        result = gptq_quantize(weight_matrix(module), solved_without_input(name, hessian, "GPTQ"), options,
-                               threads=gptq_threads)  # fmt: skip
+        weight = weight_matrix(module)
+        keep = weight != 0  # a pruned weight stays exactly 0 (SparseGPT, Wanda, magnitude before GPTQ)
+        result = gptq_quantize(weight, solved_without_input(name, hessian, "GPTQ"), options, threads=gptq_threads,
+                               keep=None if keep.all() else keep)  # fmt: skip
         for t in result[:4]:
             broadcast_(t)
         module.weight.copy_(result.weight.reshape(module.weight.shape).to(module.weight.dtype))

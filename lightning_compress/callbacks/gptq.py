@@ -40,7 +40,8 @@ class GPTQFinalize(CalibrationCallback):
     quantized through ``H⁻¹`` (Cholesky, dampened by ``percdamp · mean(diag H)``; raised ×10 with a warning while
     the factorisation fails). Transformers are calibrated true-sequentially, block by block: each layer sees inputs
     that already went through the quantized layers before it. Afterwards each layer is a fake-quant layer frozen at
-    its GPTQ grid (weights exactly on the grid; the same weight keys, so checkpoints load into the plain model), and
+    its GPTQ grid (weights exactly on the grid; the same weight keys, so checkpoints load into the plain model; a
+    weight that was exactly zero stays zero, so a pruned model stays pruned, the kept weights compensating), and
     :attr:`quantized` holds each layer's codes, scales and zero-points (:class:`QuantizedLayer`) for export. The
     eight solver arguments (``bits`` to ``clip_search``) are kept, validated, as :attr:`options`, one
     :class:`~lightning_compress.functional.gptq.GPTQOptions`.

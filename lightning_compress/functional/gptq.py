@@ -193,7 +193,11 @@ def check_solver_inputs(weight: Tensor, hessian: Tensor, options: GPTQOptions | 
 
 
 def gptq_quantize(
-    weight: Tensor, hessian: Tensor, options: GPTQOptions | None = None, threads: ThreadPolicy | None = None
+    weight: Tensor,
+    hessian: Tensor,
+    options: GPTQOptions | None = None,
+    threads: ThreadPolicy | None = None,
+    keep: Tensor | None = None,
 ) -> GPTQResult:
     """Quantize a linear weight with GPTQ (Frantar et al. 2023), minimising ``||X(W - Q)ᵀ||²``; the fast solver.
 
@@ -238,6 +242,9 @@ def gptq_quantize(
             multiply-adds (the Cholesky, each block's product) and around the whole solve with ``work=0`` (the loop
             of small ops), e.g. :func:`lightning_compress.calibration.threads.gptq_threads`. ``None``: everything
             runs on the threads the caller has set for torch. The results do not depend on it.
+        keep: bool ``(out, in)``: where False the weight becomes exactly 0 (its code the zero-point) and, as in
+            SparseGPT, its error is compensated by the weights kept: GPTQ on a pruned model keeps it pruned
+            (``keep = weight != 0``). ``None``: nothing is held.
 
     Returns:
         :class:`GPTQResult`; inputs with ``H_ii = 0`` (never active) get weight 0.
@@ -246,8 +253,17 @@ def gptq_quantize(
         ValueError: a bad argument (named). TypeError: ``options`` is not a :class:`GPTQOptions`. RuntimeError: the
             Hessian cannot be factorised or the result is not finite.
     """
-    weight_q, codes, qp, damp, _ = solve_columns(weight, hessian, options, threads)
+    pruning = None if keep is None else Pruning(0.0, mask=_check_keep(keep, weight))
+    weight_q, codes, qp, damp, _ = solve_columns(weight, hessian, options, threads, pruning=pruning)
     return GPTQResult(weight_q, codes, qp.scale, qp.zero_point, damp)
+
+
+def _check_keep(keep: Tensor, weight: Tensor) -> Tensor:
+    """``keep`` as a bool mask on ``weight``'s device; ValueError unless it is a bool tensor of the weight's shape."""
+    if not isinstance(keep, Tensor) or keep.dtype != torch.bool or keep.shape != weight.shape:
+        got = f"{keep.dtype} {tuple(keep.shape)}" if isinstance(keep, Tensor) else type(keep).__name__
+        raise ValueError(f"keep must be a bool tensor of the weight's shape {tuple(weight.shape)}, got {got}")
+    return keep.to(weight.device)
 
 
 class Pruning(NamedTuple):
@@ -258,10 +274,14 @@ class Pruning(NamedTuple):
             out · block)`` weights of the lowest ``w² / [H⁻¹]_jj²`` in the block, all rows together).
         nm: ``(n, m)``: keep the ``n`` of every ``m`` consecutive inputs of a row with the highest ``w² / [H⁻¹]_jj²``
             instead (``sparsity`` is then ``1 - n / m``).
+        mask: a fixed bool keep-mask ``(out, in)`` instead of either (``sparsity`` and ``nm`` unused): the weights
+            where it is False are pruned, their error compensated all the same (GPTQ holding a pruned model's
+            zeros). Any column order.
     """
 
     sparsity: float
     nm: tuple[int, int] | None = None
+    mask: Tensor | None = None
 
 
 def solve_columns(
@@ -276,8 +296,9 @@ def solve_columns(
     (``quantize``), pruned (``pruning``) or both, and its error spread onto the columns not yet solved.
 
     See :func:`gptq_quantize` for the loop and the options; ``pruning`` chooses its masks from the current weights
-    (SparseGPT's adaptive mask selection: per block, or per ``m`` columns for N:M). With pruning, ``act_order`` and
-    groups whose qparams are taken during the solve (``group_size`` without ``static_groups``) are not offered.
+    (SparseGPT's adaptive mask selection: per block, or per ``m`` columns for N:M) or takes its fixed ``mask``. With
+    a chosen mask, ``act_order`` and groups whose qparams are taken during the solve (``group_size`` without
+    ``static_groups``) are not offered (:func:`~lightning_compress.functional.sparsegpt.sparsegpt_prune` checks).
 
     Returns:
         ``(weight, codes, qparams, damp, keep)``: float32 ``(out, in)`` weight (dequantized codes when
@@ -302,7 +323,8 @@ def solve_columns(
             group = torch.arange(n, device=w.device) // group_size
         elif quantize:  # qparams up front in the original column order: per channel or static groups
             axis = 0 if group_size is None else None
-            qp = compute_qparams(w, bits, symmetric, axis=axis, group_size=group_size, clip_search=clip)
+            kept = w if pruning is None or pruning.mask is None else w * pruning.mask
+            qp = compute_qparams(kept, bits, symmetric, axis=axis, group_size=group_size, clip_search=clip)
             scale, zero = qp.scale.T.contiguous(), qp.zero_point.T.contiguous()
             group = perm // group_size if group_size else torch.zeros_like(perm)  # row of scale for each column
         # in solve order: the weight transposed (one row per column), the Hessian reversed (JHJ)
@@ -315,7 +337,8 @@ def solve_columns(
             if quantize
             else None
         )
-        solved, keep = _solve(wt, v, grid, pruning, rdiag, options.block_size, threads)
+        fixed = None if pruning is None or pruning.mask is None else pruning.mask.T[perm].contiguous()
+        solved, keep = _solve(wt, v, grid, pruning, rdiag, options.block_size, threads, fixed)
         back = torch.argsort(perm) if act_order else None
         keep = None if keep is None else (keep[back] if act_order else keep).T.contiguous()
         if not quantize:
@@ -357,9 +380,11 @@ def _solve(
     rdiag: Tensor,
     block_size: int,
     threads: ThreadPolicy,
+    fixed: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """The blocked loop over the rows of ``wt``, the weight transposed (in, out); returns the float codes alike (the
-    solved weights without a ``grid``) and the keep-mask alike (None without ``pruning``).
+    solved weights without a ``grid``) and the keep-mask alike (None without ``pruning``; ``fixed``, the pruning's
+    fixed mask alike, when it has one).
 
     ``v`` is ``R / diag(R)`` (in, in) and ``rdiag`` is ``diag(R)``: SparseGPT's score ``w² / [H⁻¹]_jj²`` is
     ``(w · R_jj)²``. Each block gets the compensation for all earlier columns in one product; inside it, sub-blocks
@@ -370,15 +395,16 @@ def _solve(
     n = wt.shape[0]
     qmin, qmax = quant_range(grid.bits) if grid is not None else (0, 0)
     g = (grid.group_size if grid is not None else None) or n
-    nm = pruning.nm if pruning is not None else None
+    choose = pruning is not None and fixed is None
+    nm = pruning.nm if choose else None
     m = nm[1] if nm is not None else n
     out, delta = torch.empty_like(wt), torch.empty_like(wt)  # delta: W - Q, one row per column
-    keep = torch.ones_like(wt, dtype=torch.bool) if pruning is not None else None
+    keep = fixed if fixed is not None else torch.ones_like(wt, dtype=torch.bool) if choose else None
     for i1 in range(0, n, block_size):
         i2 = min(i1 + block_size, n)
         with threads(i1 * (i2 - i1) * wt.shape[1]):
             w1 = torch.addmm(wt[i1:i2], v[:i1, i1:i2].T, delta[:i1])  # the current weights of the block
-        if pruning is not None and nm is None:  # SparseGPT's adaptive mask: the block's lowest (w R_jj)²
+        if choose and nm is None:  # SparseGPT's adaptive mask: the block's lowest (w R_jj)²
             scores = (_paper_weights(wt, v, w1, i1, i2) * rdiag[i1:i2, None]).square_()
             keep[i1:i2] = topk_mask(scores, scores.numel() - n_pruned(scores.numel(), pruning.sparsity))
         bounds = sorted({*range(i1, i2, SUB_BLOCK), *range(i1 + -i1 % g, i2, g), *range(i1 + -i1 % m, i2, m), i2})
@@ -394,7 +420,7 @@ def _solve(
                     torch.sub(wt[i], out[i], out=delta[i])
                 else:
                     if grid.group_size is not None and i % g == 0:  # rows i - i1.. of w1 are up to date
-                        _group_qparams(grid, wt, v, w1, delta, i, i1, i2)
+                        _group_qparams(grid, wt, v, w1, delta, i, i1, i2, fixed)
                     s, z, c = grid.scale[grid.group[i]], grid.zero[grid.group[i]], out[i]
                     torch.div(w1[i - i1], s, out=c).add_(z).round_().clamp_(qmin, qmax)  # == quantize(), bit for bit
                     if keep is not None:
@@ -415,19 +441,26 @@ def _paper_weights(wt: Tensor, v: Tensor, current: Tensor, i: int, e: int) -> Te
     return wt[i:e] + torch.linalg.solve_triangular(v[i:e, i:e].T, current - wt[i:e], upper=False)
 
 
-def _group_qparams(grid: _Grid, wt: Tensor, v: Tensor, w1: Tensor, delta: Tensor, i: int, i1: int, i2: int) -> None:
+def _group_qparams(
+    grid: _Grid, wt: Tensor, v: Tensor, w1: Tensor, delta: Tensor, i: int, i1: int, i2: int, keep: Tensor | None
+) -> None:
     """Fill row ``grid.group[i]`` of the grid with the qparams of the group starting at column ``i``, from GPTQ's
-    current weights of the whole group (the best fit given columns < i, :func:`_paper_weights`)."""
+    current weights of the whole group (the best fit given columns < i, :func:`_paper_weights`), zero where a fixed
+    ``keep`` (solve order) prunes."""
     e = i + grid.group_size
     cur = w1[i - i1 : e - i1]
     if e > i2:  # the rest of the group, with the compensation so far
         cur = torch.cat([cur, torch.addmm(wt[i2:e], v[:i, i2:e].T, delta[:i])])
     cur = _paper_weights(wt, v, cur, i, e)
+    if keep is not None:
+        cur = cur * keep[i:e]
     qp = compute_qparams(cur, grid.bits, grid.symmetric, axis=1, clip_search=grid.clip_search)
     grid.scale[grid.group[i]], grid.zero[grid.group[i]] = qp.scale[0], qp.zero_point[0]
 
 
-def gptq_quantize_reference(weight: Tensor, hessian: Tensor, options: GPTQOptions | None = None) -> GPTQResult:
+def gptq_quantize_reference(
+    weight: Tensor, hessian: Tensor, options: GPTQOptions | None = None, keep: Tensor | None = None
+) -> GPTQResult:
     """GPTQ as the paper writes it (Algorithm 1 of Frantar et al. 2023), in float64: the definition, slow.
 
     The same options and results as :func:`gptq_quantize`, which must match it (up to rare rounding ties: that one
@@ -444,12 +477,14 @@ def gptq_quantize_reference(weight: Tensor, hessian: Tensor, options: GPTQOption
     ``j`` is its first column (with the block's pending update applied where the group runs past the block), or up
     front in the original column order with ``static_groups``. ``act_order`` solves columns in descending
     ``diag(H)`` order. Inputs with ``H_jj = 0`` get weight 0 (and ``H_jj = 1``). No dampening retries: a Hessian
-    that is not positive definite after ``λ`` raises ``torch.linalg.LinAlgError``.
+    that is not positive definite after ``λ`` raises ``torch.linalg.LinAlgError``. With ``keep``, ``Q[:, j]`` is 0
+    where it is False (qparams from ``W · keep``).
 
     Args:
         weight: ``(out, in)`` float weight.
         hessian: ``(in, in)`` Hessian ``2 XᵀX`` (any positive scale).
         options: as for :func:`gptq_quantize` (:class:`GPTQOptions`); ``None`` for the defaults.
+        keep: as for :func:`gptq_quantize`.
 
     Returns:
         :class:`GPTQResult` with the shapes :func:`gptq_quantize` returns.
@@ -461,12 +496,13 @@ def gptq_quantize_reference(weight: Tensor, hessian: Tensor, options: GPTQOption
     dead = h.diagonal() == 0
     w[:, dead], h[dead, dead] = 0.0, 1.0
     n, dynamic = w.shape[1], group_size is not None and not options.static_groups
+    keep = torch.ones_like(w, dtype=torch.bool) if keep is None else _check_keep(keep, weight)
     perm = torch.argsort(h.diagonal(), descending=True, stable=True) if act_order else torch.arange(n, device=w.device)
     axis, clip = 0 if group_size is None else None, options.clip_search
-    qp = compute_qparams(w.float(), bits, symmetric, axis=axis, group_size=group_size, clip_search=clip)
+    qp = compute_qparams((w * keep).float(), bits, symmetric, axis=axis, group_size=group_size, clip_search=clip)
     damp = options.percdamp * h.diagonal().mean().item()
     h = h + damp * torch.eye(n, dtype=h.dtype, device=h.device)
-    w, h = w[:, perm], h[perm][:, perm]
+    w, h, keep = w[:, perm], h[perm][:, perm], keep[:, perm]
     u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)  # H⁻¹ = UᵀU
     qmin, qmax, order = *quant_range(bits), perm.tolist()
     codes, scale, zero = torch.empty_like(w), torch.empty_like(w), torch.empty_like(w)  # per column, solve order
@@ -477,12 +513,14 @@ def gptq_quantize_reference(weight: Tensor, hessian: Tensor, options: GPTQOption
             if dynamic and j % group_size == 0:  # the group's current weights, past the block with E so far
                 cur = w[:, j : j + group_size].clone()
                 cur[:, i2 - j :] -= err[:, : j - i1] @ u[i1:j, i2 : j + group_size]
+                cur *= keep[:, j : j + group_size]
                 s, z = compute_qparams(cur.float(), bits, symmetric, axis=0, clip_search=clip)
             elif not dynamic:  # up front, in the original order: column perm[j]'s channel or group
                 col = order[j] // group_size if group_size else 0
                 s, z = qp.scale[:, col : col + 1], qp.zero_point[:, col : col + 1]
             scale[:, j], zero[:, j] = s[:, 0], z[:, 0]
             codes[:, j] = torch.round(w[:, j] / scale[:, j] + zero[:, j]).clamp(qmin, qmax)
+            codes[:, j] = torch.where(keep[:, j], codes[:, j], zero[:, j])
             err[:, j - i1] = (w[:, j] - (codes[:, j] - zero[:, j]) * scale[:, j]) / u[j, j]
             w[:, j:i2] -= torch.outer(err[:, j - i1], u[j, j:i2])
         w[:, i2:] -= err @ u[i1:i2, i2:]

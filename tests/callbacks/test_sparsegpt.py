@@ -10,11 +10,11 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_compress import SparseGPTPrune
+from lightning_compress import GPTQFinalize, SparseGPTPrune
 from lightning_compress.export.int4_linear import Int4Linear
 from lightning_compress.export.plan import export_for_inference
 from lightning_compress.export.sparse_linear import SemiStructuredSparseLinear
-from lightning_compress.functional.gptq import GPTQOptions
+from lightning_compress.functional.gptq import GPTQOptions, gptq_quantize_reference
 from lightning_compress.functional.sparsegpt import sparsegpt_prune
 from lightning_compress.nn.fake_quant import is_fake_quant
 from tests.calibration.reference import true_sequential_reference
@@ -68,6 +68,27 @@ def test_joint_24_and_int4_in_one_pass_then_exported_as_24_layers():
         export_for_inference(model, tokens=16)  # int4 layers (no 2:4 + int4 kernel): the zeros are int4 codes
         assert isinstance(model.get_submodule(name), Int4Linear)
         torch.testing.assert_close(model(**batches[0]).logits, fake_quant, rtol=0, atol=1e-4)
+
+
+def test_gptq_after_sparsegpt_keeps_every_pruned_weight_at_zero():
+    # the two-pass route (prune, then GPTQ with its own Hessians on the pruned model): GPTQ compensates the
+    # quantization error through the kept weights only, so the model stays 2:4
+    model, batches = tiny_llama().eval(), token_batches(2)
+    masks = SparseGPTPrune(pattern="2:4").apply(model, batches)
+    pruned = copy.deepcopy(model)
+    gptq = GPTQFinalize(bits=4)
+    gptq.apply(model, batches)
+
+    def solve(name, layer, hessian):
+        result = gptq_quantize_reference(layer.weight, hessian, gptq.options, keep=layer.weight != 0)
+        layer.weight.copy_(result.weight)
+        return result
+
+    expected = true_sequential_reference(pruned, batches, solve)
+    for name, keep in masks.items():
+        weight = model.get_submodule(name).weight
+        assert bool((weight[~keep] == 0).all()) and bool((weight[keep] != 0).float().mean() > 0.9), name
+        assert (gptq.quantized[name].weight.codes == expected[name].codes).double().mean() > 0.99, name
 
 
 def test_a_sparsegpt_24_model_exports_as_sparse_layers():

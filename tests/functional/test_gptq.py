@@ -248,6 +248,8 @@ def test_hessian_update_is_a_running_sum():
         ({"options": GPTQOptions(group_size=5)}, "group_size"),
         ({"hessian": torch.eye(7)}, "hessian"),
         ({"weight": torch.randn(8)}, "weight"),
+        ({"keep": torch.ones(4, 8)}, "keep must be a bool tensor"),
+        ({"keep": torch.ones(4, 4, dtype=torch.bool)}, r"keep must be a bool tensor of the weight's shape \(4, 8\)"),
     ],
 )
 def test_validation(kwargs, match):
@@ -310,3 +312,40 @@ def test_clip_search_lowers_the_output_error_at_low_bits(problem, bits):
     plain = gptq_quantize(w, h, GPTQOptions(bits=bits, symmetric=False))
     clipped = gptq_quantize(w, h, GPTQOptions(bits=bits, symmetric=False, clip_search=True))
     assert _out_err(x, w, clipped.weight) < _out_err(x, w, plain.weight)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"symmetric": False},
+        {"bits": 3, "symmetric": True, "act_order": True},
+        {"group_size": 32, "symmetric": False, "act_order": True},  # group qparams taken during the solve
+        {"group_size": 32, "act_order": True, "static_groups": True, "clip_search": True},
+    ],
+)
+def test_held_zeros_stay_zero_and_match_the_reference(problem, kwargs):
+    # a 2:4-pruned weight: GPTQ keeps every zero, compensates through the kept weights, as the reference does
+    x, w, h = problem
+    keep = (w.abs().reshape(64, 32, 4).argsort(-1, descending=True).argsort(-1) < 2).reshape(64, 128)
+    pruned = w * keep
+    opts = GPTQOptions(block_size=40, **kwargs)
+    res, ref = gptq_quantize(pruned, h, opts, keep=keep), gptq_quantize_reference(pruned, h, opts, keep=keep)
+    assert bool((res.weight[~keep] == 0).all()) and bool((ref.weight[~keep] == 0).all())
+    assert (res.codes == ref.codes).double().mean() > 0.995
+    torch.testing.assert_close(res.scale, ref.scale, rtol=1e-4, atol=1e-6)
+    # the zeros' freedom is given up, nothing else: a plain GPTQ fills them in (and has the lower error)
+    free = gptq_quantize(pruned, h, opts)
+    assert bool((free.weight[~keep] != 0).any())
+    errors = [_out_err(x, pruned, q) for q in (free.weight, res.weight, _masked_rtn(pruned, keep, opts))]
+    assert errors == sorted(errors)
+
+
+def _masked_rtn(w: torch.Tensor, keep: torch.Tensor, opts: GPTQOptions) -> torch.Tensor:
+    return _rtn(w, opts.bits, opts.group_size, opts.symmetric) * keep
+
+
+def test_keep_without_zeros_is_plain_gptq(problem):
+    _, w, h = problem
+    opts = GPTQOptions(bits=3, symmetric=False, act_order=True)
+    held = gptq_quantize(w, h, opts, keep=torch.ones_like(w, dtype=torch.bool))
+    assert torch.equal(held.codes, gptq_quantize(w, h, opts).codes)
