@@ -24,8 +24,9 @@ log = logging.getLogger(__name__)
 class AWQCalibrate(CalibrationCallback):
     """Scale each group of Linears sharing an input by ``s = mean|X|^α`` (``α`` searched per group on the output of
     the module holding it), fold ``1/s`` into the norm or Linear producing that input (SmoothQuant's folds), clip
-    each weight's range by a search on its output error, then round to nearest — or leave the scaled, clipped float
-    weights to :class:`~lightning_compress.GPTQFinalize` (``quantize=False``; AWQ + GPTQ).
+    each weight's range by a search on its output error, then round to nearest — or leave the scaled float weights
+    to :class:`~lightning_compress.GPTQFinalize` (``quantize=False``; AWQ + GPTQ, whose clipping search then
+    chooses the ranges).
 
     Block by block on the calibration engine: each block is calibrated on the outputs of the blocks before it. A
     language model's output embeddings are left out by default. With ``quantize`` the layers become fake-quant layers
@@ -41,15 +42,17 @@ class AWQCalibrate(CalibrationCallback):
     Python::
 
         AWQCalibrate(bits=4).apply(llm, calibration_batches)          # AWQ, round to nearest
-        AWQCalibrate(bits=4, quantize=False).apply(llm, batches)      # AWQ scales and clipping only, then:
-        GPTQFinalize(bits=4, symmetric=False).apply(llm, batches)     # GPTQ on the scaled weights
+        AWQCalibrate(bits=4, quantize=False).apply(llm, batches)      # AWQ scales only, then:
+        GPTQFinalize(bits=4).apply(llm, batches)                      # GPTQ on the scaled weights
 
     Args:
         bits: weight code width, 2..8.
         group_size: one scale per ``group_size`` inputs (must divide every layer's input width); None per channel.
         symmetric: symmetric (zero-point 0) or asymmetric (AWQ's default) grid.
         grid: steps of the ``α`` search in ``[0, 1)``.
-        clip: run the clipping search.
+        clip: run AWQ's clipping search (against round to nearest). None (default): when ``quantize``; AWQ +
+            GPTQ leaves the ranges to GPTQ's own clipping search, which measures better (SmolLM2 W4 per channel:
+            perplexity 51.1 without AWQ's clipping, 54.3 with both, benchmarks/RESULTS.md).
         quantize: round to nearest at the end (False: keep the float weights for GPTQ).
         max_search_tokens: real tokens the searches run on (whole batches, at least one), across all DDP ranks.
         num_batches, calibration_data, input_fn: calibration batches at fit end (see :class:`CalibrationCallback`).
@@ -62,7 +65,7 @@ class AWQCalibrate(CalibrationCallback):
         group_size: int | None = None,
         symmetric: bool = False,
         grid: int = 20,
-        clip: bool = True,
+        clip: bool | None = None,
         quantize: bool = True,
         max_search_tokens: int = 4096,
         num_batches: int | None = 32,
@@ -76,9 +79,11 @@ class AWQCalibrate(CalibrationCallback):
         for name, value in (("grid", grid), ("max_search_tokens", max_search_tokens)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        for name, value in (("clip", clip), ("quantize", quantize)):
-            if not isinstance(value, bool):
-                raise ValueError(f"{name} must be a bool (True or False), got {value!r}")
+        if not isinstance(quantize, bool):
+            raise ValueError(f"quantize must be a bool (True or False), got {quantize!r}")
+        if clip is not None and not isinstance(clip, bool):
+            raise ValueError(f"clip must be a bool (True or False) or None (= quantize), got {clip!r}")
+        clip = quantize if clip is None else clip
         self.grid, self.clip, self.quantize, self.max_search_tokens = grid, clip, quantize, max_search_tokens
         self.groups: list[AWQGroup] = []
 

@@ -94,6 +94,11 @@ def test_bad_input_is_refused_before_any_weight_changes(monkeypatch):
         AWQCalibrate(bits=1)
     with pytest.raises(ValueError, match="batches is empty"):
         AWQCalibrate().apply(model, [])
+    with pytest.raises(ValueError, match=r"clip must be a bool \(True or False\) or None \(= quantize\), got 'yes'"):
+        AWQCalibrate(clip="yes")
+    # AWQ's clipping search runs when AWQ rounds; before GPTQ (quantize=False) GPTQ's own search sets the ranges
+    assert AWQCalibrate().clip and not AWQCalibrate(quantize=False).clip
+    assert AWQCalibrate(quantize=False, clip=True).clip
     import lightning_compress.calibration.awq as module
 
     calls = []
