@@ -55,10 +55,17 @@ def _rows() -> list[tuple[str, str, list[tuple[str, dict]], dict | None]]:
             ("pruning", f"Wanda {label}", [("WandaPrune", prune)], {"method": "wanda", **peer}),
             ("pruning", f"SparseGPT {label}", [("SparseGPTPrune", prune)], {"method": "sparsegpt", **peer}),
         ]
-    pruning.append(("pruning", "SparseGPT 2:4 + W4 per channel (one pass)",
-                    [("SparseGPTPrune", {"pattern": "2:4", "bits": 4, "symmetric": False})],
-                    {"method": "sparsegpt", "sparsity": 0.5, "mask_structure": "2:4", "bits": 4, "group_size": None,
-                     "symmetric": False}))  # fmt: skip
+    # 2:4 + W4 per channel. The peer's one route is SparseGPT, then GPTQ (its example): beside our one pass with its
+    # plain grid, and beside our SparseGPT then GPTQFinalize's defaults with the same act-order + mse observer
+    joint = {"method": "sparsegpt", "sparsity": 0.5, "mask_structure": "2:4", "bits": 4, "group_size": None,
+             "symmetric": False}  # fmt: skip
+    pruning += [
+        ("pruning", "SparseGPT 2:4 + W4 per channel (ours: one pass)",
+         [("SparseGPTPrune", {"pattern": "2:4", "bits": 4, "symmetric": False})], joint),
+        ("pruning", "SparseGPT 2:4, then GPTQ act-order + clip search = GPTQFinalize(bits=4) default",
+         [("SparseGPTPrune", {"pattern": "2:4"}), ("GPTQFinalize", {"bits": 4})],
+         {**joint, "act_order": "static", "observer": "mse"}),
+    ]  # fmt: skip
     rows = []
     for table, scheme in SCHEMES.items():
         grid = {**scheme, **ASYM}
@@ -107,7 +114,7 @@ def _batches(ids: torch.Tensor) -> list[dict[str, torch.Tensor]]:
 
 def run_ours(data_file: str, callbacks: list[tuple[str, dict]]) -> dict[str, Any]:
     """One of our rows, in this process: load SmolLM2, compress one-shot, perplexity; wall time of the compression
-    only, peak RSS of the process."""
+    only, peak RSS through the compression (``oneshot_rss_mb``) and of the whole process (``peak_rss_mb``)."""
     import lightning_compress
     from lightning_compress.evaluation import perplexity
     from lightning_compress.examples.pretrained import load_pretrained
@@ -135,8 +142,21 @@ def run_ours(data_file: str, callbacks: list[tuple[str, dict]]) -> dict[str, Any
         else:
             getattr(lightning_compress, name)(**kwargs).apply(model, calib)
     seconds = time.perf_counter() - start
-    return {"perplexity": perplexity(model, held_out), "oneshot_s": seconds,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # fmt: skip
+    oneshot_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # load + compression, before evaluation
+    return {"perplexity": perplexity(model, held_out), "oneshot_s": seconds, "oneshot_rss_mb": oneshot_rss,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "check": sparsity_check(model)}  # fmt: skip
+
+
+def sparsity_check(model: torch.nn.Module) -> dict[str, Any]:
+    """The fraction of exact zeros over the decoder's Linear weights and whether every 4 consecutive inputs hold
+    at most 2 non-zeros (2:4): the keys llm-compressor's side reports too."""
+    from lightning_compress.nn.select import select_layers
+
+    weights = [layer.weight.detach() for layer in select_layers(model).values()]
+    zeros, numel = sum(int((w == 0).sum()) for w in weights), sum(w.numel() for w in weights)
+    two_four = all(bool(((w.reshape(-1, 4) != 0).sum(1) <= 2).all()) for w in weights)
+    return {"sparsity": round(zeros / numel, 4), "two_four": two_four}
 
 
 def _subprocess(args: list[str], timeout: float) -> dict[str, Any]:
@@ -151,13 +171,15 @@ def _subprocess(args: list[str], timeout: float) -> dict[str, Any]:
     return json.loads(lines[-1])
 
 
-def _fmt(result: dict[str, Any] | None, fp32: float) -> list[str]:
+def _fmt(result: dict[str, Any] | None, fp32: float, two_four: bool = False) -> list[str]:
+    """The four cells of one side; a ``two_four`` row whose weights are no longer 2:4 says so, with its sparsity."""
     if result is None or result.get("offered") is False:  # not offered one-shot (the peer's magnitude: its notes)
         return ["not offered", "", "", ""]
     if "error" in result:
         return [f"failed: {result['error']}", "", "", ""]
-    ppl = result["perplexity"]
-    return [f"{ppl:.2f}", f"{ppl / fp32:.3f}", f"{result['oneshot_s']:.0f}", f"{result['peak_rss_mb']:.0f}"]
+    ppl, check = result["perplexity"], result.get("check", {})
+    lost = f" (not 2:4: {check['sparsity']:.0%} zeros)" if two_four and check.get("two_four") is False else ""
+    return [f"{ppl:.2f}{lost}", f"{ppl / fp32:.3f}", f"{result['oneshot_s']:.0f}", f"{result['oneshot_rss_mb']:.0f}"]
 
 
 def partial() -> str | None:
@@ -174,9 +196,16 @@ def _notes(peer_version: str | None) -> list[str]:
         "SmolLM2's weights were stored as Q4_1 (asymmetric 4-bit, groups of 32): 4-bit group-32 rounding would be "
         "nearly lossless and prove nothing, so the schemes are per channel (4 and 3 bits) and groups of 64.",
         "All quantizer rows are asymmetric (as llm-compressor's and the reference GPTQ's); embeddings and the tied "
-        "lm_head stay float. One-shot s: the compression call only (model load and perplexity excluded); peak RSS: "
-        "the whole process. llm-compressor "
+        "lm_head stay float. One-shot s: the compression call only (model load and perplexity excluded); one-shot "
+        "RSS: the process's peak RSS through model load and compression (the perplexity run after it, ~1 GB of "
+        "logits, excluded). llm-compressor "
         f"{peer_version or '(not run)'}, in its own venv on the same torch.",
+        "AWQ + GPTQ: ours is AWQCalibrate(quantize=False) (AWQ's scales; its clipping is then off by default) and "
+        "GPTQFinalize with its clipping search; llm-compressor's is AWQModifier then GPTQModifier with the mse "
+        "observer. SparseGPT 2:4 + W4: llm-compressor's route is SparseGPTModifier then GPTQModifier (its own "
+        "example), beside our one pass (SparseGPTPrune(bits=4): pruned and quantized in one column loop) and our "
+        "SparseGPTPrune then GPTQFinalize (which keeps every zero). A 2:4 row whose weights no longer hold 2:4 "
+        "afterwards says so, with the zeros left (both sides checked alike).",
     ]
 
 
@@ -202,8 +231,8 @@ def run() -> Iterator[Table]:
                 peer_python()
             except RuntimeError as err:
                 peer_error = f"peer venv not available: {str(err).splitlines()[0][:120]}"
-        headers = ["method", "ours: perplexity", "× FP32", "one-shot s", "peak RSS MB",
-                   "llm-compressor: perplexity", "× FP32", "one-shot s", "peak RSS MB"]  # fmt: skip
+        headers = ["method", "ours: perplexity", "× FP32", "one-shot s", "one-shot RSS MB",
+                   "llm-compressor: perplexity", "× FP32", "one-shot s", "one-shot RSS MB"]  # fmt: skip
         current: Table | None = None
         for table, method, callbacks, peer_cfg in _rows():
             if only and method not in only and table not in only:
@@ -222,7 +251,8 @@ def run() -> Iterator[Table]:
             if peer_cfg is not None and with_peer:
                 peer = {"error": peer_error} if peer_error else run_peer(peer_cfg, data_file, TIMEOUT_S)
                 peer_version = peer.get("llmcompressor", peer_version)
-            current.rows.append([method, *_fmt(ours, fp32), *_fmt(peer, fp32)])
+            two_four = "2:4" in method
+            current.rows.append([method, *_fmt(ours, fp32, two_four), *_fmt(peer, fp32, two_four)])
             print(f"[llm]   {current.rows[-1]}", flush=True)
         if current is not None:
             current.notes = _notes(peer_version)

@@ -310,6 +310,8 @@ def main() -> None:
             model, tokenizer = load_model(data["model_folder"], data["gguf_file"])
             if cfg["method"] != "fp32":
                 model = compress(model, tokenizer, calib, cfg, result)
+            # peak RSS through model load and compression, before the perplexity run
+            result["oneshot_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
             start = time.perf_counter()
             result["perplexity"] = perplexity(model, evaluation, int(cfg["eval_batch"]))
             result["eval_s"] = round(time.perf_counter() - start, 2)
