@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_compress.calibration.gptq import gptq_model, is_gptq_layer, weight_matrix
+from lightning_compress.calibration.gptq import gptq_model, is_gptq_layer, pruned_zeros, weight_matrix
 from lightning_compress.callbacks.base import CalibrationCallback, check_group_size
 from lightning_compress.functional.gptq import GPTQOptions
 from lightning_compress.nn.fake_quant import WeightQuantizer, fake_quant_class, is_fake_quant
@@ -41,7 +41,7 @@ class GPTQFinalize(CalibrationCallback):
     the factorisation fails). Transformers are calibrated true-sequentially, block by block: each layer sees inputs
     that already went through the quantized layers before it. Afterwards each layer is a fake-quant layer frozen at
     its GPTQ grid (weights exactly on the grid; the same weight keys, so checkpoints load into the plain model; a
-    weight that was exactly zero stays zero, so a pruned model stays pruned, the kept weights compensating), and
+    pruned layer, one with at least 5% exact zeros, keeps every zero, the kept weights compensating), and
     :attr:`quantized` holds each layer's codes, scales and zero-points (:class:`QuantizedLayer`) for export. The
     eight solver arguments (``bits`` to ``clip_search``) are kept, validated, as :attr:`options`, one
     :class:`~lightning_compress.functional.gptq.GPTQOptions`.
@@ -121,7 +121,7 @@ class GPTQFinalize(CalibrationCallback):
         """GPTQ-quantize ``model``'s selected layers in place on ``batches``; returns ``{name: QuantizedLayer}``."""
         layers = self.select(model)
         batches = self.model_inputs(model, batches)
-        pruned = {name: layer.weight.detach() == 0 for name, layer in layers.items()}  # before GPTQ rounds any
+        pruned = {name: pruned_zeros(layer.weight.detach()) for name, layer in layers.items()}  # zeros GPTQ keeps
         with restored_on_error(model):
             results = gptq_model(model, layers, batches, self.options, self.true_sequential, self.hessian_dtype)
             built, quantized = {}, {}

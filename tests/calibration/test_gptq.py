@@ -7,7 +7,14 @@ import torch
 from torch import nn
 
 from lightning_compress.calibration.batches import call_model, real_tokens
-from lightning_compress.calibration.gptq import gptq_model, is_gptq_layer, layer_inputs, weight_matrix
+from lightning_compress.calibration.gptq import (
+    PRUNED_MIN_SPARSITY,
+    gptq_model,
+    is_gptq_layer,
+    layer_inputs,
+    pruned_zeros,
+    weight_matrix,
+)
 from lightning_compress.functional.gptq import GPTQOptions, gptq_quantize, hessian_update
 from lightning_compress.nn.select import select_layers
 from tests.calibration.reference import true_sequential_reference
@@ -121,3 +128,23 @@ def test_gptq_on_a_llama_is_the_reference_scripts_true_sequential_walk(options):
         assert (result.codes == expected[name].codes).double().mean() > 0.99, name  # float32 near-ties only
     with torch.no_grad():
         torch.testing.assert_close(model(**batches[0]).logits, reference(**batches[0]).logits, rtol=0, atol=5e-3)
+
+
+def test_zeros_are_kept_in_pruned_layers_only(monkeypatch):
+    # a few zeros by chance (a dense layer) are free to move; from PRUNED_MIN_SPARSITY on, every zero stays
+    import lightning_compress.calibration.gptq as module
+
+    held = []
+    solve = module.gptq_quantize
+    monkeypatch.setattr(module, "gptq_quantize", lambda *a, keep, **k: held.append(keep) or solve(*a, keep=keep, **k))
+    model, batches = tiny_llama().eval(), token_batches(2)
+    chance, pruned = model.model.layers[0].mlp.down_proj.weight, model.model.layers[1].mlp.down_proj.weight
+    with torch.no_grad():
+        chance.view(-1)[::1000] = 0.0  # 0.1%
+        pruned.view(-1)[: int(PRUNED_MIN_SPARSITY * pruned.numel()) + 1] = 0.0
+    assert pruned_zeros(chance) is None and bool(pruned_zeros(pruned).sum() > 0)
+    zeros_pruned = pruned == 0
+    layers = {n: m for n, m in select_layers(model).items() if n.endswith("down_proj")}
+    gptq_model(model, layers, batches, GPTQOptions(bits=4, symmetric=False))
+    assert bool((pruned[zeros_pruned] == 0).all())
+    assert held[0] is None and torch.equal(held[1], ~zeros_pruned)  # the dense layer solved as if it had no zeros
