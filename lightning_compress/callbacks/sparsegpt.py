@@ -40,6 +40,8 @@ class SparseGPTPrune(OneShotPruning):
 
         SparseGPTPrune(sparsity=0.5).apply(llm, calibration_batches)   # one-shot, unstructured 50%
         SparseGPTPrune(pattern="2:4", bits=4).apply(llm, calibration_batches)  # 2:4 and 4-bit in one pass
+        # or prune, then GPTQ with its act-order and clipping search (it keeps every zero: still 2:4):
+        SparseGPTPrune(pattern="2:4").apply(llm, batches); GPTQFinalize(bits=4).apply(llm, batches)
 
     Args:
         sparsity: the fraction removed, in ``[0, 1)``, chosen per block of ``block_size`` columns over all rows;
