@@ -5,11 +5,12 @@ python scripts/ptq.py +compress=[smoothquant_w8a8]     # SmoothQuant W8A8
 python scripts/ptq.py +compress=gptq_int3 pretrained=bert-base-uncased
 python scripts/ptq.py lm=smollm2 +compress=gptq_int4     # a causal LM: SmolLM2-135M, held-out perplexity
 python scripts/ptq.py task=causal_lm pretrained=PATH_OR_HUB_NAME +compress=gptq_int4
+python scripts/ptq.py lm=smollm2 +compress=gptq_int4 save=compressed-tensors   # + a folder vLLM / transformers load
 
 Writes the compression summary, the quality on held-out Brown text (an encoder's embedding cosine to FP32 on
 sentences; a causal LM's perplexity, before and after, on ``seq_len``-token windows of other documents), and the int
 tensors each callback produced (``quantized.safetensors``: ``<layer>/weight.codes``, ``<layer>/weight.scale``, ...)
-into the run directory.
+into the run directory; with ``save=compressed-tensors`` also the checkpoint folder serving stacks load.
 """
 
 from __future__ import annotations
@@ -27,12 +28,15 @@ from safetensors.torch import save_file
 
 from lightning_compress.callbacks.report import stage_of, weight_snapshots, write_report
 from lightning_compress.evaluation import perplexity
+from lightning_compress.export.compressed import save_compressed
 from lightning_compress.examples.brown import read_brown, split_documents
 from lightning_compress.examples.pretrained import load_pretrained, mean_pool
 from lightning_compress.examples.text import token_sequences, tokenize_batches
 from lightning_compress.summary import compression_summary
 
 TASKS = ("base", "causal_lm")
+# save=...: the writer of each serving format, called as writer(model, folder, tokenizer)
+SAVERS = {"compressed-tensors": save_compressed}
 
 
 def split_sentences(calibration: int, evaluation: int, seed: int) -> tuple[list[str], list[str]]:
@@ -86,6 +90,8 @@ def main(cfg: DictConfig) -> dict[str, float]:
         )
     if cfg.task not in TASKS:
         raise ValueError(f"task={cfg.task!r} is not supported; allowed: {list(TASKS)}")
+    if cfg.save is not None and cfg.save not in SAVERS:
+        raise ValueError(f"save={cfg.save!r} is not supported; allowed: null, {', '.join(SAVERS)}")
     model, tokenizer = load_pretrained(cfg.pretrained, task=cfg.task)
     batches, eval_batches = data(cfg, tokenizer)
     fp32 = copy.deepcopy(model)
@@ -110,6 +116,8 @@ def main(cfg: DictConfig) -> dict[str, float]:
     stages = [stage_of(fp32, "FP32", before), stage_of(model, "quantized", after)]
     write_report(model, out, stages, monitor=monitor, snapshots=snapshots)
     save_file(tensors, str(out / "quantized.safetensors"))
+    if cfg.save is not None:
+        print(f"{cfg.save} checkpoint: {SAVERS[cfg.save](model, out / cfg.save, tokenizer)}")
     print(summary)
     for key, value in metrics.items():
         print(f"{key}: {value:.4f}")

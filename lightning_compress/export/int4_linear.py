@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from lightning_compress.export.layer import FLOAT, REFERENCE, ExportedLinear, float_bias
 from lightning_compress.functional.packing import pack_bits, unpack_bits
 from lightning_compress.functional.quant import dequantize, quant_range
-from lightning_compress.nn.quantized import QuantizedWeight, round_to_nearest
+from lightning_compress.nn.quantized import QuantizedLayer, QuantizedWeight, round_to_nearest
 
 INT4 = "int4"
 BITS = 4
@@ -184,6 +184,11 @@ class Int4Linear(ExportedLinear):
     def codes(self) -> Tensor:
         """The signed codes ``q``, int8 ``(out, in)`` in ``[-8, 7]`` (unpacked from :attr:`packed`)."""
         return unpack_bits(self.packed, BITS).to(torch.int8) + QMIN
+
+    def quantized(self) -> QuantizedLayer:
+        """The stored weight as a :class:`QuantizedLayer` (4-bit codes, scales, zero-points; weight-only)."""
+        group = None if self.group_size == self.in_features else self.group_size
+        return QuantizedLayer(QuantizedWeight(self.codes(), self.scale, self.zero_point, BITS, group))
 
     def dequantized_weight(self) -> Tensor:
         """``W = S * (q - Z)``, float32 ``(out, in)``: ``functional.quant.dequantize`` of the stored codes."""

@@ -26,7 +26,7 @@ from lightning_compress.functional.quant import (
     quant_range,
     token_scale,
 )
-from lightning_compress.nn.quantized import QuantizedInput, QuantizedWeight, round_to_nearest
+from lightning_compress.nn.quantized import QuantizedInput, QuantizedLayer, QuantizedWeight, round_to_nearest
 
 log = logging.getLogger(__name__)
 
@@ -195,6 +195,12 @@ class ActQuantMixin:
             "smooth": quantized.smooth,
         }
 
+    def quantized_input(self) -> QuantizedInput | None:
+        """How the layer quantizes its input, as a :class:`QuantizedInput` (None when weight-only)."""
+        if self.act_bits is None:
+            return None
+        return QuantizedInput(self.act_bits, self.act_scale, self.act_zero_point, self.smooth)
+
     def act_spec(self) -> dict[str, Any]:
         """The activation-quantization part of a spec."""
         return {
@@ -316,6 +322,11 @@ class Int8Linear(ActQuantMixin, ExportedLinear):
         out, k = spec["out_features"], spec["in_features"]
         bias = torch.zeros(out) if spec["bias"] else None
         return cls(torch.zeros(out, k, dtype=torch.int8), torch.ones(out), bias, **cls.act_placeholders(spec))
+
+    def quantized(self) -> QuantizedLayer:
+        """The stored weight and input quantization as a :class:`QuantizedLayer` (8-bit symmetric per-channel codes)."""
+        weight = QuantizedWeight(self.weight_t.t().contiguous(), self.weight_scale[:, None], None, 8)
+        return QuantizedLayer(weight, self.quantized_input())
 
     def dequantized_weight(self) -> Tensor:
         return dequantize(self.weight_t.t(), self.weight_scale[:, None], torch.zeros(())).contiguous()

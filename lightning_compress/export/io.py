@@ -10,6 +10,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -105,6 +106,30 @@ def _atomic(target: Path, write: Callable[[str], Any]) -> None:
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def atomic_dir(target: Path, write: Callable[[Path], Any]) -> Path:
+    """``write(temporary folder)`` next to ``target``, then swap it in for ``target`` (replacing an existing folder).
+
+    At every moment ``target`` is either the old complete folder or the new one (or, for an instant between the two
+    renames, absent); a crash in ``write`` leaves ``target`` untouched and no temporary folder behind.
+
+    Returns:
+        ``target``.
+    """
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    old = target.with_name(f".{target.name}.old-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir(parents=True)
+        write(tmp)
+        if target.exists():
+            os.replace(target, old)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+    return target
 
 
 def tensor_digest(t: Tensor) -> str:
