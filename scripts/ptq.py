@@ -28,10 +28,10 @@ from safetensors.torch import save_file
 
 from lightning_compress.callbacks.report import stage_of, weight_snapshots, write_report
 from lightning_compress.evaluation import perplexity
-from lightning_compress.export.compressed import save_compressed
 from lightning_compress.examples.brown import read_brown, split_documents
 from lightning_compress.examples.pretrained import load_pretrained, mean_pool
 from lightning_compress.examples.text import token_sequences, tokenize_batches
+from lightning_compress.export.compressed import save_compressed
 from lightning_compress.summary import compression_summary
 
 TASKS = ("base", "causal_lm")

@@ -1,4 +1,4 @@
-"""compressed-tensors checkpoints: the Hugging Face model folders vLLM and transformers serve, and llm-compressor writes.
+"""compressed-tensors checkpoints: the Hugging Face model folders vLLM and transformers serve (llm-compressor's format).
 
 ``save_compressed(model, path, tokenizer)`` writes the model a quantization callback left (fake-quant layers) or
 ``export_for_inference`` made (``Int8Linear`` / ``Int4Linear``) as ``config.json`` with the ``quantization_config``
