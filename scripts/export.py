@@ -2,10 +2,12 @@
 
 python scripts/export.py +compress=qat_int8 ckpt_path=PATH/last.ckpt
 python scripts/export.py +compress=[prune_24,qat_int8] ckpt_path=PATH/last.ckpt export.dtype=bfloat16
+python scripts/export.py +compress=qat_int4 ckpt_path=PATH/last.ckpt export.format=compressed-tensors
 
 The Trainer restores the checkpoint with the recipe's callbacks (so fake-quant layers, scales and masks come back
 exactly) and stops at once; fit end converts QAT layers and runs the post-training recipes. The model is then
-exported, checked against its fake-quant self on a test batch, and saved.
+exported, checked against its fake-quant self on a test batch, and saved. With ``export.format=compressed-tensors``
+(or ``gguf``) the transformers model inside the LightningModule is written as is, for a serving stack, instead.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from lightning_compress.calibration.batches import call_model, split_batch
 from lightning_compress.callbacks.report import stage_of, weight_snapshots, write_report
 from lightning_compress.export.io import save_exported
 from lightning_compress.export.plan import export_for_inference
+from lightning_compress.export.serving import check_serving_format, save_for_serving, transformers_model
 
 
 def restore(cfg: DictConfig) -> tuple[pl.LightningModule, pl.LightningDataModule]:
@@ -38,16 +41,23 @@ def restore(cfg: DictConfig) -> tuple[pl.LightningModule, pl.LightningDataModule
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="export")
 def main(cfg: DictConfig) -> float:
-    """Restore, export, compare with the fake-quant model on one test batch, save; returns the output cosine."""
+    """Restore, export, compare with the fake-quant model on one test batch, save; returns the output cosine
+    (1.0 for a serving format: the compressed model itself is written)."""
+    options = OmegaConf.to_container(cfg.export)
+    fmt = check_serving_format(options.pop("format", None))
     pl.seed_everything(cfg.seed, workers=True)
     model, datamodule = restore(cfg)
+    if fmt is not None:
+        path = save_for_serving(transformers_model(model), fmt, cfg.out_dir, getattr(datamodule, "tokenizer", None))
+        print(f"{fmt} checkpoint: {path}")
+        return 1.0
     datamodule.setup("test")
     inputs = split_batch(next(iter(datamodule.test_dataloader())))[0]
     model.eval()
     snapshots, compressed = weight_snapshots(model), stage_of(model, "compressed (fake-quant / masked)", 1.0)
     with torch.no_grad():
         before = call_model(model, inputs).float()
-        export_for_inference(model, example_inputs=inputs, **OmegaConf.to_container(cfg.export))
+        export_for_inference(model, example_inputs=inputs, **options)
         after = call_model(model, inputs).float()
     cosine = float(torch.nn.functional.cosine_similarity(before.flatten(), after.flatten(), dim=0))
     same = int((before.argmax(-1) == after.argmax(-1)).sum()) if before.dim() == 2 else None

@@ -6,11 +6,13 @@ python scripts/ptq.py +compress=gptq_int3 pretrained=bert-base-uncased
 python scripts/ptq.py lm=smollm2 +compress=gptq_int4     # a causal LM: SmolLM2-135M, held-out perplexity
 python scripts/ptq.py task=causal_lm pretrained=PATH_OR_HUB_NAME +compress=gptq_int4
 python scripts/ptq.py lm=smollm2 +compress=gptq_int4 save=compressed-tensors   # + a folder vLLM / transformers load
+python scripts/ptq.py lm=smollm2 +compress=gptq_gguf save=gguf   # + model.gguf for llama.cpp / Ollama
 
 Writes the compression summary, the quality on held-out Brown text (an encoder's embedding cosine to FP32 on
 sentences; a causal LM's perplexity, before and after, on ``seq_len``-token windows of other documents), and the int
 tensors each callback produced (``quantized.safetensors``: ``<layer>/weight.codes``, ``<layer>/weight.scale``, ...)
-into the run directory; with ``save=compressed-tensors`` also the checkpoint folder serving stacks load.
+into the run directory; with ``save=compressed-tensors`` or ``save=gguf`` also what serving stacks load
+(``<run dir>/<format>/``).
 """
 
 from __future__ import annotations
@@ -31,12 +33,10 @@ from lightning_compress.evaluation import perplexity
 from lightning_compress.examples.brown import read_brown, split_documents
 from lightning_compress.examples.pretrained import load_pretrained, mean_pool
 from lightning_compress.examples.text import token_sequences, tokenize_batches
-from lightning_compress.export.compressed import save_compressed
+from lightning_compress.export.serving import check_serving_format, save_for_serving
 from lightning_compress.summary import compression_summary
 
 TASKS = ("base", "causal_lm")
-# save=...: the writer of each serving format, called as writer(model, folder, tokenizer)
-SAVERS = {"compressed-tensors": save_compressed}
 
 
 def split_sentences(calibration: int, evaluation: int, seed: int) -> tuple[list[str], list[str]]:
@@ -90,8 +90,7 @@ def main(cfg: DictConfig) -> dict[str, float]:
         )
     if cfg.task not in TASKS:
         raise ValueError(f"task={cfg.task!r} is not supported; allowed: {list(TASKS)}")
-    if cfg.save is not None and cfg.save not in SAVERS:
-        raise ValueError(f"save={cfg.save!r} is not supported; allowed: null, {', '.join(SAVERS)}")
+    check_serving_format(cfg.save)
     model, tokenizer = load_pretrained(cfg.pretrained, task=cfg.task)
     batches, eval_batches = data(cfg, tokenizer)
     fp32 = copy.deepcopy(model)
@@ -117,7 +116,8 @@ def main(cfg: DictConfig) -> dict[str, float]:
     write_report(model, out, stages, monitor=monitor, snapshots=snapshots)
     save_file(tensors, str(out / "quantized.safetensors"))
     if cfg.save is not None:
-        print(f"{cfg.save} checkpoint: {SAVERS[cfg.save](model, out / cfg.save, tokenizer)}")
+        written = save_for_serving(model, cfg.save, out / cfg.save, tokenizer, cfg.gguf_tokenizer_pre)
+        print(f"{cfg.save} checkpoint: {written}")
     print(summary)
     for key, value in metrics.items():
         print(f"{key}: {value:.4f}")

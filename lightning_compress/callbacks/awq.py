@@ -55,6 +55,7 @@ class AWQCalibrate(CalibrationCallback):
             same data: perplexity 51.1 without AWQ's clipping, 54.3 with both searches).
         quantize: round to nearest at the end (False: keep the float weights for GPTQ).
         max_search_tokens: real tokens the searches run on (whole batches, at least one), across all DDP ranks.
+        scale_dtype: round the final scales to ``"float16"`` / ``"bfloat16"`` (see :class:`GPTQFinalize`).
         num_batches, calibration_data, input_fn: calibration batches at fit end (see :class:`CalibrationCallback`).
         targets, ignore: regexes over Linear layer names.
     """
@@ -68,6 +69,7 @@ class AWQCalibrate(CalibrationCallback):
         clip: bool | None = None,
         quantize: bool = True,
         max_search_tokens: int = 4096,
+        scale_dtype: str | None = None,
         num_batches: int | None = 32,
         calibration_data: Iterable[Any] | None = None,
         input_fn: Any = None,
@@ -75,7 +77,7 @@ class AWQCalibrate(CalibrationCallback):
         ignore: str | Sequence[str] | None = None,
     ) -> None:
         super().__init__(num_batches, calibration_data, input_fn, targets, ignore)
-        self.options = GPTQOptions(bits=bits, group_size=group_size, symmetric=symmetric)  # validates the grid
+        self.options = GPTQOptions(bits=bits, group_size=group_size, symmetric=symmetric, scale_dtype=scale_dtype)
         for name, value in (("grid", grid), ("max_search_tokens", max_search_tokens)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -111,7 +113,7 @@ class AWQCalibrate(CalibrationCallback):
                 for name, layer in layers.items():
                     w = layer.weight.detach().clone()
                     axis = 0 if o.group_size is None else None
-                    qp = compute_qparams(w, o.bits, o.symmetric, axis=axis, group_size=o.group_size)
+                    qp = compute_qparams(w, o.bits, o.symmetric, axis, o.group_size, scale_dtype=o.scale_dtype)
                     codes = quantize(w, qp.scale, qp.zero_point, o.bits)
                     layer.weight.copy_(dequantize(codes, qp.scale, qp.zero_point).to(w.dtype))
                     scale, zero = qp.scale.reshape(w.shape[0], -1), qp.zero_point.reshape(w.shape[0], -1)

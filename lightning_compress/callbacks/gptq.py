@@ -26,8 +26,9 @@ def on_grid(
 ) -> tuple[nn.Module, QuantizedLayer]:
     """The fake-quant twin of ``layer`` frozen at a solver's grid (its weight already equals the dequantized codes),
     and the :class:`QuantizedLayer` export reads; ``pruned`` marks weights that were zero before (kept zero)."""
+    fmt = "fp8" if options.method == "fp8" else "int"
     weight = QuantizedWeight(codes.reshape(layer.weight.shape), scale, None if options.symmetric else zero_point,
-                             options.bits, options.group_size)  # fmt: skip
+                             options.bits, options.group_size, fmt)  # fmt: skip
     wq = WeightQuantizer.from_quantized(layer.weight, weight, pruned)
     return fake_quant_class(layer).from_module(layer, wq), QuantizedLayer(weight)
 
@@ -43,8 +44,8 @@ class GPTQFinalize(CalibrationCallback):
     its GPTQ grid (weights exactly on the grid; the same weight keys, so checkpoints load into the plain model; a
     pruned layer, one with at least 5% exact zeros, keeps every zero, the kept weights compensating), and
     :attr:`quantized` holds each layer's codes, scales and zero-points (:class:`QuantizedLayer`) for export. The
-    eight solver arguments (``bits`` to ``clip_search``) are kept, validated, as :attr:`options`, one
-    :class:`~lightning_compress.functional.gptq.GPTQOptions`.
+    solver arguments (``bits`` to ``clip_search``, ``method``, ``scale_dtype``) are kept, validated, as
+    :attr:`options`, one :class:`~lightning_compress.functional.gptq.GPTQOptions`.
 
     YAML (``conf/compress/gptq_int4.yaml``)::
 
@@ -75,6 +76,10 @@ class GPTQFinalize(CalibrationCallback):
             quantizer) instead of min-max (default: SmolLM2 4-bit per channel perplexity 53.3 with it, 55.2 without).
         true_sequential: calibrate each group of layers after the ones before it are quantized.
         hessian_dtype: ``"float64"`` or ``"float32"`` running sums of ``H``.
+        method: the grid: ``"linear"`` (signed integers) or ``"fp8"`` (FP8 E4M3 values with one scale
+            ``max|w| / 448`` per channel or group; ``bits=8``, symmetric: what FP8 serving kernels take).
+        scale_dtype: round the scales to ``"float16"`` (or ``"bfloat16"``) as GPTQ makes them, so a format that
+            stores fp16 scales holds this grid exactly (GGUF Q4_0 / Q8_0 with ``group_size=32``); None: float32.
         num_batches, calibration_data, input_fn: calibration batches at fit end (see :class:`CalibrationCallback`).
         targets, ignore: regexes over layer names (default: every Linear and Conv2d).
     """
@@ -91,6 +96,8 @@ class GPTQFinalize(CalibrationCallback):
         clip_search: bool = True,
         true_sequential: bool = True,
         hessian_dtype: str = "float64",
+        method: str = "linear",
+        scale_dtype: str | None = None,
         num_batches: int | None = 32,
         calibration_data: Iterable[Any] | None = None,
         input_fn: Any = None,
@@ -99,10 +106,11 @@ class GPTQFinalize(CalibrationCallback):
     ) -> None:
         super().__init__(num_batches, calibration_data, input_fn, targets, ignore)
         if symmetric is None:  # int4 and below: zero-points (weight-only kernels take them); 5-8 bits: int8 kernels
-            symmetric = isinstance(bits, int) and bits > 4
+            symmetric = (isinstance(bits, int) and bits > 4) or method == "fp8"
         self.options = GPTQOptions(
             bits=bits, group_size=group_size, symmetric=symmetric, act_order=act_order,
             static_groups=static_groups, percdamp=percdamp, block_size=block_size, clip_search=clip_search,
+            method=method, scale_dtype=scale_dtype,
         )  # fmt: skip
         if hessian_dtype not in HESSIAN_DTYPES:
             raise ValueError(f"hessian_dtype={hessian_dtype!r} is not supported; allowed: {list(HESSIAN_DTYPES)}")

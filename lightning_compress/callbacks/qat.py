@@ -15,6 +15,7 @@ from lightning_compress.functional.checks import check_patterns
 from lightning_compress.functional.quant import check_bits
 from lightning_compress.nn.fake_quant import (
     ActQuantizer,
+    SymmetricActQuantizer,
     WeightQuantizer,
     check_weight_quant,
     fake_quant_class,
@@ -62,9 +63,12 @@ class QATFakeQuant(pl.Callback):
         bits: weight code width, 2..8 (k-means: ``log2`` of the codebook size).
         symmetric: symmetric (zero-point 0) or asymmetric weights.
         group_size: one scale per ``group_size`` inputs of each row instead of one per row.
-        method: ``"linear"`` or ``"kmeans"``.
+        method: ``"linear"``, ``"kmeans"`` or ``"fp8"`` (FP8 E4M3 weights, ``bits=8``, symmetric; with
+            ``act_bits=8`` its activations are FP8 too, dynamic per token as FP8 kernels serve them).
         lsq: learn the weight scales (LSQ); symmetric linear only.
         kmeans_init: k-means initialisation, ``"linear"``, ``"kmeans++"`` or ``"density"``.
+        scale_dtype: round min-max weight scales to ``"float16"`` / ``"bfloat16"`` as they are made (GGUF stores
+            fp16 block scales: with it and ``group_size=32`` a GGUF file holds the trained grid exactly).
         act_bits: activation code width (2..8), or None for weight-only.
         observer: the activation observer: an :class:`Observer` (copied for every layer; in YAML a ``_target_``
             with its arguments) or a callable returning a new one. An ``MSEObserver`` must be built for
@@ -83,6 +87,7 @@ class QATFakeQuant(pl.Callback):
         method: str = "linear",
         lsq: bool = False,
         kmeans_init: str = "linear",
+        scale_dtype: str | None = None,
         act_bits: int | None = None,
         observer: Observer | Callable[[], Observer] = MovingAverageMinMaxObserver,
         freeze_observers_step: int | None = None,
@@ -91,19 +96,25 @@ class QATFakeQuant(pl.Callback):
         targets: str | Sequence[str] | None = None,
         ignore: str | Sequence[str] | None = None,
     ) -> None:
-        check_weight_quant(bits, symmetric, group_size, method, lsq, kmeans_init)
+        check_weight_quant(bits, symmetric, group_size, method, lsq, kmeans_init, scale_dtype)
         check_patterns("targets", targets), check_patterns("ignore", ignore)
         self.bits = bits
         self.act_bits = None if act_bits is None else check_bits(act_bits, "act_bits")
+        if method == "fp8" and act_bits not in (None, 8):
+            raise ValueError(
+                f"method='fp8' quantizes activations to FP8 (8 bits) or not at all, got act_bits={act_bits}"
+            )
         self.observer = observer
-        if act_bits is not None:
+        # activations with observed ranges (FP8's are dynamic per token: no observer)
+        self.observed = act_bits is not None and method != "fp8"
+        if self.observed:
             self.new_observer()  # validates the observer now
         if freeze_observers_step is not None and freeze_observers_step < 0:
             raise ValueError(f"freeze_observers_step must be >= 0 or None, got {freeze_observers_step}")
         if start_epoch < 0:
             raise ValueError(f"start_epoch must be >= 0, got {start_epoch}")
         self.weight_kwargs = dict(bits=bits, symmetric=symmetric, group_size=group_size, method=method, lsq=lsq)
-        self.weight_kwargs["kmeans_init"] = kmeans_init
+        self.weight_kwargs.update(kmeans_init=kmeans_init, scale_dtype=scale_dtype)
         self.freeze_observers_step, self.start_epoch, self.convert = freeze_observers_step, start_epoch, convert
         self.targets, self.ignore = targets, ignore
         self.layers: dict[str, nn.Module] = {}
@@ -175,7 +186,9 @@ class QATFakeQuant(pl.Callback):
             except ValueError as err:
                 raise ValueError(f"layer {name!r}: {err}") from None
             aq = None
-            if self.act_bits is not None:
+            if self.weight_kwargs["method"] == "fp8" and self.act_bits is not None:  # what FP8 kernels serve
+                aq = SymmetricActQuantizer(self.act_bits, "token", method="fp8")
+            elif self.act_bits is not None:
                 aq = ActQuantizer(self.new_observer(), self.act_bits)
             built[name] = fake_quant_class(layer).from_module(layer, wq, aq)
             built[name].enabled = self.start_epoch == 0
@@ -190,7 +203,7 @@ class QATFakeQuant(pl.Callback):
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         self.step += 1
-        if self.act_bits is None:
+        if not self.observed:
             return
         if trainer.world_size > 1:
             sync_observers([layer.act_quantizer.observer for layer in self.layers.values()])
@@ -207,7 +220,7 @@ class QATFakeQuant(pl.Callback):
         """Put every weight exactly on its grid, freeze scales and observers; returns (and keeps) the layers' codes,
         scales and activation ranges."""
         for name, layer in self.layers.items():  # check everything before changing anything
-            if layer.act_quantizer is not None and int(layer.act_quantizer.observer.num_batches) == 0:
+            if self.observed and int(layer.act_quantizer.observer.num_batches) == 0:
                 raise RuntimeError(
                     f"layer {name!r}: the activation observer has seen no data; run at least one training or "
                     "calibration batch before converting"
@@ -216,8 +229,9 @@ class QATFakeQuant(pl.Callback):
             layer.enabled = True
             weight = layer.weight_quantizer.convert(layer.weight)
             act = None
-            if layer.act_quantizer is not None:
+            if self.observed:
                 layer.act_quantizer.observer.freeze()
+            if layer.act_quantizer is not None:
                 act = layer.act_quantizer.quantized()
             self.quantized[name] = QuantizedLayer(weight, act)  # the codes convert made, not quantized a second time
         self.converted = True
@@ -228,7 +242,7 @@ class QATFakeQuant(pl.Callback):
         layers = {}
         for name, layer in self.layers.items():
             entry = {"weight": layer.weight_quantizer.quant_state()}
-            if layer.act_quantizer is not None:
+            if self.observed:
                 entry["act"] = layer.act_quantizer.observer.observer_state()
             layers[name] = entry
         return {"layers": layers, "step": self.step, "converted": self.converted}
@@ -245,7 +259,7 @@ class QATFakeQuant(pl.Callback):
         for name, entry in state["layers"].items():
             layer = self.layers[name]
             layer.weight_quantizer.load_quant_state(entry["weight"])
-            if "act" in entry and layer.act_quantizer is not None:
+            if "act" in entry and self.observed:
                 layer.act_quantizer.observer.load_observer_state(entry["act"])
         self.step, self.converted = int(state["step"]), bool(state["converted"])
         if self.converted:

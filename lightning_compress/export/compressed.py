@@ -80,7 +80,8 @@ def weight_args(name: str, weight: QuantizedWeight, in_features: int) -> Any:
     """compressed-tensors ``QuantizationArgs`` for ``weight`` of layer ``name`` (``in_features`` inputs per row).
 
     Per tensor (one scale), per channel (``(out, 1)`` or groups as wide as a row) or per group of ``g`` inputs
-    (``(out, in / g)``); integer codes of 2..8 bits, symmetric or with integer zero-points.
+    (``(out, in / g)``); integer codes of 2..8 bits, symmetric or with integer zero-points, or FP8 E4M3 values
+    (``type="float"``, compressed-tensors' ``float-quantized`` format).
 
     Raises:
         ValueError: a codebook weight, or one scale per column (GPTQ act-order groups without static groups),
@@ -88,13 +89,14 @@ def weight_args(name: str, weight: QuantizedWeight, in_features: int) -> Any:
     """
     from compressed_tensors.quantization import QuantizationArgs
 
-    if weight.format != "int":
+    if weight.format == "codebook":
         raise ValueError(
-            f"layer {name!r}: k-means codebook weights have no compressed-tensors scheme; allowed: integer codes "
-            "(QAT, GPTQ, AWQ, SmoothQuant, round-to-nearest)"
+            f"layer {name!r}: k-means codebook weights have no compressed-tensors scheme; allowed: integer or FP8 "
+            "codes (QAT, GPTQ, AWQ, SmoothQuant, round-to-nearest)"
         )
     scale = weight.scale
-    common = {"num_bits": weight.bits, "type": "int", "symmetric": weight.symmetric}
+    kind = "float" if weight.format == "fp8" else "int"
+    common = {"num_bits": weight.bits, "type": kind, "symmetric": weight.symmetric}
     if scale.numel() == 1:
         return QuantizationArgs(**common, strategy="tensor")
     if scale.shape[-1] == 1 or weight.group_size == in_features:
@@ -111,7 +113,8 @@ def weight_args(name: str, weight: QuantizedWeight, in_features: int) -> Any:
 def input_args(name: str, quantized: QuantizedInput | None) -> Any:
     """compressed-tensors ``QuantizationArgs`` for a layer's input quantization (None when it has none).
 
-    Dynamic symmetric per-token scales (``strategy="token", dynamic=True``) or one static scale (and zero-point).
+    Dynamic symmetric per-token scales (``strategy="token", dynamic=True``) or one static scale (and zero-point);
+    integer codes or FP8 (``type="float"``).
 
     Raises:
         ValueError: an explicit SmoothQuant divisor ``x / s`` (compressed-tensors has no per-input smoothing: fold it
@@ -126,34 +129,35 @@ def input_args(name: str, quantized: QuantizedInput | None) -> Any:
             f"layer {name!r} divides its input by an explicit SmoothQuant scale, which compressed-tensors cannot "
             "hold; use SmoothQuantCalibrate(explicit_scales=False) (folds into producers only) or save_exported"
         )
+    kind = "float" if quantized.method == "fp8" else "int"
     if quantized.dynamic:
-        return QuantizationArgs(num_bits=quantized.bits, type="int", symmetric=True, strategy="token", dynamic=True)
+        return QuantizationArgs(num_bits=quantized.bits, type=kind, symmetric=True, strategy="token", dynamic=True)
     return QuantizationArgs(
-        num_bits=quantized.bits, type="int", symmetric=quantized.zero_point is None, strategy="tensor"
+        num_bits=quantized.bits, type=kind, symmetric=quantized.zero_point is None, strategy="tensor"
     )
 
 
-def layer_quantization(name: str, module: nn.Module) -> QuantizedLayer | None:
+def layer_quantization(name: str, module: nn.Module, fmt: str = "compressed-tensors") -> QuantizedLayer | None:
     """What ``module`` holds on a grid: a fake-quant layer's or an ``Int8Linear`` / ``Int4Linear``'s
     :class:`QuantizedLayer`; None for a float layer.
 
     Raises:
-        ValueError: a quantized layer compressed-tensors cannot hold (a convolution, a 2:4 or input-only layer, a
-            fake-quant layer that is switched off), naming it.
+        ValueError: a quantized layer the serving format ``fmt`` cannot hold (a convolution, a 2:4 or input-only
+            layer, a fake-quant layer that is switched off), naming it.
     """
     if isinstance(module, (Int8Linear, Int4Linear)):
         return module.quantized()
     if isinstance(module, ExportedLinear):
         raise ValueError(
-            f"layer {name!r} is a {type(module).__name__}, which compressed-tensors cannot hold; save the model "
+            f"layer {name!r} is a {type(module).__name__}, which {fmt} cannot hold; save the model "
             "before export_for_inference, or with save_exported"
         )
     if not is_fake_quant(module):
         if is_input_quantized(module):
-            raise ValueError(f"layer {name!r} quantizes its input only; compressed-tensors needs a quantized weight")
+            raise ValueError(f"layer {name!r} quantizes its input only; {fmt} needs a quantized weight")
         return None
     if not isinstance(module, nn.Linear):
-        raise ValueError(f"layer {name!r} is a quantized {type(module).__name__}; compressed-tensors holds Linears")
+        raise ValueError(f"layer {name!r} is a quantized {type(module).__name__}; {fmt} holds Linears")
     if not module.enabled:
         raise ValueError(f"layer {name!r} has fake quantization switched off; enable it or convert it first")
     return module.quantized()
@@ -385,6 +389,11 @@ def loaded_layer(name: str, scheme: Any, local: dict[str, Tensor], bias: Tensor 
     from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
 
     w, inp = scheme.weights, scheme.input_activations
+    if w is not None and (w.type == "float" or (inp is not None and inp.type == "float")):
+        raise ValueError(
+            f"layer {name!r}: FP8 (float) weights or inputs have no export layer here (no FP8 kernel on CPU); load "
+            "the folder with transformers (compressed-tensors decompresses it) or serve it with vLLM"
+        )
     if w is None or w.type != "int" or (inp is not None and inp.type != "int"):
         raise ValueError(f"layer {name!r}: scheme {scheme.model_dump()} is not integer; no export layer takes it")
     scale = local["weight_scale"].float()

@@ -188,6 +188,10 @@ class ActQuantMixin:
         """The activation constructor arguments for ``quantized`` (``act_bits=None``, weight-only, for None)."""
         if quantized is None:
             return {"act_bits": None}
+        if quantized.method != "linear":
+            raise ValueError(
+                f"inputs quantized with method={quantized.method!r} have no int8 kernel; allowed: 'linear'"
+            )
         return {
             "act_bits": quantized.bits,
             "act_scale": quantized.scale,

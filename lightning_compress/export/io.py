@@ -82,7 +82,7 @@ def save_exported(model: nn.Module, path: str | Path) -> Path:
             continue
         seen[ident] = key
         tensors[key] = t.detach().cpu().contiguous()
-    _atomic(path / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp, metadata={"format": FORMAT}))
+    atomic_file(path / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp, metadata={"format": FORMAT}))
     manifest = {
         "format": FORMAT,
         "version": FORMAT_VERSION,
@@ -94,11 +94,11 @@ def save_exported(model: nn.Module, path: str | Path) -> Path:
         "file_bytes": (path / WEIGHTS_FILE).stat().st_size,
         "sha256": {key: tensor_digest(t) for key, t in tensors.items()},
     }
-    _atomic(path / MANIFEST, lambda tmp: Path(tmp).write_text(json.dumps(manifest, indent=1)))
+    atomic_file(path / MANIFEST, lambda tmp: Path(tmp).write_text(json.dumps(manifest, indent=1)))
     return path
 
 
-def _atomic(target: Path, write: Callable[[str], Any]) -> None:
+def atomic_file(target: Path, write: Callable[[str], Any]) -> None:
     """``write(temporary path)`` next to ``target``, then rename it onto ``target`` (never a half-written file)."""
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     try:

@@ -32,9 +32,13 @@ from lightning_compress.functional.masks import n_pruned, nm_mask, topk_mask
 from lightning_compress.functional.quant import (
     QParams,
     check_bits,
+    check_method,
+    check_scale_dtype,
     compute_qparams,
     dequantize,
+    fp8_e4m3,
     quant_range,
+    round_to_grid,
 )
 
 # Each Cholesky failure multiplies the dampening by 10, at most this many times.
@@ -68,6 +72,10 @@ class GPTQOptions:
         clip_search: choose each channel's (or group's) range by the clipping search of
             :func:`~lightning_compress.functional.quant.compute_qparams` (the reference's ``mse`` quantizer) instead
             of min-max.
+        method: the grid, ``"linear"`` (signed integers) or ``"fp8"`` (E4M3 values, ``bits=8``, symmetric: the
+            codes are ``torch.float8_e4m3fn``).
+        scale_dtype: round every scale to ``"float16"`` or ``"bfloat16"`` as it is made (None: float32), so a file
+            format storing scales in that dtype (GGUF: fp16) holds exactly the grid the codes were solved on.
 
     Raises:
         TypeError: ``bits`` is not an int. ValueError: a field out of range or of the wrong type (named, with the
@@ -82,9 +90,13 @@ class GPTQOptions:
     percdamp: float = 0.01
     block_size: int = 128
     clip_search: bool = False
+    method: str = "linear"
+    scale_dtype: str | None = None
 
     def __post_init__(self) -> None:
         check_bits(self.bits)
+        check_method(self.method, self.bits, self.symmetric)
+        check_scale_dtype(self.scale_dtype)
         g, damp, block = self.group_size, self.percdamp, self.block_size
         if g is not None and (isinstance(g, bool) or not isinstance(g, int) or g < 1):
             raise ValueError(f"group_size must be a positive int or None, got {g!r}")
@@ -102,7 +114,8 @@ class GPTQResult(NamedTuple):
 
     Attributes:
         weight: float32 ``(out, in)``, exactly ``dequantize(codes, scale, zero_point)``.
-        codes: int8 ``(out, in)`` in the original column order, within ``quant_range(bits)``.
+        codes: int8 ``(out, in)`` in the original column order, within ``quant_range(bits)`` (``method="fp8"``:
+            ``torch.float8_e4m3fn``).
         scale: float32 block-shaped scales: ``(out, 1)`` per channel, ``(out, in / group_size)`` per group, or
             ``(out, in)`` (each column its group's scale) for ``act_order`` groups without ``static_groups``.
         zero_point: float32 integers, same shape as ``scale`` (zeros when symmetric).
@@ -309,7 +322,7 @@ def solve_columns(
     with threads(0):  # elementwise ops and small products
         options = check_solver_inputs(weight, hessian, options)
         bits, group_size, symmetric, act_order = options.bits, options.group_size, options.symmetric, options.act_order
-        clip = options.clip_search
+        clip, method, stored = options.clip_search, options.method, options.scale_dtype
         w, h = weight.detach().float(), hessian.detach().to(torch.float64)  # read only: not copied
         n, rows, dead = w.shape[1], w.shape[0], h.diagonal() == 0
         if dead.any():
@@ -324,7 +337,7 @@ def solve_columns(
         elif quantize:  # qparams up front in the original column order: per channel or static groups
             axis = 0 if group_size is None else None
             kept = w if pruning is None or pruning.mask is None else w * pruning.mask
-            qp = compute_qparams(kept, bits, symmetric, axis=axis, group_size=group_size, clip_search=clip)
+            qp = compute_qparams(kept, bits, symmetric, axis, group_size, clip, method, stored)
             scale, zero = qp.scale.T.contiguous(), qp.zero_point.T.contiguous()
             group = perm // group_size if group_size else torch.zeros_like(perm)  # row of scale for each column
         # in solve order: the weight transposed (one row per column), the Hessian reversed (JHJ)
@@ -333,7 +346,7 @@ def solve_columns(
         flipped.diagonal()[dead[rev]] = 1.0
         v, rdiag, damp = _compensation(flipped, options.percdamp, threads)
         grid = (
-            _Grid(scale, zero, group.tolist(), bits, symmetric, group_size if dynamic else None, clip)
+            _Grid(scale, zero, group.tolist(), bits, symmetric, group_size if dynamic else None, clip, method, stored)
             if quantize
             else None
         )
@@ -346,7 +359,7 @@ def solve_columns(
             if not torch.isfinite(out.sum()):
                 raise RuntimeError("GPTQ produced non-finite weights")
             return out, None, None, damp, keep
-        codes = solved.to(torch.int8)
+        codes = solved.to(torch.float8_e4m3fn if method == "fp8" else torch.int8)  # exact: on the grid
         codes = (codes[back] if act_order else codes).T.contiguous()
         if dynamic and act_order:  # groups formed in solve order are scattered: one (scale, zero) per column
             qp = QParams(torch.empty_like(w), torch.empty_like(w))
@@ -370,6 +383,8 @@ class _Grid(NamedTuple):
     symmetric: bool
     group_size: int | None
     clip_search: bool
+    method: str = "linear"
+    scale_dtype: str | None = None
 
 
 def _solve(
@@ -422,7 +437,12 @@ def _solve(
                     if grid.group_size is not None and i % g == 0:  # rows i - i1.. of w1 are up to date
                         _group_qparams(grid, wt, v, w1, delta, i, i1, i2, fixed)
                     s, z, c = grid.scale[grid.group[i]], grid.zero[grid.group[i]], out[i]
-                    torch.div(w1[i - i1], s, out=c).add_(z).round_().clamp_(qmin, qmax)  # == quantize(), bit for bit
+                    if grid.method == "fp8":  # the saturated nearest E4M3 value (zero-point 0)
+                        c.copy_(fp8_e4m3(w1[i - i1] / s))
+                    else:
+                        torch.div(w1[i - i1], s, out=c).add_(z).round_().clamp_(
+                            qmin, qmax
+                        )  # == quantize(), bit for bit
                     if keep is not None:
                         torch.where(keep[i], c, z, out=c)  # a pruned weight's code is the zero-point: exactly 0
                     torch.sub(wt[i], (c - z).mul_(s), out=delta[i])
@@ -454,7 +474,7 @@ def _group_qparams(
     cur = _paper_weights(wt, v, cur, i, e)
     if keep is not None:
         cur = cur * keep[i:e]
-    qp = compute_qparams(cur, grid.bits, grid.symmetric, axis=1, clip_search=grid.clip_search)
+    qp = compute_qparams(cur, grid.bits, grid.symmetric, 1, None, grid.clip_search, grid.method, grid.scale_dtype)
     grid.scale[grid.group[i]], grid.zero[grid.group[i]] = qp.scale[0], qp.zero_point[0]
 
 
@@ -498,13 +518,18 @@ def gptq_quantize_reference(
     n, dynamic = w.shape[1], group_size is not None and not options.static_groups
     keep = torch.ones_like(w, dtype=torch.bool) if keep is None else _check_keep(keep, weight)
     perm = torch.argsort(h.diagonal(), descending=True, stable=True) if act_order else torch.arange(n, device=w.device)
-    axis, clip = 0 if group_size is None else None, options.clip_search
-    qp = compute_qparams((w * keep).float(), bits, symmetric, axis=axis, group_size=group_size, clip_search=clip)
+    axis, clip, method, stored = (
+        0 if group_size is None else None,
+        options.clip_search,
+        options.method,
+        options.scale_dtype,
+    )
+    qp = compute_qparams((w * keep).float(), bits, symmetric, axis, group_size, clip, method, stored)
     damp = options.percdamp * h.diagonal().mean().item()
     h = h + damp * torch.eye(n, dtype=h.dtype, device=h.device)
     w, h, keep = w[:, perm], h[perm][:, perm], keep[:, perm]
     u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)  # H⁻¹ = UᵀU
-    qmin, qmax, order = *quant_range(bits), perm.tolist()
+    order = perm.tolist()
     codes, scale, zero = torch.empty_like(w), torch.empty_like(w), torch.empty_like(w)  # per column, solve order
     for i1 in range(0, n, block_size):
         i2 = min(i1 + block_size, n)
@@ -514,18 +539,18 @@ def gptq_quantize_reference(
                 cur = w[:, j : j + group_size].clone()
                 cur[:, i2 - j :] -= err[:, : j - i1] @ u[i1:j, i2 : j + group_size]
                 cur *= keep[:, j : j + group_size]
-                s, z = compute_qparams(cur.float(), bits, symmetric, axis=0, clip_search=clip)
+                s, z = compute_qparams(cur.float(), bits, symmetric, 0, None, clip, method, stored)
             elif not dynamic:  # up front, in the original order: column perm[j]'s channel or group
                 col = order[j] // group_size if group_size else 0
                 s, z = qp.scale[:, col : col + 1], qp.zero_point[:, col : col + 1]
             scale[:, j], zero[:, j] = s[:, 0], z[:, 0]
-            codes[:, j] = torch.round(w[:, j] / scale[:, j] + zero[:, j]).clamp(qmin, qmax)
+            codes[:, j] = round_to_grid(w[:, j] / scale[:, j] + zero[:, j], bits, method)
             codes[:, j] = torch.where(keep[:, j], codes[:, j], zero[:, j])
             err[:, j - i1] = (w[:, j] - (codes[:, j] - zero[:, j]) * scale[:, j]) / u[j, j]
             w[:, j:i2] -= torch.outer(err[:, j - i1], u[j, j:i2])
         w[:, i2:] -= err @ u[i1:i2, i2:]
     back = torch.argsort(perm)
-    codes = codes[:, back].to(torch.int8)
+    codes = codes[:, back].to(torch.float8_e4m3fn if method == "fp8" else torch.int8)
     if dynamic:  # the qparams each column used, original order: per column under act_order, else per group
         step = 1 if act_order else group_size
         qp = QParams(scale[:, back][:, ::step].float(), zero[:, back][:, ::step].float())

@@ -3,6 +3,11 @@
 A real value r and its integer code q are related by ``r = S * (q - Z)`` with scale ``S`` and zero-point ``Z``.
 Codes are signed N-bit integers in ``[qmin, qmax] = [-2^(N-1), 2^(N-1) - 1]``, N in 2..8, stored as int8.
 
+FP8 (``method="fp8"``, Micikevicius et al. 2022, "FP8 Formats for Deep Learning") is the other grid: codes are
+``torch.float8_e4m3fn`` values, ``r = S * q`` with ``q = fp8_e4m3(r / S)`` the nearest E4M3 value, saturated at
+``±FP8_MAX = ±448``, and ``S = max|r| / 448`` per block (symmetric: no zero-point). Every function here that
+rounds takes ``method`` (``"linear"``, the integer grid, or ``"fp8"``); the granularity rules are the same.
+
 Granularity is one code path: the scale and zero-point have the same number of dimensions as the tensor,
 and along each dimension either one value (shared), one value per index, or one value per block of
 ``size // params_size`` consecutive indices. Per-tensor, per-channel (any axis) and per-group are three
@@ -28,6 +33,12 @@ MIN_SCALE = 1e-12
 CLIP_GRID = 100
 CLIP_MAX_SHRINK = 0.8
 CLIP_NORM = 2.4
+# The grids a value can be rounded onto: signed integers of ``bits`` bits, or FP8 E4M3 (8 bits).
+METHODS = ("linear", "fp8")
+# Storage dtypes a scale can be rounded to as it is made (``scale_dtype``): a file format that stores fp16 scales
+# (GGUF's blocks) then holds exactly the scales the codes were rounded with.
+SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+FP8_MAX = float(torch.finfo(torch.float8_e4m3fn).max)  # 448: the largest finite E4M3 value
 
 
 class QParams(NamedTuple):
@@ -55,6 +66,39 @@ def check_bits(bits: int, name: str = "bits") -> int:
     if not MIN_BITS <= bits <= MAX_BITS:
         raise ValueError(f"{name} must be in [{MIN_BITS}, {MAX_BITS}], got {bits}")
     return bits
+
+
+def check_method(method: str, bits: int, symmetric: bool = True) -> str:
+    """Validate a grid: ``method`` in :data:`METHODS`; ``"fp8"`` needs ``bits=8`` and ``symmetric=True``.
+
+    Raises:
+        ValueError: naming the bad argument and what is allowed.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method={method!r} is not a grid; allowed: {list(METHODS)}")
+    if method == "fp8" and (bits != 8 or symmetric is not True):
+        raise ValueError(f"method='fp8' (E4M3) has 8 bits and no zero-point; got bits={bits}, symmetric={symmetric}")
+    return method
+
+
+def fp8_e4m3(x: Tensor) -> Tensor:
+    """``x`` cast to ``torch.float8_e4m3fn`` with saturation: the nearest E4M3 value (ties to even), ``|x| > 448``
+    (inf included) to ``±448``; NaN stays NaN. Any shape; the result has ``x``'s shape."""
+    return x.float().clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+
+
+def grid_max(bits: int, method: str = "linear") -> float:
+    """The largest code magnitude a symmetric scale maps ``max|x|`` onto: ``2^(bits-1) - 1``, or 448 for FP8."""
+    return FP8_MAX if method == "fp8" else float(quant_range(bits)[1])
+
+
+def round_to_grid(v: Tensor, bits: int, method: str = "linear") -> Tensor:
+    """``v`` (already ``x / S + Z``) rounded onto the grid, float32: ``clamp(round(v), qmin, qmax)``, or the
+    saturated nearest FP8 E4M3 value (:func:`fp8_e4m3`)."""
+    if method == "fp8":
+        return fp8_e4m3(v).float()
+    qmin, qmax = quant_range(bits)
+    return torch.clamp(torch.round(v), qmin, qmax)
 
 
 def quant_range(bits: int) -> tuple[int, int]:
@@ -138,31 +182,59 @@ def expand_params(p: Tensor, shape: tuple[int, ...] | torch.Size) -> Tensor:
     return p.reshape(shape) if flat else p
 
 
-def qparams_from_range(rmin: Tensor, rmax: Tensor, bits: int, symmetric: bool = True) -> QParams:
-    """Scale and zero-point that map ``[rmin, rmax]`` onto the signed N-bit range.
+def check_scale_dtype(scale_dtype: str | None) -> str | None:
+    """Validate ``scale_dtype``: None (float32 scales) or a key of :data:`SCALE_DTYPES`; ValueError otherwise."""
+    if scale_dtype is not None and scale_dtype not in SCALE_DTYPES:
+        raise ValueError(f"scale_dtype={scale_dtype!r} is not supported; allowed: None or {list(SCALE_DTYPES)}")
+    return scale_dtype
 
-    Symmetric: ``Z = 0, S = max(|rmin|, |rmax|) / qmax``. Asymmetric: the range is first widened to contain 0
-    (so that 0 is exactly representable: padding, ReLU zeros and pruned weights stay exact), then
+
+def qparams_from_range(
+    rmin: Tensor,
+    rmax: Tensor,
+    bits: int,
+    symmetric: bool = True,
+    method: str = "linear",
+    scale_dtype: str | None = None,
+) -> QParams:
+    """Scale and zero-point that map ``[rmin, rmax]`` onto the signed N-bit range (or the FP8 range).
+
+    Symmetric: ``Z = 0, S = max(|rmin|, |rmax|) / qmax`` (FP8: ``/ 448``). Asymmetric: the range is first widened
+    to contain 0 (so that 0 is exactly representable: padding, ReLU zeros and pruned weights stay exact), then
     ``S = (rmax - rmin) / (qmax - qmin)``, ``Z = round(qmin - rmin / S)``.
     A zero-width range (a constant or all-zero block) gets ``S = MIN_SCALE`` instead of 0: finite, never NaN.
+    With ``scale_dtype``, ``S`` is rounded to that dtype's nearest value (at least its smallest normal) before
+    ``Z`` is taken from it, so the codes are exact for a format that stores scales in it.
 
     Args:
         rmin, rmax: per-block minima and maxima, any (equal) shape.
         bits: code width in ``[2, 8]``.
         symmetric: symmetric (``Z = 0``) or asymmetric.
+        method: ``"linear"`` or ``"fp8"`` (symmetric only).
+        scale_dtype: None, ``"float16"`` or ``"bfloat16"`` (see above).
 
     Returns:
         ``QParams(scale, zero_point)`` float32 tensors of the shape of ``rmin``; ``zero_point`` holds integers.
     """
     qmin, qmax = quant_range(bits)
+    check_method(method, bits, symmetric)
     if symmetric:  # max(|rmin|, |rmax|) needs no widening to 0
-        scale = torch.maximum(rmin.float().neg(), rmax.float()).div_(qmax).clamp_(min=MIN_SCALE)
+        scale = torch.maximum(rmin.float().neg(), rmax.float()).div_(grid_max(bits, method))
+        scale = _stored(scale.clamp_(min=MIN_SCALE), scale_dtype)
         return QParams(scale, torch.zeros_like(scale))
     rmin = rmin.float().clamp(max=0.0)
     rmax = rmax.float().clamp(min=0.0)
-    scale = ((rmax - rmin) / (qmax - qmin)).clamp(min=MIN_SCALE)
+    scale = _stored(((rmax - rmin) / (qmax - qmin)).clamp(min=MIN_SCALE), scale_dtype)
     zero_point = torch.round(qmin - rmin / scale).clamp(qmin, qmax)
     return QParams(scale, zero_point)
+
+
+def _stored(scale: Tensor, scale_dtype: str | None) -> Tensor:
+    """``scale`` rounded to ``scale_dtype`` (at least its smallest normal), back in float32; itself for None."""
+    if scale_dtype is None:
+        return scale
+    dtype = SCALE_DTYPES[check_scale_dtype(scale_dtype)]
+    return scale.clamp(min=torch.finfo(dtype).tiny).to(dtype).float()
 
 
 def compute_qparams(
@@ -172,6 +244,8 @@ def compute_qparams(
     axis: int | None = None,
     group_size: int | None = None,
     clip_search: bool = False,
+    method: str = "linear",
+    scale_dtype: str | None = None,
 ) -> QParams:
     """Quantization parameters of ``x`` at the chosen granularity: min-max, or with the clipping search.
 
@@ -186,6 +260,8 @@ def compute_qparams(
         axis: ``None`` per-tensor, else one scale per index along ``axis`` (0 = per output channel).
         group_size: one scale per ``group_size`` consecutive inputs of each output row.
         clip_search: search the clipping range per block instead of min-max.
+        method: the grid, ``"linear"`` (integers) or ``"fp8"`` (E4M3, symmetric 8-bit).
+        scale_dtype: round the scales to ``"float16"`` / ``"bfloat16"`` as they are made (None: float32).
 
     Returns:
         ``QParams`` in block shape: per-tensor ``(1,)*ndim``; per-channel ``shape`` with 1 everywhere but ``axis``;
@@ -199,29 +275,31 @@ def compute_qparams(
     grouped = blocks.permute(*range(0, 2 * n, 2), *range(1, 2 * n, 2)).reshape(math.prod(params_shape), -1)
     rmin, rmax = grouped.amin(dim=1), grouped.amax(dim=1)  # (aminmax with dim is ~15x slower on CPU)
     if not clip_search:
-        return qparams_from_range(rmin.reshape(params_shape), rmax.reshape(params_shape), bits, symmetric)
-    best = qparams_from_range(rmin, rmax, bits, symmetric)
-    values, qmin, qmax = grouped.float(), *quant_range(bits)
+        lo, hi = rmin.reshape(params_shape), rmax.reshape(params_shape)
+        return qparams_from_range(lo, hi, bits, symmetric, method, scale_dtype)
+    best = qparams_from_range(rmin, rmax, bits, symmetric, method, scale_dtype)
+    values = grouped.float()
     best_err = torch.full_like(rmin, math.inf, dtype=torch.float32)
     for i in range(int(CLIP_MAX_SHRINK * CLIP_GRID)):
         p = 1 - i / CLIP_GRID
-        qp = qparams_from_range(p * rmin, p * rmax, bits, symmetric)
+        qp = qparams_from_range(p * rmin, p * rmax, bits, symmetric, method, scale_dtype)
         s, z = qp.scale[:, None], qp.zero_point[:, None]
-        err = (values - (torch.clamp(torch.round(values / s + z), qmin, qmax) - z) * s).abs_().pow_(CLIP_NORM).sum(1)
+        err = (values - (round_to_grid(values / s + z, bits, method) - z) * s).abs_().pow_(CLIP_NORM).sum(1)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best = QParams(torch.where(better, qp.scale, best.scale), torch.where(better, qp.zero_point, best.zero_point))
     return QParams(best.scale.reshape(params_shape), best.zero_point.reshape(params_shape))
 
 
-def token_scale(x: Tensor, bits: int) -> Tensor:
-    """Dynamic symmetric per-token scales of activations ``x (..., in)``: ``max|x| / qmax`` along the last dim.
+def token_scale(x: Tensor, bits: int, method: str = "linear") -> Tensor:
+    """Dynamic symmetric per-token scales of activations ``x (..., in)``: ``max|x| / qmax`` along the last dim
+    (FP8: ``/ 448``).
 
     Returns:
         float32 ``(..., 1)``, at least ``1e-8`` (an all-zero token gets a finite scale).
     """
-    qmax = quant_range(bits)[1]
-    return x.detach().abs().amax(dim=-1, keepdim=True).float().clamp_min(1e-8) / qmax
+    top = grid_max(bits, method)
+    return x.detach().abs().amax(dim=-1, keepdim=True).float().clamp_min(1e-8) / top
 
 
 def _codes(x: Tensor, scale: Tensor, zero_point: Tensor, bits: int) -> Tensor:
@@ -230,37 +308,45 @@ def _codes(x: Tensor, scale: Tensor, zero_point: Tensor, bits: int) -> Tensor:
     return torch.clamp(torch.round(x / scale + zero_point), qmin, qmax)
 
 
-def quantize(x: Tensor, scale: Tensor, zero_point: Tensor, bits: int) -> Tensor:
-    """Quantize: ``q = clamp(round(r / S + Z), qmin, qmax)`` as int8.
+def quantize(x: Tensor, scale: Tensor, zero_point: Tensor, bits: int, method: str = "linear") -> Tensor:
+    """Quantize: ``q = clamp(round(r / S + Z), qmin, qmax)`` as int8, or (FP8) ``q = fp8_e4m3(r / S)``.
 
     Args:
         x: float tensor, any shape.
-        scale, zero_point: block-shaped parameters (see :func:`compute_qparams`).
+        scale, zero_point: block-shaped parameters (see :func:`compute_qparams`); FP8's zero-point is 0.
         bits: code width in ``[2, 8]``.
+        method: ``"linear"`` or ``"fp8"``.
 
     Returns:
-        int8 tensor of ``x``'s shape.
+        int8 (FP8: ``torch.float8_e4m3fn``) tensor of ``x``'s shape.
     """
     s = expand_params(scale, x.shape)
+    if method == "fp8":
+        return fp8_e4m3(x.float() / s)
     z = expand_params(zero_point, x.shape)
     return _codes(x.float(), s, z, bits).to(torch.int8)
 
 
 def dequantize(q: Tensor, scale: Tensor, zero_point: Tensor) -> Tensor:
-    """Dequantize: ``r = S * (q - Z)`` as float32, ``q`` an integer tensor and block-shaped parameters."""
+    """Dequantize: ``r = S * (q - Z)`` as float32, ``q`` integer (or FP8) codes and block-shaped parameters."""
     s = expand_params(scale, q.shape)
     z = expand_params(zero_point, q.shape)
     return (q.float() - z) * s
 
 
-def fake_quantize_and_mask(x: Tensor, scale: Tensor, zero_point: Tensor | None, bits: int) -> tuple[Tensor, Tensor]:
+def fake_quantize_and_mask(
+    x: Tensor, scale: Tensor, zero_point: Tensor | None, bits: int, method: str = "linear"
+) -> tuple[Tensor, Tensor]:
     """The fake-quantize forward and its straight-through mask, parameters already broadcastable to ``x``.
 
     Returns:
         ``S * (clamp(round(x / S + Z), qmin, qmax) - Z)`` in ``x``'s dtype (computed in float32; ``zero_point=None``
         is symmetric and skips two passes), and bool ``round(x / S + Z) in [qmin, qmax]`` (the clamp changed
-        nothing), both of ``x``'s shape.
+        nothing), both of ``x``'s shape. FP8: ``S * fp8_e4m3(x / S)`` and ``|x / S| <= 448``.
     """
+    if method == "fp8":
+        v = x.float() / scale
+        return fp8_e4m3(v).float().mul_(scale).to(x.dtype), v.abs() <= FP8_MAX
     qmin, qmax = quant_range(bits)
     v = x.float() / scale
     if zero_point is not None:
@@ -295,7 +381,7 @@ class StraightThrough(torch.autograd.Function):
         return (masked, None, *([None] * ctx.n_args))
 
 
-def fake_quantize(x: Tensor, scale: Tensor, zero_point: Tensor | None, bits: int) -> Tensor:
+def fake_quantize(x: Tensor, scale: Tensor, zero_point: Tensor | None, bits: int, method: str = "linear") -> Tensor:
     """Quantize then dequantize in one op, differentiable by the straight-through estimator (STE).
 
     Forward: ``S * (clamp(round(x / S + Z), qmin, qmax) - Z)``, bit-for-bit equal to
@@ -310,13 +396,14 @@ def fake_quantize(x: Tensor, scale: Tensor, zero_point: Tensor | None, bits: int
         scale, zero_point: block-shaped parameters (see :func:`compute_qparams`); ``zero_point=None`` means
             symmetric (``Z = 0``) and skips its two passes.
         bits: code width in ``[2, 8]``.
+        method: ``"linear"``, or ``"fp8"``: forward ``S * fp8_e4m3(x / S)``, gradient 0 where ``|x / S| > 448``.
 
     Returns:
         Tensor of ``x``'s shape and dtype whose values lie on the quantization grid.
     """
     s = expand_params(scale, x.shape).detach()
-    z = None if zero_point is None else expand_params(zero_point, x.shape).detach()
-    return StraightThrough.apply(x, fake_quantize_and_mask, s, z, bits)
+    z = None if zero_point is None or method == "fp8" else expand_params(zero_point, x.shape).detach()
+    return StraightThrough.apply(x, fake_quantize_and_mask, s, z, bits, method)
 
 
 def reduce_to_params(t: Tensor, params_shape: tuple[int, ...] | torch.Size) -> Tensor:

@@ -25,6 +25,8 @@ from lightning_compress.functional.kmeans import kmeans_1d
 from lightning_compress.functional.quant import (
     QParams,
     check_bits,
+    check_method,
+    check_scale_dtype,
     compute_qparams,
     fake_quantize,
     group_shape,
@@ -37,19 +39,30 @@ from lightning_compress.nn.observers import Observer
 from lightning_compress.nn.quantized import QuantizedInput, QuantizedLayer, QuantizedWeight
 from lightning_compress.nn.select import retyped
 
-METHODS = ("linear", "kmeans")
+METHODS = ("linear", "kmeans", "fp8")
 KMEANS_INITS = ("linear", "kmeans++", "density")
 
 
 def check_weight_quant(
-    bits: int, symmetric: bool, group_size: int | None, method: str, lsq: bool, kmeans_init: str
+    bits: int,
+    symmetric: bool,
+    group_size: int | None,
+    method: str,
+    lsq: bool,
+    kmeans_init: str,
+    scale_dtype: str | None = None,
 ) -> None:
     """Validate a weight-quantization configuration (shape-independent parts); raises ValueError / TypeError."""
     check_bits(bits)
+    check_scale_dtype(scale_dtype)
     check_positive_int("group_size", group_size, optional=True)
     check_choice("method", method, METHODS)
+    if method == "fp8":
+        check_method(method, bits, symmetric)
     if lsq and (not symmetric or method != "linear"):
         raise ValueError("lsq=True needs method='linear' and symmetric=True (LSQ learns a symmetric step size)")
+    if lsq and scale_dtype is not None:
+        raise ValueError(f"scale_dtype={scale_dtype!r} rounds min-max scales; allowed with lsq=True: None")
     check_choice("kmeans_init", kmeans_init, KMEANS_INITS)
 
 
@@ -71,7 +84,9 @@ class WeightQuantizer(_StatelessInStateDict):
     learned (``lsq=True``, symmetric, initialised from min-max). ``method="kmeans"``: ``2^bits`` shared centroids
     (Han et al., Deep Compression); each weight is an index into the codebook, zeros (pruned weights) stay zero,
     and each centroid's gradient is the sum of its members' gradients. After :meth:`convert` the scales are frozen
-    and the weight sits exactly on its grid.
+    and the weight sits exactly on its grid. ``method="fp8"``: FP8 E4M3 values (``bits=8``, symmetric) with min-max
+    scales ``max|w| / 448`` per channel or group. ``scale_dtype="float16"`` rounds min-max scales to fp16 as they
+    are made (a format that stores fp16 scales, GGUF's blocks, then holds the grid exactly).
     """
 
     def __init__(
@@ -83,12 +98,13 @@ class WeightQuantizer(_StatelessInStateDict):
         method: str = "linear",
         lsq: bool = False,
         kmeans_init: str = "linear",
+        scale_dtype: str | None = None,
     ) -> None:
         super().__init__()
-        check_weight_quant(bits, symmetric, group_size, method, lsq, kmeans_init)
+        check_weight_quant(bits, symmetric, group_size, method, lsq, kmeans_init, scale_dtype)
         group_shape(weight.shape, None if group_size else 0, group_size)  # validates group_size against the shape
         self.bits, self.symmetric, self.group_size = bits, symmetric, group_size
-        self.method, self.lsq, self.kmeans_init = method, lsq, kmeans_init
+        self.method, self.lsq, self.kmeans_init, self.scale_dtype = method, lsq, kmeans_init, scale_dtype
         self.frozen: QParams | None = None
         self.scale: nn.Parameter | None = None
         if lsq:
@@ -102,9 +118,16 @@ class WeightQuantizer(_StatelessInStateDict):
         # opposed to the weights that round to code 0 (set by convert / from_quantized; None before)
         self.register_buffer("pruned", None, persistent=False)
 
+    @property
+    def grid(self) -> str:
+        """The grid the weight is rounded onto: ``"fp8"`` or ``"linear"`` (integers; k-means has its codebook)."""
+        return "fp8" if self.method == "fp8" else "linear"
+
     def _minmax(self, weight: Tensor) -> QParams:
-        axis = None if self.group_size else 0
-        return compute_qparams(weight.detach(), self.bits, self.symmetric, axis=axis, group_size=self.group_size)
+        axis, group = None if self.group_size else 0, self.group_size
+        return compute_qparams(
+            weight.detach(), self.bits, self.symmetric, axis, group, False, self.grid, self.scale_dtype
+        )
 
     def qparams(self, weight: Tensor) -> QParams:
         """The scale and zero-point in use for ``weight`` (frozen, learned, or min-max of the current weight)."""
@@ -132,7 +155,7 @@ class WeightQuantizer(_StatelessInStateDict):
         """``(bits, symmetric, group_size)`` of the fused kernel
         (:func:`~lightning_compress.functional.fused.minmax_fake_quantize`) when this quantizer computes min-max scales
         of the current weight; None otherwise (k-means, LSQ, frozen)."""
-        if self.method != "linear" or self.scale is not None or self.frozen is not None:
+        if self.method != "linear" or self.scale is not None or self.frozen is not None or self.scale_dtype:
             return None
         return self.bits, self.symmetric, self.group_size
 
@@ -146,7 +169,7 @@ class WeightQuantizer(_StatelessInStateDict):
         if (fused := self.fused_arguments()) is not None:  # min-max and fake-quantize in one kernel
             return minmax_fake_quantize(weight, *fused)
         s, z = self.qparams(weight)
-        return fake_quantize(weight, s, None if self.symmetric else z, self.bits)
+        return fake_quantize(weight, s, None if self.symmetric else z, self.bits, self.grid)
 
     @torch.no_grad()
     def quantized(self, weight: Tensor) -> QuantizedWeight:
@@ -163,8 +186,9 @@ class WeightQuantizer(_StatelessInStateDict):
                 self.indices.clone(), None, None, self.bits, None, "codebook", codebook, self.nonzero
             )
         s, z = self.qparams(weight)
-        codes = quantize(weight.detach().float(), s, z, self.bits)
-        return QuantizedWeight(codes, s.clone(), None if self.symmetric else z.clone(), self.bits, self.group_size)
+        codes = quantize(weight.detach().float(), s, z, self.bits, self.grid)
+        zero, fmt = None if self.symmetric else z.clone(), "fp8" if self.method == "fp8" else "int"
+        return QuantizedWeight(codes, s.clone(), zero, self.bits, self.group_size, fmt)
 
     @torch.no_grad()
     def convert(self, weight: nn.Parameter) -> QuantizedWeight:
@@ -176,7 +200,7 @@ class WeightQuantizer(_StatelessInStateDict):
         quantized = self.quantized(weight)
         self.pruned = weight.detach() == 0
         weight.copy_(quantized.dequantize().to(weight.dtype))
-        if self.method == "linear":
+        if self.method != "kmeans":
             zero = quantized.zero_point if quantized.zero_point is not None else torch.zeros_like(quantized.scale)
             self.frozen = QParams(quantized.scale.clone(), zero.clone())
         return quantized
@@ -187,7 +211,8 @@ class WeightQuantizer(_StatelessInStateDict):
     ) -> WeightQuantizer:
         """A linear quantizer frozen at ``quantized``'s scales (e.g. GPTQ's), for a weight already on that grid;
         ``pruned`` marks the weights that were zero before quantization (see :attr:`pruned`)."""
-        quantizer = cls(weight, bits=quantized.bits, symmetric=quantized.symmetric, group_size=quantized.group_size)
+        method = "fp8" if quantized.format == "fp8" else "linear"
+        quantizer = cls(weight, quantized.bits, quantized.symmetric, quantized.group_size, method)
         scale = quantized.scale.to(weight.device)
         zero = torch.zeros_like(scale) if quantized.zero_point is None else quantized.zero_point.to(weight.device)
         quantizer.frozen = QParams(scale, zero)
@@ -276,15 +301,22 @@ class SymmetricActQuantizer(_StatelessInStateDict):
 
     ``x -> x / smooth`` (SmoothQuant's explicit scale where nothing could absorb it), then codes in
     ``[-2^(b-1), 2^(b-1) - 1]`` with ``S = max|x| / (2^(b-1) - 1)`` either per token (the last dimension, computed at
-    run time: dynamic) or one static per-tensor ``scale`` from calibration. Disabled layers still divide by
+    run time: dynamic) or one static per-tensor ``scale`` from calibration; ``method="fp8"``: E4M3 codes with
+    ``S = max|x| / 448`` (8 bits). Disabled layers still divide by
     ``smooth`` (:meth:`unquantized`), so smoothing alone never changes a model's outputs.
     """
 
     def __init__(
-        self, bits: int = 8, granularity: str = "token", scale: Tensor | None = None, smooth: Tensor | None = None
+        self,
+        bits: int = 8,
+        granularity: str = "token",
+        scale: Tensor | None = None,
+        smooth: Tensor | None = None,
+        method: str = "linear",
     ) -> None:
         super().__init__()
         self.bits = check_bits(bits, "act_bits")
+        self.method = check_method(method, bits)
         if granularity not in ACT_GRANULARITIES:
             raise ValueError(f"granularity={granularity!r} is not supported; allowed: {list(ACT_GRANULARITIES)}")
         if granularity == "tensor" and (scale is None or scale.dim() != 0 or not scale > 0):
@@ -300,15 +332,17 @@ class SymmetricActQuantizer(_StatelessInStateDict):
     def forward(self, x: Tensor) -> Tensor:
         x = self.unquantized(x)
         if self.granularity == "tensor":
-            return fake_quantize(x, self.scale, None, self.bits)
-        return fake_quantize(x, token_scale(x, self.bits), None, self.bits)
+            return fake_quantize(x, self.scale, None, self.bits, self.method)
+        return fake_quantize(x, token_scale(x, self.bits, self.method), None, self.bits, self.method)
 
     def quantized(self) -> QuantizedInput:
         """This quantizer as a :class:`QuantizedInput` (dynamic per token, or the static scale; the smoothing)."""
-        return QuantizedInput(self.bits, self.scale if self.granularity == "tensor" else None, None, self.smooth)
+        scale = self.scale if self.granularity == "tensor" else None
+        return QuantizedInput(self.bits, scale, None, self.smooth, self.method)
 
     def extra_repr(self) -> str:
-        return f"bits={self.bits}, granularity={self.granularity!r}, smooth={self.smooth is not None}"
+        smooth, method = self.smooth is not None, self.method
+        return f"bits={self.bits}, granularity={self.granularity!r}, smooth={smooth}, method={method!r}"
 
 
 class _FakeQuantMixin:

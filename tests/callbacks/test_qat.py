@@ -70,6 +70,26 @@ def test_w8a8_trains_converts_and_evaluates_after_fit():
     assert preds.shape == (270,)
 
 
+def test_fp8_trains_converts_onto_e4m3_and_resumes(tmp_path):
+    cb = QATFakeQuant(bits=8, method="fp8", act_bits=8, convert=False)
+    fit([cb, ModelCheckpoint(dirpath=tmp_path, save_last=True)], max_epochs=1)
+    resumed = QATFakeQuant(bits=8, method="fp8", act_bits=8)
+    t, model = fit([resumed], max_epochs=3, ckpt_path=tmp_path / "last.ckpt")
+    assert resumed.converted and resumed.step == 3 * 20
+    for name in LAYERS:
+        layer, out = model.get_submodule(name), resumed.quantized[name]
+        w = layer.weight
+        assert out.weight.format == "fp8" and out.weight.codes.dtype == torch.float8_e4m3fn
+        absmax = w.abs().amax((1, 2, 3) if w.dim() == 4 else 1).reshape(out.weight.scale.shape)
+        torch.testing.assert_close(out.weight.scale, absmax / 448, rtol=1e-6, atol=0)  # per channel max|w| / 448
+        assert torch.equal(out.weight.dequantize(), w)  # converted: exactly on the grid
+        assert (out.input.method, out.input.dynamic) == ("fp8", True)
+        x = torch.randn(3, 7) * 5
+        s = x.abs().amax(-1, keepdim=True) / 448
+        assert torch.equal(layer.act_quantizer(x), (x / s).to(torch.float8_e4m3fn).float() * s)
+    assert t.test(model, DigitsDataModule(), verbose=False)[0]["test/acc"] > 0.9
+
+
 @pytest.mark.slow
 def test_checkpoint_loads_plain_and_tests_in_a_fresh_process(tmp_path):
     cb = QATFakeQuant(bits=4, lsq=True, act_bits=8, observer=MinMaxObserver())
@@ -194,6 +214,10 @@ def test_ddp_keeps_observer_ranges_identical(tmp_path):
         ({"group_size": 0}, "group_size must be a positive int"),
         ({"observer": MSEObserver(bits=4), "act_bits": 8}, r"MSEObserver\(bits=4, symmetric=False\) does not match"),
         ({"method": "log"}, "method='log' is not supported"),
+        ({"method": "fp8", "bits": 4}, r"method='fp8' \(E4M3\) has 8 bits and no zero-point; got bits=4"),
+        ({"method": "fp8", "bits": 8, "act_bits": 4}, "method='fp8' quantizes activations to FP8 .* act_bits=4"),
+        ({"scale_dtype": "float32"}, "scale_dtype='float32' is not supported"),
+        ({"lsq": True, "scale_dtype": "float16"}, "allowed with lsq=True: None"),
     ],
 )
 def test_bad_arguments_fail_at_construction(kwargs, match):

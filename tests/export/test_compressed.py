@@ -79,6 +79,49 @@ def test_gptq_checkpoint_loads_in_transformers_with_our_logits_and_codes(tmp_pat
         torch.testing.assert_close(logits(loaded, batches), logits(model, batches), rtol=0, atol=1e-5)
 
 
+def fp8_rtn(model: nn.Module, act_bits: int | None = 8) -> nn.Module:
+    """Round to nearest onto FP8 E4M3 (per-channel weights; dynamic per-token FP8 inputs with ``act_bits=8``)."""
+    callback = QATFakeQuant(bits=8, method="fp8", act_bits=act_bits)
+    callback.layers = callback.swap(model)
+    callback.convert_layers()
+    return model
+
+
+@pytest.mark.parametrize("recipe", ["gptq-fp8-weights", "rtn-fp8-dynamic"])
+def test_fp8_checkpoint_loads_in_transformers_with_our_logits_and_codes(tmp_path, recipe):
+    model = gptq_llama(bits=8, method="fp8") if recipe == "gptq-fp8-weights" else fp8_rtn(tiny_llama().eval())
+    save_compressed(model, tmp_path / "ct")
+    config = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
+    # compressed-tensors' own format choice: FP8 weights with FP8 inputs are float-quantized, alone naive-quantized
+    fmt = "float-quantized" if recipe == "rtn-fp8-dynamic" else "naive-quantized"
+    assert config["format"] == fmt and config["ignore"] == ["lm_head"]
+    group = config["config_groups"]["group_0"]
+    assert (group["weights"]["type"], group["weights"]["num_bits"], group["weights"]["strategy"]) == (
+        "float",
+        8,
+        "channel",
+    )
+    inputs = group["input_activations"]
+    if recipe == "rtn-fp8-dynamic":
+        assert (inputs["type"], inputs["strategy"], inputs["dynamic"]) == ("float", "token", True)
+    else:
+        assert inputs is None
+    tensors = load_file(tmp_path / "ct" / "model.safetensors")
+    name = "model.layers.1.mlp.down_proj"
+    ours = model.get_submodule(name).quantized().weight
+    stored = tensors[f"{name}.weight"]
+    assert stored.dtype == torch.float8_e4m3fn and torch.equal(stored.view(torch.uint8), ours.codes.view(torch.uint8))
+    assert torch.equal(tensors[f"{name}.weight_scale"], ours.scale)
+
+    batches = token_batches(2, seed=7)
+    loaded = from_pretrained(tmp_path / "ct")  # compressed-tensors' forward: FP8 inputs per token, as ours
+    torch.testing.assert_close(logits(loaded, batches), logits(model, batches), rtol=0, atol=1e-5)
+    dense = from_pretrained(tmp_path / "ct", dequantize=True)  # a float model (no input quantization left)
+    assert torch.equal(dense.get_submodule(name).weight, ours.dequantize())
+    with pytest.raises(ValueError, match="FP8"):
+        load_compressed(tmp_path / "ct")
+
+
 def test_load_compressed_rebuilds_our_int4_layers_exactly(tmp_path):
     model = gptq_llama(bits=4, group_size=16, symmetric=False)
     save_compressed(model, tmp_path / "ct")
@@ -220,6 +263,13 @@ def smollm2():
     return model.eval(), tokenizer, token_sequences(tokenizer, text, 64, 2, 4)
 
 
+class FP8Dynamic:
+    """Round to nearest onto FP8 weights and per-token FP8 inputs, as a one-shot recipe."""
+
+    def apply(self, model: nn.Module, batches: list) -> None:
+        fp8_rtn(model)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "recipe",
@@ -227,8 +277,10 @@ def smollm2():
         lambda: GPTQFinalize(bits=4, group_size=64),  # W4A16 asymmetric groups (GPTQ's default + clip search)
         lambda: AWQCalibrate(bits=4, group_size=64),  # AWQ W4A16
         lambda: SmoothQuantCalibrate(act_granularity="tensor", explicit_scales=False),  # W8A8, static activations
+        lambda: GPTQFinalize(bits=8, method="fp8"),  # FP8 E4M3 weights, per channel
+        lambda: FP8Dynamic(),  # FP8 weights and dynamic per-token FP8 inputs (vLLM's FP8_DYNAMIC)
     ],
-    ids=["gptq-w4a16-g64", "awq-w4a16-g64", "smoothquant-w8a8"],
+    ids=["gptq-w4a16-g64", "awq-w4a16-g64", "smoothquant-w8a8", "gptq-fp8", "rtn-fp8-dynamic"],
 )
 def test_smollm2_checkpoints_load_in_plain_transformers_with_our_logits(tmp_path, smollm2, recipe):
     import copy
@@ -240,5 +292,6 @@ def test_smollm2_checkpoints_load_in_plain_transformers_with_our_logits(tmp_path
     save_compressed(model, tmp_path / "ct", tokenizer)
     assert (tmp_path / "ct" / "tokenizer.json").is_file()
     # GPTQ and AWQ are asymmetric (see from_pretrained); W8A8 loads the default way, quantizing activations
-    loaded = from_pretrained(tmp_path / "ct", dequantize=not isinstance(callback, SmoothQuantCalibrate))
+    loaded = from_pretrained(tmp_path / "ct", dequantize=isinstance(callback, (GPTQFinalize, AWQCalibrate))
+                             and callback.options.method == "linear")  # fmt: skip
     torch.testing.assert_close(logits(loaded, batches[1:]), logits(model, batches[1:]), rtol=0, atol=1e-3)

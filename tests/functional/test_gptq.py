@@ -349,3 +349,60 @@ def test_keep_without_zeros_is_plain_gptq(problem):
     opts = GPTQOptions(bits=3, symmetric=False, act_order=True)
     held = gptq_quantize(w, h, opts, keep=torch.ones_like(w, dtype=torch.bool))
     assert torch.equal(held.codes, gptq_quantize(w, h, opts).codes)
+
+
+# ------------------------------------------------------------------------------------------------ FP8 grid
+def _rtn_fp8(w: torch.Tensor, group_size: int | None = None) -> torch.Tensor:
+    axis = 0 if group_size is None else None
+    scale, zero = compute_qparams(w, 8, True, axis=axis, group_size=group_size, method="fp8")
+    return dequantize(quantize(w, scale, zero, 8, "fp8"), scale, zero)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{}, {"act_order": True}, {"group_size": 32, "act_order": True, "static_groups": True}, {"group_size": 64}],
+)
+def test_fp8_grid_fast_solver_matches_reference_and_beats_rtn(problem, kwargs):
+    x, w, h = problem
+    opts = GPTQOptions(bits=8, method="fp8", block_size=40, **kwargs)
+    res, ref = gptq_quantize(w, h, opts), gptq_quantize_reference(w, h, opts)
+    assert res.codes.dtype == ref.codes.dtype == torch.float8_e4m3fn
+    assert (res.codes.float() == ref.codes.float()).double().mean() > 0.995  # float32 vs float64 ties
+    assert torch.equal(res.weight, res.codes.float() * res.scale.repeat_interleave(128 // res.scale.shape[1], 1))
+    assert torch.equal(res.zero_point, torch.zeros_like(res.scale))
+    assert res.codes.float().abs().max() <= 448  # on the E4M3 grid, saturated
+    assert _out_err(x, w, res.weight) < 0.9 * _out_err(x, w, _rtn_fp8(w, kwargs.get("group_size")))
+
+
+def test_identity_hessian_on_the_fp8_grid_is_round_to_nearest():
+    w = torch.randn(32, 96, generator=torch.Generator().manual_seed(3))
+    res = gptq_quantize(w, torch.eye(96), GPTQOptions(bits=8, method="fp8"))
+    assert torch.equal(res.weight, _rtn_fp8(w))
+
+
+@pytest.mark.parametrize("scale_dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("kwargs", [{"symmetric": True}, {"symmetric": False, "clip_search": True}])
+def test_scale_dtype_solves_on_scales_that_dtype_holds(problem, scale_dtype, kwargs):
+    _, w, h = problem
+    dtype = getattr(torch, scale_dtype)
+    opts = GPTQOptions(bits=4, group_size=32, scale_dtype=scale_dtype, **kwargs)
+    for res in gptq_quantize(w, h, opts), gptq_quantize_reference(w, h, opts):
+        assert torch.equal(res.scale.to(dtype).float(), res.scale)  # every scale a value of that dtype
+        assert torch.equal(dequantize(res.codes, res.scale.to(dtype).float(), res.zero_point), res.weight)
+    # dynamic groups too: their qparams are taken during the solve
+    dynamic = gptq_quantize(w, h, GPTQOptions(bits=4, group_size=32, act_order=True, scale_dtype=scale_dtype))
+    assert torch.equal(dynamic.scale.to(dtype).float(), dynamic.scale)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"bits": 4, "method": "fp8"}, r"method='fp8'.*bits=4"),
+        ({"bits": 8, "method": "fp8", "symmetric": False}, r"method='fp8'.*symmetric=False"),
+        ({"method": "nf4"}, r"method='nf4' is not a grid; allowed: \['linear', 'fp8'\]"),
+        ({"scale_dtype": "float8"}, r"scale_dtype='float8' is not supported; allowed: None or \['float16'"),
+    ],
+)
+def test_grid_options_are_validated(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        GPTQOptions(**kwargs)

@@ -240,3 +240,94 @@ def test_clip_search_is_the_per_row_grid_search(symmetric, bits):
     grouped = compute_qparams(w, bits, symmetric, group_size=16, clip_search=True)
     s, z = _clip_search_reference(w[3, :16].double(), bits, symmetric)
     assert float(grouped.scale[3, 0]) == pytest.approx(s, rel=1e-5) and float(grouped.zero_point[3, 0]) == z
+
+
+# ------------------------------------------------------------------------------------------------ FP8 E4M3
+def _e4m3_values() -> torch.Tensor:
+    """Every finite E4M3 value, from its 256 bit patterns (0x7F / 0xFF are NaN)."""
+    values = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    return values[torch.isfinite(values)]
+
+
+def test_fp8_e4m3_is_torchs_cast_within_range_and_saturates_beyond():
+    from lightning_compress.functional.quant import FP8_MAX, fp8_e4m3
+
+    grid = _e4m3_values()
+    assert FP8_MAX == 448.0 == float(grid.max())
+    x = torch.cat([torch.randn(10_000) * 10.0 ** torch.randint(-4, 3, (10_000,)), grid, (grid[1:] + grid[:-1]) / 2])
+    x = x[x.abs() <= FP8_MAX]
+    assert torch.equal(fp8_e4m3(x).float(), x.to(torch.float8_e4m3fn).float())  # torch's own cast, ties to even
+    assert torch.isin(fp8_e4m3(x).float(), grid).all()
+    # nearest: no E4M3 value is closer than the one chosen
+    err = (fp8_e4m3(x).float() - x).abs()
+    assert torch.all(err <= (grid[None, :] - x[:, None]).abs().amin(1))
+    beyond = torch.tensor([449.0, 464.0, 1e6, math.inf, -500.0, -math.inf])
+    assert fp8_e4m3(beyond).float().tolist() == [448.0] * 4 + [-448.0] * 2
+    assert torch.isnan(fp8_e4m3(torch.tensor([math.nan])).float()).all()
+
+
+@pytest.mark.parametrize(("axis", "group_size"), [(None, None), (0, None), (None, 16)])
+def test_fp8_quantize_maps_each_blocks_absmax_onto_448(axis, group_size):
+    from lightning_compress.functional.quant import FP8_MAX
+
+    w = torch.randn(8, 64, generator=torch.Generator().manual_seed(0)) * torch.logspace(-3, 1, 8)[:, None]
+    scale, zero = compute_qparams(w, 8, True, axis=axis, group_size=group_size, method="fp8")
+    blocks = w.abs().reshape(8, -1, group_size or 64) if axis is not None or group_size else w.abs().reshape(1, 1, -1)
+    assert torch.equal(scale.reshape(-1), (blocks.amax(-1) / FP8_MAX).reshape(-1))
+    assert torch.equal(zero, torch.zeros_like(scale))
+    codes = quantize(w, scale, zero, 8, "fp8")
+    assert codes.dtype == torch.float8_e4m3fn
+    assert torch.equal(codes.float(), (w / expand_params(scale, w.shape)).to(torch.float8_e4m3fn).float())
+    back = dequantize(codes, scale, zero)
+    assert torch.equal(back, fake_quantize(w, scale, None, 8, "fp8"))
+    # E4M3 keeps 3 mantissa bits: every value within half a step, 1/16 relative (normal range)
+    normal = w.abs() / expand_params(scale, w.shape) >= 2**-6
+    assert torch.all(((back - w).abs() / w.abs())[normal] <= 1 / 16)
+
+
+def test_fp8_fake_quantize_passes_gradient_where_not_saturated():
+    x = torch.tensor([0.1, -2.0, 4.4, 5.0, -9.0], requires_grad=True)
+    y = fake_quantize(x, torch.tensor(0.01), None, 8, "fp8")  # |x / S| <= 448 for the first three only
+    assert y.tolist()[3:] == pytest.approx([4.48, -4.48])
+    y.sum().backward()
+    assert x.grad.tolist() == [1.0, 1.0, 1.0, 0.0, 0.0]
+
+
+def test_fp8_clip_search_never_loses_to_min_max():
+    w = torch.randn(16, 256, generator=torch.Generator().manual_seed(1))
+    w[:, 0] *= 20  # an outlier per row
+    errors = []
+    for clip in (False, True):
+        s, z = compute_qparams(w, 8, True, axis=0, clip_search=clip, method="fp8")
+        errors.append(float((dequantize(quantize(w, s, z, 8, "fp8"), s, z) - w).abs().pow(2.4).sum(1).max()))
+    assert errors[1] <= errors[0]
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("scale_dtype", ["float16", "bfloat16"])
+def test_scale_dtype_rounds_scales_before_the_zero_point(symmetric, scale_dtype):
+    dtype = getattr(torch, scale_dtype)
+    w = torch.randn(8, 64, generator=torch.Generator().manual_seed(2)) * 1e-3
+    w[0] = 0.0  # an all-zero group: the scale is at least the dtype's smallest normal
+    s, z = compute_qparams(w, 4, symmetric, group_size=32, scale_dtype=scale_dtype)
+    assert torch.equal(s.to(dtype).float(), s) and float(s.min()) >= torch.finfo(dtype).tiny
+    lo, hi = w.reshape(8, 2, 32).amin(-1).clamp(max=0), w.reshape(8, 2, 32).amax(-1).clamp(min=0)
+    if not symmetric:  # Z from the rounded scale
+        assert torch.equal(z, torch.round(-8 - lo / s).clamp(-8, 7))
+    else:
+        assert torch.equal(s, (torch.maximum(-lo, hi) / 7).clamp(min=MIN_SCALE).clamp(min=torch.finfo(dtype).tiny)
+                           .to(dtype).float())  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"bits": 4, "method": "fp8"}, r"method='fp8' \(E4M3\) has 8 bits and no zero-point; got bits=4"),
+        ({"bits": 8, "symmetric": False, "method": "fp8"}, "symmetric=False"),
+        ({"bits": 8, "method": "e5m2"}, r"method='e5m2' is not a grid; allowed: \['linear', 'fp8'\]"),
+        ({"bits": 8, "scale_dtype": "half"}, "scale_dtype='half' is not supported"),
+    ],
+)
+def test_grid_arguments_are_validated(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        compute_qparams(torch.randn(4, 8), axis=0, **kwargs)

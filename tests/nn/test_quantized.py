@@ -34,6 +34,12 @@ def test_codebook_dequantizes_to_shared_values_and_keeps_pruned_zeros():
         ({"zero_point": torch.zeros(2, 2)}, ValueError, "must match scale"),
         ({"bits": 9}, ValueError, r"bits must be in \[2, 8\]"),
         ({"format": "fp4"}, ValueError, "format='fp4' is not supported"),
+        ({"format": "fp8", "bits": 8}, TypeError, "codes of format 'fp8' must be float8_e4m3fn"),
+        (
+            {"format": "fp8", "bits": 4, "codes": torch.zeros(2, 4).to(torch.float8_e4m3fn)},
+            ValueError,
+            "format 'fp8' has bits=8 and no zero_point",
+        ),
         ({"mask": torch.ones(2, 4)}, ValueError, "mask must be bool"),
     ],
 )
