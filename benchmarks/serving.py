@@ -142,7 +142,8 @@ def run() -> Iterator[Table]:
     table.notes = [
         f"Measured {time.strftime('%Y-%m-%d')} on {machine()}.",
         "MB: every file a client reads for the weights (safetensors shards or the .gguf, config.json); tokenizer "
-        "files excluded (the same for all; a .gguf carries its tokenizer inside, ~2 MB of its size). SmolLM2's tied embedding (49152 × 576, 28M of its 135M parameters) "
+        "files excluded (the same for all; a .gguf carries its tokenizer inside, ~2 MB of its size). SmolLM2's "
+        "tied embedding (49152 × 576, 28M of its 135M parameters) "
         "stays float in every row but the last, and dominates the quantized sizes: compressed-tensors keeps it "
         "in the model's dtype (FP32 here; save a BF16 model to halve it), GGUF in F32 or F16.",
         "Quantized rows: round to nearest onto each grid (QATFakeQuant converted, or SmoothQuant W8A8); GPTQ / AWQ "

@@ -8,7 +8,8 @@ GGUF's block types hold 32 consecutive inputs of a row with one fp16 scale ``d``
 
 A layer whose groups are whole blocks (a group size or, per channel, an input width that is a multiple of 32)
 maps onto them exactly, with its scales repeated per block; the only rounding is ``S`` (and ``m``) to fp16, which
-``save_gguf`` reports (none for Q4_0 / Q8_0 when the quantizer made fp16 scales: ``scale_dtype="float16"``). Layers that fit no block type (codebooks, 5-8-bit zero-points, other groups) are rounded by
+``save_gguf`` reports (none for Q4_0 / Q8_0 when the quantizer made fp16 scales:
+``scale_dtype="float16"``). Layers that fit no block type (codebooks, 5-8-bit zero-points, other groups) are rounded by
 ``gguf``'s own quantizer to the nearest type, with a warning naming them. Float tensors are written as F32 (exact),
 or their matrices (the embedding, float Linears) as F16 with ``float_type="F16"``; norms stay F32 (llama.cpp's rule).
 """
