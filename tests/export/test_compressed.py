@@ -174,6 +174,24 @@ def test_smoothquant_w8a8_checkpoint(tmp_path, act_granularity):
     assert (layer.act_scale is None) == (act_granularity == "token")
 
 
+def test_qat_w8a8_with_static_asymmetric_inputs_loads_with_our_logits_exactly(tmp_path):
+    from lightning_compress.nn.observers import MinMaxObserver
+
+    model = tiny_llama()
+    callback = QATFakeQuant(bits=8, act_bits=8, observer=MinMaxObserver())
+    callback.layers = callback.swap(model)
+    with torch.no_grad():  # the observers see the training batches
+        for b in token_batches(2):
+            model.train()(**b)
+    callback.convert_layers()
+    save_compressed(model.eval(), tmp_path / "ct")
+    group = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]["config_groups"]
+    inputs = group["group_0"]["input_activations"]
+    assert (inputs["strategy"], inputs["symmetric"], inputs["dynamic"]) == ("tensor", False, False)
+    batches = token_batches(2, seed=7)
+    assert torch.equal(logits(from_pretrained(tmp_path / "ct"), batches), logits(model, batches))
+
+
 def test_a_checkpoint_compressed_tensors_wrote_loads_into_our_layers(tmp_path):
     """llm-compressor's save path: a scheme applied by compressed-tensors, its qparams, compress_model, save."""
     from compressed_tensors.compressors import ModelCompressor
