@@ -53,7 +53,9 @@ def test_export_config_composes_with_a_recipe_and_names_real_arguments():
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose(config_name="export", overrides=["+compress=[prune_24,qat_int8]", "ckpt_path=last.ckpt"])
     assert set(cfg.callbacks) >= {"pruning", "qat"} and cfg.ckpt_path == "last.ckpt"
-    assert set(cfg.export) <= set(inspect.signature(export_for_inference).parameters)
+    # every key is export_for_inference's, but format (the serving format, which scripts/export.py takes itself)
+    assert set(cfg.export) - {"format"} <= set(inspect.signature(export_for_inference).parameters)
+    assert cfg.export.format is None
 
 
 EXAMPLE_CONF = CONF.parent / "examples" / "my_conf"

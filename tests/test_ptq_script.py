@@ -38,17 +38,6 @@ def test_a_training_recipe_is_refused(tmp_path):
     assert "needs post-training recipes" in proc.stderr
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize(
-    "recipe",
-    [
-        ["+compress=gptq_int4"],
-        ["+compress=wanda_24"],
-        ["+compress=sparsegpt_24", "+callbacks.sparsegpt.bits=4"],
-        ["+compress=awq_gptq_int4"],
-        ["+compress=[sparsegpt_24,gptq_int4]"],  # prune, then GPTQ: the 2:4 zeros stay
-    ],
-)
 def tiny_llama_folder(tmp_path: Path) -> Path:
     """Any Hugging Face folder: a small random Llama with SmolLM2's tokenizer."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -70,6 +59,17 @@ def run_causal_lm(tmp_path: Path, *overrides: str) -> subprocess.CompletedProces
                    "evaluation.sequences=4")  # fmt: skip
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "recipe",
+    [
+        ["+compress=gptq_int4"],
+        ["+compress=wanda_24"],
+        ["+compress=sparsegpt_24", "+callbacks.sparsegpt.bits=4"],
+        ["+compress=awq_gptq_int4"],
+        ["+compress=[sparsegpt_24,gptq_int4]"],  # prune, then GPTQ: the 2:4 zeros stay
+    ],
+)
 def test_a_causal_lm_is_calibrated_on_windows_and_judged_by_perplexity(tmp_path, recipe):
     proc = run_causal_lm(tmp_path, *recipe)
     assert proc.returncode == 0, proc.stderr[-3000:]
