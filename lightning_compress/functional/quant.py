@@ -302,12 +302,6 @@ def token_scale(x: Tensor, bits: int, method: str = "linear") -> Tensor:
     return x.detach().abs().amax(dim=-1, keepdim=True).float().clamp_min(1e-8) / top
 
 
-def _codes(x: Tensor, scale: Tensor, zero_point: Tensor, bits: int) -> Tensor:
-    """Float codes ``clamp(round(x / S + Z), qmin, qmax)`` with params already broadcast to ``x``."""
-    qmin, qmax = quant_range(bits)
-    return torch.clamp(torch.round(x / scale + zero_point), qmin, qmax)
-
-
 def quantize(x: Tensor, scale: Tensor, zero_point: Tensor, bits: int, method: str = "linear") -> Tensor:
     """Quantize: ``q = clamp(round(r / S + Z), qmin, qmax)`` as int8, or (FP8) ``q = fp8_e4m3(r / S)``.
 
@@ -324,7 +318,7 @@ def quantize(x: Tensor, scale: Tensor, zero_point: Tensor, bits: int, method: st
     if method == "fp8":
         return fp8_e4m3(x.float() / s)
     z = expand_params(zero_point, x.shape)
-    return _codes(x.float(), s, z, bits).to(torch.int8)
+    return round_to_grid(x.float() / s + z, bits).to(torch.int8)
 
 
 def dequantize(q: Tensor, scale: Tensor, zero_point: Tensor) -> Tensor:
