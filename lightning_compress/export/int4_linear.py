@@ -241,12 +241,10 @@ class Int4Linear(ExportedLinear):
         zero = torch.zeros_like(scale) if self.zero_point is None else -self.zero_point.repeat_interleave(repeat, 1)
         return torch.stack([scale, zero * scale], dim=-1).transpose(0, 1).contiguous()
 
-    def _kernel_forward(self, x: Tensor) -> Tensor:
+    def _kernel_forward(self, x: Tensor, kernel: str) -> Tensor:
         """The ``int4`` kernel on ``x (tokens, in)``: input cast to the kernel's dtype (bf16 on CUDA; fp32, bf16 or
         fp16 as given on CPU), output cast back to ``x``'s dtype, bias added."""
-        if self.kernel != INT4:
-            return super()._kernel_forward(x)
-        cache: Int4KernelCache = self._cache
+        cache: Int4KernelCache = self._caches[INT4]
         if x.device.type == "cuda":
             compute, matmul = torch.bfloat16, torch._weight_int4pack_mm
         else:

@@ -1,4 +1,5 @@
-"""Int8Linear: W8A8 inference through ``torch._int_mm`` (int8 x int8 -> int32), CPU and CUDA.
+"""Int8Linear: W8A8 inference through ``torch._int_mm`` (int8 x int8 -> int32, CPU and CUDA) or oneDNN's prepacked
+int8 linear (x86 CPUs, :mod:`~lightning_compress.export.onednn`).
 
 Weights are int8 codes with one symmetric scale per output channel (from QAT, SmoothQuant, GPTQ or
 round-to-nearest). Activations are quantized to int8 at run time, per token (dynamic, ``S_t = max|x_t| / qmax``)
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -19,6 +21,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_compress.export.layer import FLOAT, REFERENCE, ExportedLinear, float_bias
+from lightning_compress.export.onednn import (
+    ONEDNN,
+    OUTPUT_DTYPES,
+    U8_SHIFT,
+    onednn_unsupported_reason,
+    prepack_linear,
+    qlinear,
+    quantize_static_u8,
+    quantize_tokens_u8,
+    scale_rows,
+)
 from lightning_compress.functional.quant import (
     check_bits,
     dequantize,
@@ -111,32 +124,31 @@ def w8a8_linear(
     return y.to(x.dtype)
 
 
-_COMPILED: dict[str, Callable[..., Tensor] | None] = {}
+_COMPILE = {"enabled": True}
+_COMPILED: dict[Callable[..., Any], Callable[..., Any] | None] = {}
 
 
 def compile_w8a8(enabled: bool = True) -> None:
-    """Run the W8A8 path compiled (default: one fused activation-quantization pass) or eagerly (no compiler)."""
-    _COMPILED["fn"] = torch.compile(w8a8_linear, dynamic=True) if enabled else None
+    """Run the W8A8 paths (quantize, integer matmul, rescale) compiled (default: the activation quantization is one
+    fused pass) or eagerly (no compiler)."""
+    _COMPILE["enabled"] = enabled
+    _COMPILED.clear()
 
 
-def compiled_w8a8_linear() -> Callable[..., Tensor]:
-    """:func:`w8a8_linear` compiled once per process (dynamic shapes); the eager function if compiling failed."""
-    if "fn" not in _COMPILED:
-        compile_w8a8()
-    return _COMPILED["fn"] or w8a8_linear
-
-
-def run_w8a8(*args: Any, **kwargs: Any) -> Tensor:
-    """Call the compiled :func:`w8a8_linear`, falling back to eager for good (with a warning) if compiling fails."""
-    fn = compiled_w8a8_linear()
-    if fn is w8a8_linear:
+def run_compiled(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """``fn(*args, **kwargs)`` through ``torch.compile(fn, dynamic=True)`` (compiled once per process), falling back
+    to eager for good (with a warning) if compiling fails: same math, slower."""
+    if fn not in _COMPILED:
+        _COMPILED[fn] = torch.compile(fn, dynamic=True) if _COMPILE["enabled"] else None
+    compiled = _COMPILED[fn]
+    if compiled is None:
         return fn(*args, **kwargs)
     try:
-        return fn(*args, **kwargs)
+        return compiled(*args, **kwargs)
     except Exception as err:  # no C++ compiler / triton: same math, eager
-        log.warning("torch.compile of the W8A8 path failed (%s); running it eagerly", type(err).__name__)
-        _COMPILED["fn"] = None
-        return w8a8_linear(*args, **kwargs)
+        log.warning("torch.compile of %s failed (%s); running it eagerly", fn.__name__, type(err).__name__)
+        _COMPILED[fn] = None
+        return fn(*args, **kwargs)
 
 
 def check_codes(codes: Tensor, bits: int, name: str = "codes") -> None:
@@ -248,18 +260,60 @@ class ActQuantMixin:
         return codes.sum(dim=1, dtype=torch.int32) if self.act_zero_point is not None else None
 
     def w8a8(self, x: Tensor, weight_t: Tensor, weight_scale: Tensor, col_sum: Tensor | None) -> Tensor:
-        """The fast path on ``(tokens, in)`` with codes ``weight_t (in, out)``."""
-        return run_w8a8(
-            x, weight_t, weight_scale, getattr(self, "bias", None), self.act_bits,
+        """The ``_int_mm`` path on ``(tokens, in)`` with codes ``weight_t (in, out)``."""
+        return run_compiled(
+            w8a8_linear, x, weight_t, weight_scale, getattr(self, "bias", None), self.act_bits,
             self.act_scale, self.act_zero_point, col_sum, self.smooth,
         )  # fmt: skip
+
+    def onednn_available(self, device: torch.device) -> bool:
+        """Whether the ``"onednn"`` kernel runs here: quantized inputs, a CPU, oneDNN int8 on it."""
+        return self.act_bits is not None and device.type == "cpu" and onednn_unsupported_reason() is None
+
+    def onednn_cache(self, codes: Tensor, weight_scale: Tensor) -> OnednnLinearCache:
+        """The ``"onednn"`` kernel's state for int8 codes ``(out, in)``: prepacked weight, float input qparams."""
+        static = self.act_scale is not None
+        zero = 0.0 if self.act_zero_point is None else float(self.act_zero_point)
+        bias = getattr(self, "bias", None)
+        return OnednnLinearCache(
+            prepack_linear(codes), weight_scale.float().contiguous(), None if bias is None else bias.float(),
+            float(self.act_scale) if static else 1.0, zero,
+        )  # fmt: skip
+
+    def onednn_linear(self, x: Tensor, cache: OnednnLinearCache) -> Tensor:
+        """oneDNN's int8 linear on ``x (tokens, in)``: static inputs fully fused (quantize, then matmul + rescale +
+        bias + output dtype in oneDNN's epilogue); per-token inputs with ``S_x = 1`` and each row scaled after."""
+        if x.shape[0] == 0:
+            return x.new_zeros(0, cache.weight_scale.shape[0])
+        out = x.dtype if x.dtype in OUTPUT_DTYPES else torch.float32
+        if self.act_scale is None:
+            u, s = run_compiled(quantize_tokens_u8, x, self.act_bits, self.smooth)
+            y = qlinear(u, 1.0, U8_SHIFT, cache.packed, cache.weight_scale, None, torch.float32)
+            return run_compiled(scale_rows, y, s, cache.bias, x.dtype)
+        u = run_compiled(quantize_static_u8, x, self.act_bits, cache.x_scale, cache.x_zero_point, self.smooth)
+        bias = None if cache.bias is None else cache.bias.to(out)
+        zero_point = int(cache.x_zero_point) + U8_SHIFT
+        return qlinear(u, cache.x_scale, zero_point, cache.packed, cache.weight_scale, bias, out).to(x.dtype)
+
+
+@dataclass
+class OnednnLinearCache:
+    """The ``"onednn"`` kernel's run-time state: the prepacked codes, float32 ``(out,)`` scales and bias, and the
+    static input scale and zero-point as Python floats (1 and 0 for per-token inputs)."""
+
+    packed: Tensor
+    weight_scale: Tensor
+    bias: Tensor | None
+    x_scale: float
+    x_zero_point: float
 
 
 class Int8Linear(ActQuantMixin, ExportedLinear):
     """W8A8 linear: int8 per-channel weights, int8 activations, ``torch._int_mm``. Shapes as ``nn.Linear``.
 
-    Kernels: ``"int8"`` (compiled quantize + ``_int_mm`` + rescale), ``"float"`` (a dequantized float weight,
-    no activation quantization: what the export keeps where the int8 path is slower than a bf16 matmul),
+    Kernels: ``"int8"`` (compiled quantize + ``_int_mm`` + rescale: CUDA, and CPUs where it wins), ``"onednn"``
+    (x86 CPUs: oneDNN's prepacked int8 linear, :mod:`~lightning_compress.export.onednn`), ``"float"`` (a
+    dequantized float weight, no activation quantization: what the export keeps where int8 is slower than bf16),
     ``"reference"`` (fake-quantize the input, dequantize the weight, ``F.linear``: equal to the fake-quant model).
 
     Args:
@@ -274,7 +328,7 @@ class Int8Linear(ActQuantMixin, ExportedLinear):
         smooth: ``(in,)`` SmoothQuant divisor of the input, or None.
     """
 
-    KERNELS: ClassVar[tuple[str, ...]] = (REFERENCE, FLOAT, INT8)
+    KERNELS: ClassVar[tuple[str, ...]] = (REFERENCE, FLOAT, INT8, ONEDNN)
 
     def __init__(
         self,
@@ -341,17 +395,24 @@ class Int8Linear(ActQuantMixin, ExportedLinear):
 
     def available_kernels(self) -> list[str]:
         kernels = super().available_kernels()
-        if self.act_bits is not None and int_mm_ok(self.in_features, self.out_features, self.weight_t.device):
+        device = self.weight_t.device
+        if self.act_bits is not None and int_mm_ok(self.in_features, self.out_features, device):
             kernels.append(INT8)
+        if self.onednn_available(device):
+            kernels.append(ONEDNN)
         return kernels
 
     def _prepare(self, kernel: str) -> Any:
         if kernel == INT8:
             return self.code_sums(self.weight_t.t())
+        if kernel == ONEDNN:
+            return self.onednn_cache(self.weight_t.t(), self.weight_scale)
         return super()._prepare(kernel)
 
-    def _kernel_forward(self, x: Tensor) -> Tensor:
-        return self.w8a8(x, self.weight_t, self.weight_scale, self._cache)
+    def _kernel_forward(self, x: Tensor, kernel: str) -> Tensor:
+        if kernel == ONEDNN:
+            return self.onednn_linear(x, self._caches[ONEDNN])
+        return self.w8a8(x, self.weight_t, self.weight_scale, self._caches[INT8])
 
     def extra_repr(self) -> str:
         act = "weight-only" if self.act_bits is None else "per-token" if self.act_scale is None else "static"

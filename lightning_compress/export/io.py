@@ -87,7 +87,10 @@ def save_exported(model: nn.Module, path: str | Path) -> Path:
         "format": FORMAT,
         "version": FORMAT_VERSION,
         "dtype": to_spec_dtype(float_dtype(model)),
-        "layers": {n: {"class": type(m).__name__, "spec": m.spec(), "kernel": m.kernel} for n, m in layers.items()},
+        "layers": {
+            n: {"class": type(m).__name__, "spec": m.spec(), "kernel": m.kernel, "small_kernel": m.small_kernel}
+            for n, m in layers.items()
+        },
         "inputs": {n: m.input_spec() for n, m in model.named_modules() if is_input_quantized(m)},
         "aliases": aliases,
         "tensors": len(tensors),
@@ -197,7 +200,8 @@ def load_exported(path: str | Path, model: nn.Module, device: str | torch.device
     replace_layers(model, {n: m.to(device) for n, m in {**new, **kept}.items()})
     model.load_state_dict(tensors, strict=True)
     for name, layer in new.items():
-        _restore_kernel(name, layer, manifest["layers"][name]["kernel"])
+        entry = manifest["layers"][name]
+        _restore_kernel(name, layer, entry["kernel"], entry.get("small_kernel"))
     return model.eval()
 
 
@@ -263,11 +267,16 @@ def _check_state(path: Path, model: nn.Module, new: dict[str, nn.Module], tensor
             raise ValueError(f"tensor {key!r} has shape {tuple(t.shape)}, the model expects {tuple(expected[key])}")
 
 
-def _restore_kernel(name: str, layer: ExportedLinear, kernel: str) -> None:
+def _restore_kernel(name: str, layer: ExportedLinear, kernel: str, small_kernel: str | None) -> None:
     available = layer.available_kernels()
     if kernel not in available:
         fast = [k for k in available if k not in (REFERENCE, FLOAT)]
         fallback = fast[0] if fast else FLOAT
         log.warning("layer %s: kernel %r is not available here; using %r", name, kernel, fallback)
         kernel = fallback
-    layer.set_kernel(kernel)
+    if small_kernel is not None and small_kernel not in available:
+        log.warning(
+            "layer %s: small-rows kernel %r is not available here; using %r for all rows", name, small_kernel, kernel
+        )
+        small_kernel = None
+    layer.set_kernel(kernel, small_kernel)

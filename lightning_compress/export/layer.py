@@ -3,10 +3,12 @@
 An exported layer persists only its compressed form (int8 / packed int4 codes, 2:4 values and positions, scales)
 as buffers, so ``state_dict`` and the safetensors file hold exactly that. At run time it computes with one
 *kernel*, chosen per device by the export's self-check (which times the candidates at the layer's real shape and
-verifies each against :meth:`ExportedLinear.reference`): a fast path over core torch ops, a dense float kernel
-over a dequantized cache (faster on some shapes, more memory), or the reference itself (dequantize, then an
-ordinary matmul: slow and obviously right). :meth:`spec` is the JSON-able description the manifest stores;
-:meth:`from_spec` rebuilds an empty layer of the same shapes for loading.
+verifies each against :meth:`ExportedLinear.reference`): a fast path over core torch or oneDNN ops, a dense float
+kernel over a dequantized cache (faster on some shapes, more memory), or the reference itself (dequantize, then an
+ordinary matmul: slow and obviously right). A layer may hold a second kernel for inputs of at most
+:data:`SMALL_ROWS` rows (LLM decoding, where a memory-bound int4 / int8 matmul beats the float one that wins at
+prefill); the row count of each call picks between the two. :meth:`spec` is the JSON-able description the
+manifest stores; :meth:`from_spec` rebuilds an empty layer of the same shapes for loading.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ log = logging.getLogger(__name__)
 # Kernels every exported layer has: the reference path, and a dense float matmul over a dequantized cache.
 REFERENCE = "reference"
 FLOAT = "float"
+# Inputs of at most this many rows (tokens) run the layer's small-rows kernel when it has one: decoding 1-8 tokens.
+SMALL_ROWS = 8
 
 
 class ExportedLinear(nn.Module, abc.ABC):
@@ -41,7 +45,8 @@ class ExportedLinear(nn.Module, abc.ABC):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.kernel = REFERENCE
-        self._cache: Any = None
+        self.small_kernel: str | None = None  # the kernel for inputs of at most SMALL_ROWS rows (None: ``kernel``)
+        self._caches: dict[str, Any] = {}  # run-time state of each kernel in use (non-persistent)
         self._casts: dict[torch.dtype, Tensor] = {}  # the float kernel's weight in each input dtype seen
 
     # ------------------------------------------------------------------------------ what subclasses provide
@@ -71,8 +76,9 @@ class ExportedLinear(nn.Module, abc.ABC):
         return x
 
     @abc.abstractmethod
-    def _kernel_forward(self, x: Tensor) -> Tensor:
-        """The forward of :attr:`kernel` for the fast paths (all but reference and float); ``x`` is ``(tokens, in)``."""
+    def _kernel_forward(self, x: Tensor, kernel: str) -> Tensor:
+        """The forward of the fast path ``kernel`` (all but reference and float) on ``x (tokens, in)``; its cache is
+        ``self._caches[kernel]``."""
 
     def _prepare(self, kernel: str) -> Any:
         """Build the run-time cache ``kernel`` needs (None when it needs none)."""
@@ -85,30 +91,50 @@ class ExportedLinear(nn.Module, abc.ABC):
         """The bias buffer, or None when the layer has none."""
         return getattr(self, "bias", None)
 
-    def set_kernel(self, kernel: str) -> None:
-        """Compute with ``kernel`` from now on (builds its cache); ValueError if unknown or unavailable here."""
-        if kernel not in self.KERNELS:
-            raise ValueError(
-                f"kernel={kernel!r} is not a kernel of {type(self).__name__}; allowed: {list(self.KERNELS)}"
-            )
+    def set_kernel(self, kernel: str, small_kernel: str | None = None) -> None:
+        """Compute with ``kernel`` from now on, and with ``small_kernel`` on inputs of at most :data:`SMALL_ROWS`
+        rows (None: ``kernel`` for all); builds their caches. ValueError if unknown or unavailable here."""
         available = self.available_kernels()
-        if kernel not in available:
-            raise ValueError(f"kernel={kernel!r} is not available for {self.extra_repr()}; available: {available}")
-        self._cache, self._casts = None, {}
-        self._cache = self._prepare(kernel)
-        self.kernel = kernel
+        for name, value in (("kernel", kernel), ("small_kernel", small_kernel)):
+            if value is None and name == "small_kernel":
+                continue
+            if value not in self.KERNELS:
+                raise ValueError(
+                    f"{name}={value!r} is not a kernel of {type(self).__name__}; allowed: {list(self.KERNELS)}"
+                )
+            if value not in available:
+                raise ValueError(f"{name}={value!r} is not available for {self.extra_repr()}; available: {available}")
+        self.kernel, self.small_kernel = kernel, None if small_kernel == kernel else small_kernel
+        self._rebuild_caches()
+
+    def _rebuild_caches(self) -> None:
+        """Drop every cache and build those of :attr:`kernel` and :attr:`small_kernel` from the buffers."""
+        self._caches, self._casts = {}, {}
+        for kernel in dict.fromkeys(k for k in (self.kernel, self.small_kernel) if k is not None):
+            self._caches[kernel] = self._prepare(kernel)
+
+    @property
+    def _cache(self) -> Any:
+        """The cache of :attr:`kernel`."""
+        return self._caches.get(self.kernel)
+
+    def kernel_for(self, rows: int) -> str:
+        """The kernel an input of ``rows`` rows runs: :attr:`small_kernel` up to :data:`SMALL_ROWS`, else
+        :attr:`kernel`."""
+        return self.small_kernel if self.small_kernel is not None and rows <= SMALL_ROWS else self.kernel
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.kernel == REFERENCE:
+        kernel = self.kernel_for(x.numel() // max(x.shape[-1], 1)) if self.small_kernel else self.kernel
+        if kernel == REFERENCE:
             return self.reference(x)
-        if self.kernel == FLOAT:
+        if kernel == FLOAT:
             w = self._casts.get(x.dtype)
             if w is None:  # cast once per input dtype from the float32 master (never from another cast)
-                w = self._casts[x.dtype] = self._cache.to(x.dtype)
+                w = self._casts[x.dtype] = self._caches[FLOAT].to(x.dtype)
             b = self.bias_or_none()
             return F.linear(self.float_input(x), w, None if b is None else b.to(x.dtype))
         lead = x.shape[:-1]
-        y = self._kernel_forward(x.reshape(-1, self.in_features))
+        y = self._kernel_forward(x.reshape(-1, self.in_features), kernel)
         return y.reshape(*lead, self.out_features)
 
     def _apply(self, fn: Any, recurse: bool = True) -> ExportedLinear:
@@ -118,19 +144,30 @@ class ExportedLinear(nn.Module, abc.ABC):
         for key, buf in self._buffers.items():
             if buf is not None:
                 self._buffers[key] = buf.to(device)
-        self._cache, self._casts = None, {}
-        if self.kernel not in self.available_kernels():
-            log.warning(
-                "%s: kernel %r is not available on %s; using 'reference'", self.extra_repr(), self.kernel, device
-            )
-            self.kernel = REFERENCE
-        self._cache = self._prepare(self.kernel)
+        available = self.available_kernels()
+        for attr in ("kernel", "small_kernel"):
+            kernel = getattr(self, attr)
+            if kernel is not None and kernel not in available:
+                log.warning(
+                    "%s: %s %r is not available on %s; using 'reference'", self.extra_repr(), attr, kernel, device
+                )
+                setattr(self, attr, REFERENCE if attr == "kernel" else None)
+        self._rebuild_caches()
         return self
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Caches are run-time state (oneDNN's packed weights cannot even be copied): copies and pickles rebuild them.
+        state = self.__dict__.copy()
+        state["_caches"], state["_casts"] = {}, {}
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._rebuild_caches()
 
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
         super()._load_from_state_dict(*args, **kwargs)
-        self._cache, self._casts = None, {}
-        self._cache = self._prepare(self.kernel)  # the kernel's cache follows the loaded buffers
+        self._rebuild_caches()  # the kernels' caches follow the loaded buffers
 
     @property
     def weight_bits(self) -> int:

@@ -19,7 +19,7 @@ from torch import nn
 
 from lightning_compress.calibration.batches import call_model
 from lightning_compress.calibration.capture import eval_mode, hooks
-from lightning_compress.export.layer import FLOAT, REFERENCE, ExportedLinear
+from lightning_compress.export.layer import FLOAT, REFERENCE, SMALL_ROWS, ExportedLinear
 from lightning_compress.export.sparse_linear import SemiStructuredSparseLinear
 from lightning_compress.functional.quant import sqnr_db
 
@@ -39,6 +39,8 @@ class LayerExport:
     kernel: str = REFERENCE
     times_ms: dict[str, float] = field(default_factory=dict)
     note: str = ""
+    small_kernel: str | None = None  # the kernel for inputs of at most SMALL_ROWS rows, when it differs
+    small_times_ms: dict[str, float] = field(default_factory=dict)  # the kernels timed at SMALL_ROWS rows
 
 
 @dataclass
@@ -56,8 +58,9 @@ class ExportReport:
         for r in self.layers:
             dense, chosen = r.times_ms.get(FLOAT), r.times_ms.get(r.kernel)
             speed = f"{dense / chosen:.2f}×" if dense and chosen else "–"
+            kernel = r.kernel if r.small_kernel is None else f"{r.kernel} (≤ {SMALL_ROWS} rows: {r.small_kernel})"
             rows.append(
-                f"| {r.name} | {r.layout} | {r.in_features} → {r.out_features} | {r.tokens} | {r.kernel} | {speed} "
+                f"| {r.name} | {r.layout} | {r.in_features} → {r.out_features} | {r.tokens} | {kernel} | {speed} "
                 f"| {r.note} |"
             )
         return "\n".join(rows)
@@ -102,37 +105,50 @@ def choose_kernel(
     layer: ExportedLinear, tokens: int, dtype: torch.dtype, prefer: str, timings: dict[tuple, dict[str, float]]
 ) -> LayerExport:
     """Time ``layer``'s kernels on random ``(tokens, in)`` input in ``dtype``, verify each fast one against the
-    reference (SQNR ≥ 40 dB), and set the fastest allowed by ``prefer``. Shapes already timed reuse ``timings``."""
+    reference (SQNR ≥ 40 dB), and set the fastest allowed by ``prefer``; when ``tokens > SMALL_ROWS``, do the same
+    at :data:`SMALL_ROWS` rows (decoding) and keep that winner as the layer's small-rows kernel. Shapes already
+    timed reuse ``timings``."""
     candidates = layer.available_kernels()
     if prefer == "reference":
         candidates = [REFERENCE]
     elif prefer == "memory":
         candidates = [k for k in candidates if k not in layer.CACHED_KERNELS]
     record = LayerExport("", "", layer.in_features, layer.out_features, tokens)
+    record.kernel, record.times_ms, record.note = _fastest(layer, tokens, dtype, candidates, timings)
+    if tokens > SMALL_ROWS and candidates != [REFERENCE]:
+        small, record.small_times_ms, _ = _fastest(layer, SMALL_ROWS, dtype, candidates, timings)
+        record.small_kernel = None if small == record.kernel else small
+    layer.set_kernel(record.kernel, record.small_kernel)
+    return record
+
+
+def _fastest(
+    layer: ExportedLinear, rows: int, dtype: torch.dtype, candidates: list[str], timings: dict[tuple, dict[str, float]]
+) -> tuple[str, dict[str, float], str]:
+    """(the fastest verified kernel of ``candidates`` at ``rows`` rows, ms of each kernel timed, rejection notes)."""
     device = next(iter(layer.buffers())).device
-    x = torch.randn(tokens, layer.in_features, device=device, dtype=dtype)
-    key = (type(layer).__name__, json.dumps(layer.spec(), sort_keys=True), tokens, dtype, str(device))
+    x = torch.randn(rows, layer.in_features, device=device, dtype=dtype)
+    key = (type(layer).__name__, json.dumps(layer.spec(), sort_keys=True), rows, dtype, str(device))
     timed = [k for k in dict.fromkeys([*candidates, FLOAT]) if k in layer.available_kernels()]
     if candidates != [REFERENCE]:
         timed.remove(REFERENCE)  # the reference is never the fastest; it is only timed when asked for
-    fns = {}
+    fns, note = {}, ""
     with torch.no_grad():
         ref = layer.reference(x)
         for kernel in timed:
             variant = copy.deepcopy(layer)  # one copy per kernel, so that the kernels can be timed interleaved
             variant.set_kernel(kernel)
             if kernel not in (REFERENCE, FLOAT) and (db := sqnr_db(ref, variant(x))) < MIN_SQNR_DB:
-                record.note += f"{kernel} rejected (SQNR {db:.1f} dB); "
+                note += f"{kernel} rejected (SQNR {db:.1f} dB); "
                 continue
             fns[kernel] = functools.partial(variant, x)
         cached = timings.setdefault(key, {})
         todo = {k: f for k, f in fns.items() if k not in cached}
         cached.update(interleaved_ms(todo) if todo else {})
-        record.times_ms = {k: cached[k] for k in fns}
-    allowed = {k: t for k, t in record.times_ms.items() if k in candidates}
-    record.kernel = min(allowed, key=allowed.get) if len(allowed) > 1 else next(iter(allowed), REFERENCE)
-    layer.set_kernel(record.kernel)
-    return record
+        times = {k: cached[k] for k in fns}
+    allowed = {k: t for k, t in times.items() if k in candidates}
+    kernel = min(allowed, key=allowed.get) if len(allowed) > 1 else next(iter(allowed), REFERENCE)
+    return kernel, times, note
 
 
 def kernel_note(layer: ExportedLinear, record: LayerExport) -> str:

@@ -375,14 +375,14 @@ class SemiStructuredSparseLinear(ActQuantMixin, ExportedLinear):
             return torch._cslt_compress(dense), self.code_sums(dense)
         return sparse_backend(dense.device).from_dense(dense)
 
-    def _kernel_forward(self, x: Tensor) -> Tensor:
+    def _kernel_forward(self, x: Tensor, kernel: str) -> Tensor:
         if x.shape[0] == 0:
             return x.new_zeros(0, self.out_features)
-        if self.kernel == INT8:
-            codes_t, col_sum = self._cache
+        if kernel == INT8:
+            codes_t, col_sum = self._caches[INT8]
             return self.w8a8(x, codes_t, self.weight_scale, col_sum)
         if self.flavour == INT8:
-            packed, col_sum = self._cache
+            packed, col_sum = self._caches[SPARSE]
             return w8a8_linear(
                 x, None, self.weight_scale, self.bias, self.act_bits, self.act_scale, self.act_zero_point,
                 col_sum, self.smooth, matmul=functools.partial(cslt_int8_mm, packed),
@@ -392,9 +392,9 @@ class SemiStructuredSparseLinear(ActQuantMixin, ExportedLinear):
     def _sparse_float_forward(self, x: Tensor) -> Tensor:
         """``x (tokens, in)`` cast to the sparse dtype, 2:4 ``F.linear`` (torch pads the rows), cast back, bias."""
         dtype = self.sparse_dtype(x.dtype)
-        if self._cache.dtype != dtype:
-            self._cache = self._sparse_weight(dtype)  # fp16 and bf16 inputs each get their own compressed copy
-        y = F.linear(x.to(dtype).contiguous(), self._cache).to(x.dtype)
+        if self._caches[SPARSE].dtype != dtype:
+            self._caches[SPARSE] = self._sparse_weight(dtype)  # fp16 and bf16 inputs each get their own copy
+        y = F.linear(x.to(dtype).contiguous(), self._caches[SPARSE]).to(x.dtype)
         return y if self.bias is None else y + self.bias.to(x.dtype)
 
     @property

@@ -388,16 +388,21 @@ def test_save_refuses_a_model_that_was_not_exported(tmp_path):
 
 # ------------------------------------------------------------------------------------------------ self-check
 def test_self_check_rejects_a_kernel_that_disagrees_with_the_reference(monkeypatch):
-    monkeypatch.setattr(Int8Linear, "_kernel_forward", lambda self, x: torch.zeros(x.shape[0], self.out_features))
+    zeros = lambda self, x, kernel: torch.zeros(x.shape[0], self.out_features)  # noqa: E731
+    monkeypatch.setattr(Int8Linear, "_kernel_forward", zeros)
     model = export_for_inference(MLP().eval(), weights="int8", tokens=16)
     for row in model.export_report.layers:
-        assert row.kernel != "int8" and "int8 rejected (SQNR" in row.note
+        assert row.kernel in ("float", "reference") and row.small_kernel is None
+        fast = [k for k in Int8Linear.KERNELS if k not in ("float", "reference")]
+        rejected = [k for k in fast if f"{k} rejected (SQNR" in row.note]
+        assert rejected == [k for k in fast if k in model.get_submodule(row.name).available_kernels()]
+        assert "int8" in rejected
 
 
 def test_self_check_keeps_dense_where_the_sparse_kernel_is_slower(monkeypatch):
     import time
 
-    def slow_sparse(self, x):
+    def slow_sparse(self, x, kernel):
         time.sleep(0.01)
         return self.reference(x)
 
