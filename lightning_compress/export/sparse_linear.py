@@ -12,7 +12,8 @@ of two flavours:
   (value + position) instead of 32: ``(in/2 + in/8) / (4 in) = 0.156`` of the fp32 weight.
 
 Kernels: ``"reference"`` (decompress, dequantize, ``F.linear``); ``"float"`` (a cached dense float weight);
-``"int8"`` (int8 flavour: a cached dense int8 copy through ``torch._int_mm``); ``"sparse"`` (CUDA only: the 2:4
+``"int8"`` / ``"onednn"`` (int8 flavour: a cached dense int8 copy through ``torch._int_mm`` / oneDNN, as
+:class:`~lightning_compress.export.int8_linear.Int8Linear`); ``"sparse"`` (CUDA only: the 2:4
 sparse tensor cores through torch's semi-structured support: ``SparseSemiStructuredTensor`` in fp16/bf16 for the
 float flavour, ``torch._cslt_sparse_mm(..., out_dtype=torch.int32)`` (cuSPARSELt, exact int32 accumulation, then the
 W8A8 rescale) for the int8 flavour). ``"sparse"`` is offered only where torch's backend takes the layer's shape
@@ -44,6 +45,7 @@ from lightning_compress.export.int8_linear import (
     w8a8_linear,
 )
 from lightning_compress.export.layer import FLOAT, REFERENCE, ExportedLinear, float_bias, from_spec_dtype, to_spec_dtype
+from lightning_compress.export.onednn import ONEDNN
 from lightning_compress.functional.masks import nm_mask
 from lightning_compress.functional.packing import compress_24, decompress_24, pack_bits
 from lightning_compress.functional.quant import dequantize
@@ -199,8 +201,8 @@ class SemiStructuredSparseLinear(ActQuantMixin, ExportedLinear):
             activation options with a float weight, or a shape mismatch.
     """
 
-    KERNELS: ClassVar[tuple[str, ...]] = (REFERENCE, FLOAT, INT8, SPARSE)
-    CACHED_KERNELS: ClassVar[tuple[str, ...]] = (FLOAT, INT8)
+    KERNELS: ClassVar[tuple[str, ...]] = (REFERENCE, FLOAT, INT8, ONEDNN, SPARSE)
+    CACHED_KERNELS: ClassVar[tuple[str, ...]] = (FLOAT, INT8, ONEDNN)
 
     def __init__(
         self,
@@ -320,6 +322,8 @@ class SemiStructuredSparseLinear(ActQuantMixin, ExportedLinear):
         int8_ok = self.flavour == INT8 and self.act_bits is not None
         if int8_ok and int_mm_ok(self.in_features, self.out_features, self.values.device):
             kernels.append(INT8)
+        if self.flavour == INT8 and self.onednn_available(self.values.device):
+            kernels.append(ONEDNN)
         if self.sparse_unsupported_reason() is None:
             kernels.append(SPARSE)
         return kernels
@@ -361,6 +365,8 @@ class SemiStructuredSparseLinear(ActQuantMixin, ExportedLinear):
         if kernel == INT8:
             codes_t = self.decompressed().t().contiguous()
             return codes_t, self.code_sums(codes_t.t())
+        if kernel == ONEDNN:
+            return self.onednn_cache(self.decompressed(), self.weight_scale)
         if kernel == SPARSE:
             return self._sparse_weight(self.sparse_dtype())
         return super()._prepare(kernel)
@@ -381,6 +387,8 @@ class SemiStructuredSparseLinear(ActQuantMixin, ExportedLinear):
         if kernel == INT8:
             codes_t, col_sum = self._caches[INT8]
             return self.w8a8(x, codes_t, self.weight_scale, col_sum)
+        if kernel == ONEDNN:
+            return self.onednn_linear(x, self._caches[ONEDNN])
         if self.flavour == INT8:
             packed, col_sum = self._caches[SPARSE]
             return w8a8_linear(

@@ -1,10 +1,12 @@
-"""Int8Linear: the reference path equals the fake-quant layers exactly; the _int_mm path is within 40 dB of it."""
+"""Int8Linear: the reference path equals the fake-quant layers exactly; the _int_mm and oneDNN paths are within 40 dB
+of it, with exact integer accumulation."""
 
 import pytest
 import torch
 from torch import nn
 
 from lightning_compress.export.int8_linear import Int8Linear, compile_w8a8, int_mm_ok, w8a8_linear
+from lightning_compress.export.onednn import U8_SHIFT, onednn_unsupported_reason, prepack_linear, qlinear, shift_u8
 from lightning_compress.functional.quant import compute_qparams, quantize
 from lightning_compress.nn.fake_quant import ActQuantizer, FakeQuantLinear, SymmetricActQuantizer, WeightQuantizer
 from lightning_compress.nn.observers import MinMaxObserver
@@ -165,3 +167,94 @@ def test_weight_only_layer_equals_a_qat_layer_without_activation_quantization():
     assert torch.equal(again.reference(x), exported.reference(x))
     with pytest.raises(ValueError, match="act_bits=None"):
         Int8Linear(torch.zeros(4, 4, dtype=torch.int8), torch.ones(4), act_bits=None, act_scale=torch.tensor(1.0))
+
+
+# ------------------------------------------------------------------------------------------------ oneDNN
+ONEDNN_REASON = onednn_unsupported_reason()
+needs_onednn = pytest.mark.skipif(ONEDNN_REASON is not None, reason=f"oneDNN int8: {ONEDNN_REASON}")
+
+
+@needs_onednn
+def test_onednn_integer_accumulation_is_exact():
+    torch.manual_seed(0)
+    codes = torch.randint(-128, 128, (40, 96), dtype=torch.int8)  # -128 included: the full int8 range
+    q = torch.randint(-127, 128, (9, 96), dtype=torch.int8)
+    y = qlinear(shift_u8(q), 1.0, U8_SHIFT, prepack_linear(codes), torch.ones(40), None, torch.float32)
+    assert torch.equal(y.long(), q.long() @ codes.long().t())  # |sum| < 2^24: exact in float32
+
+
+@needs_onednn
+@pytest.mark.parametrize("act", ["token", "static", "static zero-point", "smooth"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("compiled", [True, False])
+def test_onednn_kernel_matches_reference(act, dtype, compiled):
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 48)
+    kwargs = {
+        "token": {},
+        "static": {"act_scale": torch.tensor(0.03)},
+        "static zero-point": {"act_scale": torch.tensor(0.03), "act_zero_point": torch.tensor(-5.0)},
+        "smooth": {"smooth": torch.rand(64) + 0.5},
+    }[act]
+    layer = Int8Linear(Int8Linear.from_module(lin).weight_t.t(), torch.rand(48) / 100 + 1e-3, lin.bias, **kwargs)
+    layer.set_kernel("onednn")
+    x = torch.randn(2, 7, 64, dtype=dtype)
+    compile_w8a8(compiled)
+    try:
+        y = layer(x)
+    finally:
+        compile_w8a8(True)
+    assert y.shape == (2, 7, 48) and y.dtype == dtype
+    assert sqnr_db(layer.reference(x).float(), y.float()) >= (60 if dtype == torch.float32 else 40)
+    assert layer(x[:0]).shape == (0, 7, 48)
+
+
+@needs_onednn
+def test_onednn_static_codes_equal_the_integer_formula():
+    """Static asymmetric inputs: u = q + 128, zero-point Z + 128; oneDNN's result is (q - Z) W_q^T S_x S_w + b."""
+    torch.manual_seed(0)
+    codes = torch.randint(-127, 128, (16, 32), dtype=torch.int8)
+    w_scale, bias = torch.rand(16) + 0.5, torch.randn(16)
+    layer = Int8Linear(codes, w_scale, bias, act_scale=torch.tensor(0.25), act_zero_point=torch.tensor(7.0))
+    layer.set_kernel("onednn")
+    x = torch.randn(5, 32) * 4
+    q = torch.clamp(torch.round(x / 0.25 + 7), -128, 127)
+    exact = ((q - 7).double() @ codes.double().t()) * 0.25 * w_scale.double() + bias.double()
+    assert torch.allclose(layer(x).double(), exact, rtol=1e-6, atol=1e-4)
+
+
+@needs_onednn
+def test_onednn_cache_is_rebuilt_after_load_and_survives_copies():
+    import copy
+    import pickle
+
+    torch.manual_seed(0)
+    layer = Int8Linear.from_module(nn.Linear(32, 16))
+    layer.set_kernel("onednn")
+    x = torch.randn(4, 32)
+    other = Int8Linear.from_module(nn.Linear(32, 16))
+    other.set_kernel("onednn")
+    other.load_state_dict(layer.state_dict())
+    assert torch.equal(other(x), layer(x))  # the prepacked weight follows the loaded codes
+    assert set(layer.state_dict()) == {"weight_t", "weight_scale", "bias"}  # non-persistent
+    for clone in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
+        assert clone.kernel == "onednn" and torch.equal(clone(x), layer(x))
+
+
+@needs_onednn
+def test_small_rows_run_their_own_kernel():
+    torch.manual_seed(0)
+    layer = Int8Linear.from_module(nn.Linear(32, 16))
+    layer.set_kernel("float", small_kernel="onednn")
+    calls = []
+    layer._kernel_forward = lambda x, kernel: calls.append((x.shape[0], kernel)) or torch.zeros(x.shape[0], 16)
+    layer(torch.randn(1, 8, 32)), layer(torch.randn(9, 32))
+    assert calls == [(8, "onednn")]  # 9 rows ran the float kernel
+    assert layer.kernel_for(8) == "onednn" and layer.kernel_for(9) == "float"
+
+
+def test_onednn_unavailable_without_quantized_inputs():
+    layer = Int8Linear.from_module(nn.Linear(32, 16), act_bits=None)
+    assert "onednn" not in layer.available_kernels()
+    with pytest.raises(ValueError, match="kernel='onednn' is not available"):
+        layer.set_kernel("onednn")

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_compress.export.int8_linear import Int8Linear, w8a8_linear
+from lightning_compress.export.onednn import onednn_unsupported_reason
 from lightning_compress.export.sparse_linear import SemiStructuredSparseLinear
 from lightning_compress.functional.masks import nm_mask
 from lightning_compress.functional.quant import compute_qparams, quantize
@@ -106,13 +107,15 @@ def test_int8_kernel_matches_int8_linear_kernel(act):
     bias = torch.randn(32)
     sparse = SemiStructuredSparseLinear(codes, bias, weight_scale=scale, **ACT_CONFIGS[act])
     dense = Int8Linear(codes, scale, bias, **ACT_CONFIGS[act])
-    assert sparse.available_kernels() == ["reference", "float", "int8"]
-    sparse.set_kernel("int8")
-    dense.set_kernel("int8")
+    onednn = ["onednn"] if onednn_unsupported_reason() is None else []
+    assert sparse.available_kernels() == ["reference", "float", "int8", *onednn]
     x = torch.randn(2, 9, 64)
-    y = sparse(x)
-    assert sqnr_db(sparse.reference(x), y) >= 40
-    assert torch.equal(y, dense(x))  # the same codes through the same W8A8 path
+    for kernel in ["int8", *onednn]:
+        sparse.set_kernel(kernel)
+        dense.set_kernel(kernel)
+        y = sparse(x)
+        assert sqnr_db(sparse.reference(x), y) >= 40
+        assert torch.equal(y, dense(x))  # the same codes through the same W8A8 path
 
 
 @pytest.mark.parametrize("act", list(ACT_CONFIGS))
