@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import nn
 
-from lightning_compress.export.layer import ExportedLinear
+from lightning_compress.export.layer import ExportedLayer
 from lightning_compress.export.sparse_linear import SemiStructuredSparseLinear
 from lightning_compress.functional.kmeans import deep_compression_bits
 from lightning_compress.functional.masks import sparsity_pattern
@@ -132,7 +132,7 @@ def _layer_row(name: str, module: nn.Module, own: list[tuple[str, torch.Tensor]]
     )
 
 
-def _exported_row(name: str, module: ExportedLinear) -> LayerRow:
+def _exported_row(name: str, module: ExportedLayer) -> LayerRow:
     """One row for an exported inference layer: its bytes are the persistent buffers (codes, positions, scales,
     bias) exactly as ``save_exported`` writes them; sparsity and pattern from its dequantized weight."""
     weight = module.dequantized_weight()
@@ -159,7 +159,7 @@ def compression_summary(model: nn.Module) -> CompressionSummary:
     Returns:
         A :class:`CompressionSummary` whose totals cover every parameter of ``model``.
     """
-    exported = [(n, m) for n, m in model.named_modules() if isinstance(m, ExportedLinear)]
+    exported = [(n, m) for n, m in model.named_modules() if isinstance(m, ExportedLayer)]
     rows = [_layer_row(name, module, own, not exported) for name, module, own in _stored_parameters(model)]
     rows += [_exported_row(n, m) for n, m in exported]
     order = {n: i for i, (n, _) in enumerate(model.named_modules())}

@@ -21,7 +21,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor, nn
 
 from lightning_compress import plots
-from lightning_compress.export.layer import ExportedLinear
+from lightning_compress.export.layer import ExportedLayer
 from lightning_compress.functional.quant import compute_qparams, fake_quantize
 from lightning_compress.functional.size import ratio
 from lightning_compress.nn.fake_quant import is_fake_quant
@@ -64,10 +64,10 @@ def metric_label(monitor: str | None, split: str) -> str:
 # ------------------------------------------------------------------------------------------------ weights to plot
 def largest_layers(model: nn.Module, n: int) -> list[str]:
     """Names of the ``n`` Linear / Conv / exported layers with the most weights (fake-quant layers first)."""
-    layers = [(name, m) for name, m in model.named_modules() if is_default_layer(m) or isinstance(m, ExportedLinear)]
+    layers = [(name, m) for name, m in model.named_modules() if is_default_layer(m) or isinstance(m, ExportedLayer)]
 
     def size(m: nn.Module) -> int:
-        return m.in_features * m.out_features if isinstance(m, ExportedLinear) else m.weight.numel()
+        return m.dequantized_weight().numel() if isinstance(m, ExportedLayer) else m.weight.numel()
 
     layers.sort(key=lambda item: (not is_fake_quant(item[1]), -size(item[1])))
     return [name for name, _ in layers[:n]]
@@ -78,7 +78,7 @@ def weight_snapshots(model: nn.Module, n: int = 3) -> dict[str, Tensor]:
     out = {}
     for name in largest_layers(model, n):
         module = model.get_submodule(name)
-        if not isinstance(module, ExportedLinear):
+        if not isinstance(module, ExportedLayer):
             out[name] = module.weight.detach().float().cpu().clone()
     return out
 
@@ -100,7 +100,7 @@ def quantized_views(
                 wq = module.weight_quantizer
                 per_channel = 2**wq.bits if wq.method == "linear" and wq.group_size is None else None
                 views.append((f"{name} (int{wq.bits})", original, quantized, per_channel))
-            elif isinstance(module, ExportedLinear) and name in snapshots:
+            elif isinstance(module, ExportedLayer) and name in snapshots:
                 bits = module.weight_bits
                 grouped = getattr(module, "group_size", module.in_features) != module.in_features
                 title = f"{name} ({type(module).__name__})"
@@ -109,7 +109,7 @@ def quantized_views(
     if views:
         return views
     largest = largest_layers(model, 1)
-    if not largest or isinstance(model.get_submodule(largest[0]), ExportedLinear):
+    if not largest or isinstance(model.get_submodule(largest[0]), ExportedLayer):
         return []
     name = largest[0]
     w = model.get_submodule(name).weight.detach().float().cpu()

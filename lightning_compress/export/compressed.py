@@ -32,7 +32,7 @@ from lightning_compress.export.int4_linear import Int4Linear
 from lightning_compress.export.int8_linear import Int8Linear
 from lightning_compress.export.io import atomic_dir
 from lightning_compress.export.kept import is_input_quantized
-from lightning_compress.export.layer import ExportedLinear, float_dtype
+from lightning_compress.export.layer import ExportedLayer, ExportedLinear, float_dtype
 from lightning_compress.nn.fake_quant import is_fake_quant
 from lightning_compress.nn.quantized import QuantizedInput, QuantizedLayer, QuantizedWeight
 
@@ -147,7 +147,7 @@ def layer_quantization(name: str, module: nn.Module, fmt: str = "compressed-tens
     """
     if isinstance(module, (Int8Linear, Int4Linear)):
         return module.quantized()
-    if isinstance(module, ExportedLinear):
+    if isinstance(module, ExportedLayer):
         raise ValueError(
             f"layer {name!r} is a {type(module).__name__}, which {fmt} cannot hold; save the model "
             "before export_for_inference, or with save_exported"

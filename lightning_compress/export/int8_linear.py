@@ -162,8 +162,12 @@ def check_codes(codes: Tensor, bits: int, name: str = "codes") -> None:
 
 
 def channel_scale(scale: Tensor, out_features: int, name: str = "weight_scale") -> Tensor:
-    """A per-output-channel scale given as ``(out,)`` or ``(out, 1)``, as float32 ``(out,)``."""
-    if not isinstance(scale, Tensor) or scale.numel() != out_features or scale.dim() > 2:
+    """A per-output-channel scale given as ``(out,)`` or ``(out, 1, ...)``, as float32 ``(out,)``."""
+    if (
+        not isinstance(scale, Tensor)
+        or scale.numel() != out_features
+        or (scale.dim() > 1 and scale.shape[0] != out_features)
+    ):
         got = tuple(scale.shape) if isinstance(scale, Tensor) else type(scale).__name__
         raise ValueError(f"{name} must hold one scale per output channel ({out_features},), got {got}")
     return scale.detach().float().reshape(out_features).clone()

@@ -21,12 +21,13 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from lightning_compress.export.int4_linear import Int4Linear
+from lightning_compress.export.int8_conv import Int8Conv2d
 from lightning_compress.export.int8_linear import Int8Linear
 from lightning_compress.export.kept import is_input_quantized, placeholder
 from lightning_compress.export.layer import (
     FLOAT,
     REFERENCE,
-    ExportedLinear,
+    ExportedLayer,
     float_dtype,
     from_spec_dtype,
     to_spec_dtype,
@@ -37,8 +38,8 @@ from lightning_compress.nn.select import replace_layers
 log = logging.getLogger(__name__)
 
 
-LAYER_CLASSES: dict[str, type[ExportedLinear]] = {
-    c.__name__: c for c in (Int8Linear, Int4Linear, SemiStructuredSparseLinear)
+LAYER_CLASSES: dict[str, type[ExportedLayer]] = {
+    c.__name__: c for c in (Int8Linear, Int4Linear, SemiStructuredSparseLinear, Int8Conv2d)
 }
 
 
@@ -52,9 +53,9 @@ MANIFEST, WEIGHTS_FILE = "manifest.json", "model.safetensors"
 
 
 # ------------------------------------------------------------------------------------------------ save / load
-def exported_layers(model: nn.Module) -> dict[str, ExportedLinear]:
+def exported_layers(model: nn.Module) -> dict[str, ExportedLayer]:
     """``{name: layer}`` of the exported layers in ``model``."""
-    return {n: m for n, m in model.named_modules() if isinstance(m, ExportedLinear)}
+    return {n: m for n, m in model.named_modules() if isinstance(m, ExportedLayer)}
 
 
 def save_exported(model: nn.Module, path: str | Path) -> Path:
@@ -225,7 +226,7 @@ def _read_tensors(path: Path, manifest: dict[str, Any]) -> dict[str, Tensor]:
     return tensors
 
 
-def _rebuild_layers(path: Path, model: nn.Module, manifest: dict[str, Any]) -> dict[str, ExportedLinear]:
+def _rebuild_layers(path: Path, model: nn.Module, manifest: dict[str, Any]) -> dict[str, ExportedLayer]:
     """An empty exported layer per manifest entry, after checking that ``model`` has that layer with its shape."""
     new = {}
     for name, entry in manifest["layers"].items():
@@ -235,10 +236,10 @@ def _rebuild_layers(path: Path, model: nn.Module, manifest: dict[str, Any]) -> d
             plain = model.get_submodule(name)
         except AttributeError:
             raise ValueError(f"the manifest's layer {name!r} does not exist in {type(model).__name__}") from None
-        saved = (entry["spec"]["in_features"], entry["spec"]["out_features"])
-        if (getattr(plain, "in_features", None), getattr(plain, "out_features", None)) != saved:
-            raise ValueError(f"layer {name!r} is {plain} in the model but {saved[0]} → {saved[1]} in {path}")
-        new[name] = LAYER_CLASSES[entry["class"]].from_spec(entry["spec"])
+        layer = LAYER_CLASSES[entry["class"]].from_spec(entry["spec"])
+        if not layer.fits(plain):
+            raise ValueError(f"layer {name!r} is {plain} in the model but {layer.extra_repr()} in {path}")
+        new[name] = layer
     return new
 
 
@@ -267,7 +268,7 @@ def _check_state(path: Path, model: nn.Module, new: dict[str, nn.Module], tensor
             raise ValueError(f"tensor {key!r} has shape {tuple(t.shape)}, the model expects {tuple(expected[key])}")
 
 
-def _restore_kernel(name: str, layer: ExportedLinear, kernel: str, small_kernel: str | None) -> None:
+def _restore_kernel(name: str, layer: ExportedLayer, kernel: str, small_kernel: str | None) -> None:
     available = layer.available_kernels()
     if kernel not in available:
         fast = [k for k in available if k not in (REFERENCE, FLOAT)]

@@ -30,12 +30,14 @@ FLOAT = "float"
 SMALL_ROWS = 8
 
 
-class ExportedLinear(nn.Module, abc.ABC):
-    """Base of the exported Linear layers: ``(..., in_features) -> (..., out_features)``, any float input dtype.
+class ExportedLayer(nn.Module, abc.ABC):
+    """Base of the exported inference layers (Linear and Conv): ``in_features`` / ``out_features`` are the input and
+    output widths (channels of a conv), any float input dtype.
 
     Subclasses declare ``KERNELS`` (all the names they know), ``CACHED_KERNELS`` (those holding a second,
     dense copy of the weight: never picked when the export prefers memory) and implement :meth:`spec`,
-    :meth:`from_spec`, :meth:`dequantized_weight`, :meth:`reference` and :meth:`_kernel_forward`.
+    :meth:`from_spec`, :meth:`dequantized_weight`, :meth:`reference`, :meth:`random_input`, :meth:`fits`,
+    ``forward`` and :meth:`_prepare` for their fast kernels.
     """
 
     KERNELS: ClassVar[tuple[str, ...]] = (REFERENCE, FLOAT)
@@ -56,16 +58,25 @@ class ExportedLinear(nn.Module, abc.ABC):
 
     @classmethod
     @abc.abstractmethod
-    def from_spec(cls, spec: dict[str, Any]) -> ExportedLinear:
+    def from_spec(cls, spec: dict[str, Any]) -> ExportedLayer:
         """An instance with buffers of the right shapes and dtypes (contents undefined until a state dict loads)."""
 
     @abc.abstractmethod
     def dequantized_weight(self) -> Tensor:
-        """The weight the layer represents, ``(out_features, in_features)`` float32."""
+        """The weight the layer represents, float32, shaped as the float layer's (``(out, in)`` for a Linear)."""
 
     @abc.abstractmethod
     def reference(self, x: Tensor) -> Tensor:
-        """The slow, obviously-correct forward: quantize the input as the layer does, dequantize, ``F.linear``."""
+        """The slow, obviously-correct forward: quantize the input as the layer does, dequantize, the float op."""
+
+    @abc.abstractmethod
+    def random_input(self, rows: int, dtype: torch.dtype, shape: tuple[int, ...] | None = None) -> Tensor:
+        """A random input on the layer's device, for timing and verifying kernels: of ``shape`` (an example input's
+        shape) when given, else of ``rows`` rows (tokens; batch x positions for a conv)."""
+
+    @abc.abstractmethod
+    def fits(self, module: nn.Module) -> bool:
+        """Whether ``module`` (the float layer in a freshly built model) has this layer's shapes."""
 
     def available_kernels(self) -> list[str]:
         """Kernels usable on the layer's current device (subclasses add their fast paths)."""
@@ -74,11 +85,6 @@ class ExportedLinear(nn.Module, abc.ABC):
     def float_input(self, x: Tensor) -> Tensor:
         """The input of the float kernel: ``x`` itself here; layers with static activation ranges clip it first."""
         return x
-
-    @abc.abstractmethod
-    def _kernel_forward(self, x: Tensor, kernel: str) -> Tensor:
-        """The forward of the fast path ``kernel`` (all but reference and float) on ``x (tokens, in)``; its cache is
-        ``self._caches[kernel]``."""
 
     def _prepare(self, kernel: str) -> Any:
         """Build the run-time cache ``kernel`` needs (None when it needs none)."""
@@ -123,21 +129,15 @@ class ExportedLinear(nn.Module, abc.ABC):
         :attr:`kernel`."""
         return self.small_kernel if self.small_kernel is not None and rows <= SMALL_ROWS else self.kernel
 
-    def forward(self, x: Tensor) -> Tensor:
-        kernel = self.kernel_for(x.numel() // max(x.shape[-1], 1)) if self.small_kernel else self.kernel
-        if kernel == REFERENCE:
-            return self.reference(x)
-        if kernel == FLOAT:
-            w = self._casts.get(x.dtype)
-            if w is None:  # cast once per input dtype from the float32 master (never from another cast)
-                w = self._casts[x.dtype] = self._caches[FLOAT].to(x.dtype)
-            b = self.bias_or_none()
-            return F.linear(self.float_input(x), w, None if b is None else b.to(x.dtype))
-        lead = x.shape[:-1]
-        y = self._kernel_forward(x.reshape(-1, self.in_features), kernel)
-        return y.reshape(*lead, self.out_features)
+    def float_weight(self, dtype: torch.dtype) -> Tensor:
+        """The float kernel's weight in ``dtype``, cast once per dtype from the float32 master (never from another
+        cast)."""
+        w = self._casts.get(dtype)
+        if w is None:
+            w = self._casts[dtype] = self._caches[FLOAT].to(dtype)
+        return w
 
-    def _apply(self, fn: Any, recurse: bool = True) -> ExportedLinear:
+    def _apply(self, fn: Any, recurse: bool = True) -> ExportedLayer:
         # Moves follow the device only: codes and scales keep their dtypes (``model.to(torch.bfloat16)`` must not
         # round the float32 scales); the compute dtype follows the input. Caches are rebuilt on the new device.
         device = fn(torch.zeros(0)).device
@@ -179,6 +179,36 @@ class ExportedLinear(nn.Module, abc.ABC):
         return sum(t.numel() * t.element_size() for t in self.state_dict().values())
 
 
+class ExportedLinear(ExportedLayer):
+    """Base of the exported Linear layers: ``(..., in_features) -> (..., out_features)``; subclasses add
+    :meth:`_kernel_forward` for their fast kernels on ``(tokens, in)``."""
+
+    def random_input(self, rows: int, dtype: torch.dtype, shape: tuple[int, ...] | None = None) -> Tensor:
+        """``(rows, in_features)`` standard normal (an example's ``shape`` only gives the rows)."""
+        return torch.randn(rows, self.in_features, device=next(iter(self.buffers())).device, dtype=dtype)
+
+    def fits(self, module: nn.Module) -> bool:
+        """``module`` has this layer's ``in_features`` and ``out_features``."""
+        shape = (getattr(module, "in_features", None), getattr(module, "out_features", None))
+        return shape == (self.in_features, self.out_features)
+
+    @abc.abstractmethod
+    def _kernel_forward(self, x: Tensor, kernel: str) -> Tensor:
+        """The forward of the fast path ``kernel`` (all but reference and float) on ``x (tokens, in)``; its cache is
+        ``self._caches[kernel]``."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        kernel = self.kernel_for(x.numel() // max(x.shape[-1], 1)) if self.small_kernel else self.kernel
+        if kernel == REFERENCE:
+            return self.reference(x)
+        if kernel == FLOAT:
+            b = self.bias_or_none()
+            return F.linear(self.float_input(x), self.float_weight(x.dtype), None if b is None else b.to(x.dtype))
+        lead = x.shape[:-1]
+        y = self._kernel_forward(x.reshape(-1, self.in_features), kernel)
+        return y.reshape(*lead, self.out_features)
+
+
 def float_bias(bias: Tensor | None) -> Tensor | None:
     """A float32 copy of a layer's bias (the exported layers keep bias in float32 and cast at run time)."""
     return None if bias is None else bias.detach().float().clone()
@@ -200,7 +230,7 @@ def from_spec_dtype(name: str) -> torch.dtype:
 def float_dtype(model: nn.Module) -> torch.dtype:
     """The dtype of the model's first float parameter or buffer outside the exported layers (float32 if none)."""
     for module in model.modules():
-        if isinstance(module, ExportedLinear):
+        if isinstance(module, ExportedLayer):
             continue
         for t in [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
             if t.is_floating_point():

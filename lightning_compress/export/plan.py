@@ -1,8 +1,11 @@
-"""What each selected Linear becomes, and ``export_for_inference``, which plans, validates, swaps and self-checks.
+"""What each selected Linear / Conv2d becomes, and ``export_for_inference``, which plans, validates, swaps and
+self-checks.
 
 ``export_for_inference(model)`` replaces each selected ``nn.Linear`` by an inference layer chosen from the layer
 itself: a fake-quant layer (QAT, GPTQ, SmoothQuant) by its integer codes and scales, a 2:4-pruned weight by its
-kept values and positions, a plain float layer by round-to-nearest codes when ``weights`` asks for them. Every
+kept values and positions, a plain float layer by round-to-nearest codes when ``weights`` asks for them. A
+fake-quant ``nn.Conv2d`` with int8 (or narrower) per-channel weights and a calibrated static input range becomes
+an :class:`~lightning_compress.export.int8_conv.Int8Conv2d`; other convs stay float. Every
 layer is planned and validated before the first one is replaced, so an error leaves the model as it was. Then the
 self-check (:mod:`~lightning_compress.export.selfcheck`) picks each layer's kernel on the current device."""
 
@@ -17,10 +20,11 @@ from torch import nn
 
 from lightning_compress.calibration.progress import Progress
 from lightning_compress.export.int4_linear import Int4Linear
+from lightning_compress.export.int8_conv import Int8Conv2d, conv_geometry
 from lightning_compress.export.int8_linear import Int8Linear
 from lightning_compress.export.kept import input_quantized
-from lightning_compress.export.layer import ExportedLinear, float_dtype
-from lightning_compress.export.selfcheck import ExportReport, choose_kernel, kernel_note, layer_tokens
+from lightning_compress.export.layer import ExportedLayer, float_dtype
+from lightning_compress.export.selfcheck import ExportReport, choose_kernel, kernel_note, layer_input_shapes
 from lightning_compress.export.sparse_linear import SemiStructuredSparseLinear
 from lightning_compress.functional.checks import check_choice, check_positive_int
 from lightning_compress.functional.packing import is_24_sparse
@@ -53,7 +57,7 @@ def check_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     return dtype
 
 
-def _fake_quant_layer(name: str, module: nn.Module, sparse: bool) -> tuple[str, ExportedLinear]:
+def _fake_quant_layer(name: str, module: nn.Module, sparse: bool) -> tuple[str, ExportedLayer]:
     """The exported layer of a fake-quant Linear: its own codes and scales (int8 / int4, 2:4 when ``sparse``)."""
     if not module.enabled:
         raise ValueError(f"layer {name!r} has quantization disabled (QAT before start_epoch); allowed: enabled layers")
@@ -78,9 +82,35 @@ def _fake_quant_layer(name: str, module: nn.Module, sparse: bool) -> tuple[str, 
     return "int8", Int8Linear.from_quantized(weight, module.bias, quantized.input)
 
 
+def _conv_layer(name: str, module: nn.Conv2d) -> tuple[str, ExportedLayer] | None:
+    """The :class:`Int8Conv2d` of a fake-quant Conv2d with int8-or-narrower symmetric per-channel weights and a static
+    input range, or None: the conv is kept as a float layer (:func:`kept_layers`), and why is logged. Plain float
+    convs stay float: an int8 conv needs the input range an observer calibrated (``QATFakeQuant``)."""
+    if not is_fake_quant(module) or not module.enabled:
+        return None
+    quantized = module.quantized()
+    weight, act = quantized.weight, quantized.input
+    why = None
+    if module.weight_quantizer.method != "linear" or weight.format != "int":
+        why = f"{module.weight_quantizer.method} weights"
+    elif weight.group_size is not None or not weight.symmetric:
+        why = "grouped or asymmetric weights"
+    elif act is None or act.dynamic or act.method != "linear":
+        why = "no static input range (weight-only, dynamic or FP8 inputs)"
+    else:
+        try:
+            conv_geometry(module)
+        except ValueError as err:
+            why = str(err)
+    if why is not None:
+        log.info("layer %s: kept as a float conv (%s; Int8Conv2d takes static-input int8 convs)", name, why)
+        return None
+    return "int8 conv", Int8Conv2d.from_quantized(weight, module, act)
+
+
 def _float_layer(
     name: str, module: nn.Linear, weights: str | None, sparse: bool, group_size: int | None, dtype: torch.dtype | None
-) -> tuple[str, ExportedLinear] | None:
+) -> tuple[str, ExportedLayer] | None:
     """The exported layer of a plain float Linear (round-to-nearest when ``weights`` asks), or None: stays float."""
     if weights == "int4":
         if group_size is not None and module.in_features % group_size:
@@ -107,7 +137,7 @@ def plan_layers(
     ignore: str | Sequence[str] | None,
     group_size: int | None = 128,
     dtype: torch.dtype | None = None,
-) -> dict[str, tuple[str, ExportedLinear]]:
+) -> dict[str, tuple[str, ExportedLayer]]:
     """``{name: (layout, exported layer)}`` for the selected Linears; the model is not touched. Float 2:4 values are
     kept in ``dtype`` (the weight's own when None).
 
@@ -115,15 +145,20 @@ def plan_layers(
         ValueError: a layer that cannot be exported as asked (naming it), ``sparsity="2:4"`` on a layer that is
             not 2:4 sparse, or nothing to export at all.
     """
-    done = [n for n, m in model.named_modules() if isinstance(m, ExportedLinear)]
+    done = [n for n, m in model.named_modules() if isinstance(m, ExportedLayer)]
     if done and not any(isinstance(m, nn.Linear) for m in model.modules()):
         raise ValueError(
             f"model is already exported ({len(done)} exported layers, e.g. {done[0]!r}) and has no Linear left; "
             "allowed: export_for_inference once, on the model as the callbacks left it"
         )
-    selected = select_layers(model, targets, ignore, accept=lambda m: isinstance(m, nn.Linear), kind="Linear")
-    plan: dict[str, tuple[str, ExportedLinear]] = {}
+    accept = lambda m: isinstance(m, (nn.Linear, nn.Conv2d))  # noqa: E731
+    selected = select_layers(model, targets, ignore, accept=accept, kind="Linear / Conv2d")
+    plan: dict[str, tuple[str, ExportedLayer]] = {}
     for name, module in selected.items():
+        if isinstance(module, nn.Conv2d):
+            if (found := _conv_layer(name, module)) is not None:
+                plan[name] = found
+            continue
         if is_fake_quant(module) and module.weight_quantizer.method == "kmeans":
             raise ValueError(f"layer {name!r} holds k-means codes; allowed: linear quantization (no k-means kernel)")
         weight = module.fake_quantized_weight() if is_fake_quant(module) else module.weight
@@ -164,7 +199,7 @@ def export_for_inference(
             keep their own codes and scales.
         sparsity: ``"auto"`` uses the 2:4 layout where a weight is 2:4 sparse, ``"2:4"`` requires it of every
             selected layer, None never uses it.
-        targets, ignore: regexes over Linear layer names (as the callbacks take them).
+        targets, ignore: regexes over Linear / Conv2d layer names (as the callbacks take them).
         dtype: float dtype the rest of the model computes in afterwards (``torch.bfloat16`` on CPUs with bf16
             matrix units); None keeps it.
         prefer: ``"speed"`` (fastest verified kernel per layer), ``"memory"`` (fastest among those that hold no
@@ -184,7 +219,7 @@ def export_for_inference(
     with torch.no_grad():
         plan = plan_layers(model, weights, sparsity, targets, ignore, group_size, dtype)
         kept = kept_layers(model, exclude=plan)
-    rows = layer_tokens(model, list(plan), example_inputs) if example_inputs is not None else {}
+    shapes = layer_input_shapes(model, list(plan), example_inputs) if example_inputs is not None else {}
     device = next(iter(model.parameters())).device
     replace_layers(model, kept)
     if dtype is not None:
@@ -194,7 +229,7 @@ def export_for_inference(
     report, timings = ExportReport(), {}
     with Progress(len(plan), "export self-check") as bar:
         for name, (layout, layer) in plan.items():
-            record = choose_kernel(layer, rows.get(name, tokens), compute, prefer, timings)
+            record = choose_kernel(layer, tokens, compute, prefer, timings, shapes.get(name))
             record.name, record.layout = name, layout
             record.note = (record.note + kernel_note(layer, record)).strip("; ")
             report.layers.append(record)

@@ -19,7 +19,7 @@ from torch import nn
 
 from lightning_compress.calibration.batches import call_model
 from lightning_compress.calibration.capture import eval_mode, hooks
-from lightning_compress.export.layer import FLOAT, REFERENCE, SMALL_ROWS, ExportedLinear
+from lightning_compress.export.layer import FLOAT, REFERENCE, SMALL_ROWS, ExportedLayer, ExportedLinear
 from lightning_compress.export.sparse_linear import SemiStructuredSparseLinear
 from lightning_compress.functional.quant import sqnr_db
 
@@ -67,13 +67,13 @@ class ExportReport:
 
 
 # ------------------------------------------------------------------------------------------------ self-check
-def layer_tokens(model: nn.Module, names: Sequence[str], example_inputs: Any) -> dict[str, int]:
-    """Rows each layer sees (product of its input's leading dims) in one forward of ``example_inputs``."""
-    seen: dict[str, int] = {}
+def layer_input_shapes(model: nn.Module, names: Sequence[str], example_inputs: Any) -> dict[str, tuple[int, ...]]:
+    """The shape of each layer's input in one forward of ``example_inputs`` (its first call)."""
+    seen: dict[str, tuple[int, ...]] = {}
 
     def record(name: str) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
-            seen.setdefault(name, math.prod(args[0].shape[:-1]))
+            seen.setdefault(name, tuple(args[0].shape))
 
         return hook
 
@@ -101,21 +101,33 @@ def interleaved_ms(fns: dict[str, Callable[[], Any]], repeats: int = 7, warmup: 
     return {k: sorted(v)[len(v) // 2] * 1e3 for k, v in times.items()}
 
 
+def rows_of(layer: ExportedLayer, shape: tuple[int, ...]) -> int:
+    """Rows (tokens) of an input of ``shape``: its leading dims for a Linear, batch x positions for a conv."""
+    return math.prod(shape[:-1]) if isinstance(layer, ExportedLinear) else shape[0] * math.prod(shape[2:])
+
+
 def choose_kernel(
-    layer: ExportedLinear, tokens: int, dtype: torch.dtype, prefer: str, timings: dict[tuple, dict[str, float]]
+    layer: ExportedLayer,
+    tokens: int,
+    dtype: torch.dtype,
+    prefer: str,
+    timings: dict[tuple, dict[str, float]],
+    shape: tuple[int, ...] | None = None,
 ) -> LayerExport:
-    """Time ``layer``'s kernels on random ``(tokens, in)`` input in ``dtype``, verify each fast one against the
-    reference (SQNR ≥ 40 dB), and set the fastest allowed by ``prefer``; when ``tokens > SMALL_ROWS``, do the same
-    at :data:`SMALL_ROWS` rows (decoding) and keep that winner as the layer's small-rows kernel. Shapes already
-    timed reuse ``timings``."""
+    """Time ``layer``'s kernels on a random input in ``dtype`` (of ``shape``, an example input's, else ``tokens``
+    rows: :meth:`~ExportedLayer.random_input`), verify each fast one against the reference (SQNR ≥ 40 dB), and set
+    the fastest allowed by ``prefer``; for a Linear seeing more than :data:`SMALL_ROWS` rows, do the same at
+    :data:`SMALL_ROWS` rows (decoding) and keep that winner as its small-rows kernel. Shapes already timed reuse
+    ``timings``."""
     candidates = layer.available_kernels()
     if prefer == "reference":
         candidates = [REFERENCE]
     elif prefer == "memory":
         candidates = [k for k in candidates if k not in layer.CACHED_KERNELS]
+    tokens = tokens if shape is None else rows_of(layer, shape)
     record = LayerExport("", "", layer.in_features, layer.out_features, tokens)
-    record.kernel, record.times_ms, record.note = _fastest(layer, tokens, dtype, candidates, timings)
-    if tokens > SMALL_ROWS and candidates != [REFERENCE]:
+    record.kernel, record.times_ms, record.note = _fastest(layer, tokens, dtype, candidates, timings, shape)
+    if isinstance(layer, ExportedLinear) and tokens > SMALL_ROWS and candidates != [REFERENCE]:
         small, record.small_times_ms, _ = _fastest(layer, SMALL_ROWS, dtype, candidates, timings)
         record.small_kernel = None if small == record.kernel else small
     layer.set_kernel(record.kernel, record.small_kernel)
@@ -123,12 +135,18 @@ def choose_kernel(
 
 
 def _fastest(
-    layer: ExportedLinear, rows: int, dtype: torch.dtype, candidates: list[str], timings: dict[tuple, dict[str, float]]
+    layer: ExportedLayer,
+    rows: int,
+    dtype: torch.dtype,
+    candidates: list[str],
+    timings: dict[tuple, dict[str, float]],
+    shape: tuple[int, ...] | None = None,
 ) -> tuple[str, dict[str, float], str]:
-    """(the fastest verified kernel of ``candidates`` at ``rows`` rows, ms of each kernel timed, rejection notes)."""
+    """(the fastest verified kernel of ``candidates`` at ``rows`` rows or on ``shape``, ms of each kernel timed,
+    rejection notes)."""
     device = next(iter(layer.buffers())).device
-    x = torch.randn(rows, layer.in_features, device=device, dtype=dtype)
-    key = (type(layer).__name__, json.dumps(layer.spec(), sort_keys=True), rows, dtype, str(device))
+    x = layer.random_input(rows, dtype, shape)
+    key = (type(layer).__name__, json.dumps(layer.spec(), sort_keys=True), rows, shape, dtype, str(device))
     timed = [k for k in dict.fromkeys([*candidates, FLOAT]) if k in layer.available_kernels()]
     if candidates != [REFERENCE]:
         timed.remove(REFERENCE)  # the reference is never the fastest; it is only timed when asked for
@@ -151,7 +169,7 @@ def _fastest(
     return kernel, times, note
 
 
-def kernel_note(layer: ExportedLinear, record: LayerExport) -> str:
+def kernel_note(layer: ExportedLayer, record: LayerExport) -> str:
     """Why a 2:4 layer computes densely, or a quantized one in float (the self-check's decision, in words)."""
     times, kernel = record.times_ms, record.kernel
     if isinstance(layer, SemiStructuredSparseLinear) and kernel != "sparse":

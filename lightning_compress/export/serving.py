@@ -13,7 +13,7 @@ from torch import nn
 
 from lightning_compress.export.compressed import save_compressed
 from lightning_compress.export.gguf import save_gguf
-from lightning_compress.export.layer import ExportedLinear
+from lightning_compress.export.layer import ExportedLayer
 from lightning_compress.nn.fake_quant import is_fake_quant
 
 SERVING_FORMATS = ("compressed-tensors", "gguf")
@@ -47,7 +47,7 @@ def transformers_model(model: nn.Module) -> nn.Module:
     for name, module in model.named_modules():  # outermost first
         if hasattr(module, "save_pretrained") and hasattr(module, "config"):
             prefix = f"{name}." if name else ""
-            outside = [n for n, m in model.named_modules() if (is_fake_quant(m) or isinstance(m, ExportedLinear))
+            outside = [n for n, m in model.named_modules() if (is_fake_quant(m) or isinstance(m, ExportedLayer))
                        and not n.startswith(prefix)]  # fmt: skip
             if outside:
                 raise ValueError(

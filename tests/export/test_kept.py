@@ -1,17 +1,15 @@
-"""Fake-quant layers the export does not replace (convolutions) keep their input quantization, so the exported model
-computes what the QAT model did, on every kernel choice, through a save and a load."""
+"""Fake-quant layers the export does not replace (here convolutions left out with ``ignore``) keep their input
+quantization, so the exported model computes what the QAT model did, on every kernel choice, through a save and a
+load."""
 
 from __future__ import annotations
 
 import copy
 
-import lightning.pytorch as pl
 import pytest
 import torch
 from torch import nn
 
-from lightning_compress import QATFakeQuant
-from lightning_compress.examples.images import DigitsDataModule
 from lightning_compress.examples.models import ImageClassifier, SmallCNN
 from lightning_compress.export.io import load_exported, read_manifest, save_exported
 from lightning_compress.export.kept import InputQuantizedConv2d, input_quantized
@@ -19,19 +17,7 @@ from lightning_compress.export.plan import export_for_inference
 from lightning_compress.functional.quant import fake_quantize
 from lightning_compress.nn.quantized import QuantizedInput
 
-
-@pytest.fixture(scope="module")
-def qat_cnn() -> tuple[ImageClassifier, torch.Tensor]:
-    pl.seed_everything(0)
-    model = ImageClassifier(SmallCNN())
-    trainer = pl.Trainer(
-        max_epochs=1, callbacks=[QATFakeQuant(bits=8, act_bits=8)], logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False,
-    )  # fmt: skip
-    dm = DigitsDataModule()
-    trainer.fit(model, dm)
-    x = torch.cat([b[0] for b in dm.test_dataloader()])
-    return model.eval(), x
+KEEP_CONVS = r"net\.[02]"  # the convs: not exported when ignored, so kept float with their input quantization
 
 
 @pytest.mark.parametrize("prefer", ["speed", "reference"])
@@ -40,7 +26,7 @@ def test_kept_convs_quantize_their_input_as_the_qat_model_did(qat_cnn, prefer):
     model = copy.deepcopy(fq)
     with torch.no_grad():
         before = fq(x)
-        export_for_inference(model, example_inputs=x[:64], prefer=prefer)
+        export_for_inference(model, example_inputs=x[:64], prefer=prefer, ignore=KEEP_CONVS)
         after = model(x)
     assert isinstance(model.net[0], InputQuantizedConv2d) and isinstance(model.net[2], InputQuantizedConv2d)
     # The convs alone are exact: the same float conv on the same quantize-dequantized input.
@@ -56,7 +42,7 @@ def test_kept_convs_quantize_their_input_as_the_qat_model_did(qat_cnn, prefer):
 
 def test_kept_input_quantization_saves_loads_and_survives_a_dtype_change(qat_cnn, tmp_path):
     fq, x = qat_cnn
-    model = export_for_inference(copy.deepcopy(fq), example_inputs=x[:64])
+    model = export_for_inference(copy.deepcopy(fq), example_inputs=x[:64], ignore=KEEP_CONVS)
     path = save_exported(model, tmp_path / "exported")
     assert set(read_manifest(path)["inputs"]) == {"net.0", "net.2"}
     fresh = load_exported(path, ImageClassifier(SmallCNN()))
