@@ -201,3 +201,25 @@ def run_peer(config: dict, data_file: Path, timeout_s: float, name: str = "llmco
     raise RuntimeError(
         f"{name} runner exited {out.returncode} without a JSON result ({config}); stderr tail:\n{out.stderr[-4000:]}"
     )
+
+
+# Peers whose requirements do not clash with the project's: installed --no-deps into the running venv when missing.
+IN_PROJECT = {"torchao": "torchao==0.18.0"}
+
+
+def ensure_in_project(name: str) -> str:
+    """Import name ``name`` installed in this venv (``pip install --no-deps`` of :data:`IN_PROJECT` if missing);
+    returns its version."""
+    import importlib
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", IN_PROJECT[name]]
+    out = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
+    if out.returncode != 0:
+        raise RuntimeError(f"installing {IN_PROJECT[name]} failed:\n{out.stdout[-2000:]}")
+    importlib.invalidate_caches()
+    return importlib.metadata.version(name)

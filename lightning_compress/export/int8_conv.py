@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_compress.export.int8_linear import ActQuantMixin, channel_scale, check_int_channel_codes
+from lightning_compress.export.int8_linear import ActQuantMixin, channel_scale, check_int_channel_codes, run_compiled
 from lightning_compress.export.layer import FLOAT, REFERENCE, ExportedLayer, float_bias
 from lightning_compress.export.onednn import (
     ONEDNN,
@@ -214,7 +214,7 @@ class Int8Conv2d(ActQuantMixin, ExportedLayer):
             return self._conv(self.float_input(x), self.float_weight(x.dtype))
         cache: OnednnConvCache = self._caches[ONEDNN]
         out = x.dtype if x.dtype in OUTPUT_DTYPES else torch.float32
-        u = quantize_static_u8(x, self.act_bits, cache.x_scale, cache.x_zero_point, None)
+        u = run_compiled(quantize_static_u8, x, self.act_bits, cache.x_scale, cache.x_zero_point, None)
         u = u.contiguous(memory_format=torch.channels_last)
         bias = None if cache.bias is None else cache.bias.to(out)
         g = self.geometry

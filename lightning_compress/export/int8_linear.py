@@ -151,6 +151,18 @@ def run_compiled(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         return fn(*args, **kwargs)
 
 
+def fake_quantize_input(
+    x: Tensor, bits: int, scale: Tensor | None, zero_point: Tensor | None, smooth: Tensor | None
+) -> Tensor:
+    """``x (..., in)`` as a W8A8 layer sees it: divided by ``smooth``, then fake-quantized per token
+    (``S_t = max|x_t| / qmax``, when ``scale`` is None) or with the static ``scale`` / ``zero_point``."""
+    if smooth is not None:
+        x = x / smooth.to(x.dtype)
+    if scale is None:
+        return fake_quantize(x, token_scale(x, bits), None, bits)
+    return fake_quantize(x, scale, zero_point, bits)
+
+
 def check_codes(codes: Tensor, bits: int, name: str = "codes") -> None:
     """``codes`` must be an int8 ``(out, in)`` tensor within the signed ``bits``-bit range."""
     if not isinstance(codes, Tensor) or codes.dtype != torch.int8 or codes.dim() != 2:
@@ -246,17 +258,14 @@ class ActQuantMixin:
         is when weight-only)."""
         if self.act_bits is None:
             return x
-        if self.smooth is not None:
-            x = x / self.smooth.to(x.dtype)
-        if self.act_scale is None:
-            return fake_quantize(x, token_scale(x, self.act_bits), None, self.act_bits)
-        return fake_quantize(x, self.act_scale, self.act_zero_point, self.act_bits)
+        return fake_quantize_input(x, self.act_bits, self.act_scale, self.act_zero_point, self.smooth)
 
     def float_input(self, x: Tensor) -> Tensor:
-        """The float kernel's input: a static (calibrated or QAT) activation range clips, and the model was trained or
-        calibrated with that clipping, so it is kept (fake-quantized); dynamic per-token quantization only rounds,
-        so the float kernel skips it."""
-        return x if getattr(self, "act_scale", None) is None else self.fake_quantized_input(x)
+        """The float kernel's input: fake-quantized as :meth:`fake_quantized_input` does (one compiled pass), so the
+        float kernel computes the layer's own function (the quantized model's), only with float accumulation."""
+        if getattr(self, "act_bits", None) is None:  # weight-only, or a float 2:4 layer
+            return x
+        return run_compiled(fake_quantize_input, x, self.act_bits, self.act_scale, self.act_zero_point, self.smooth)
 
     def code_sums(self, codes: Tensor) -> Tensor | None:
         """int32 ``(out,)`` sums of the weight codes ``(out, in)`` over inputs: the zero-point correction

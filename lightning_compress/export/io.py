@@ -238,7 +238,8 @@ def _rebuild_layers(path: Path, model: nn.Module, manifest: dict[str, Any]) -> d
             raise ValueError(f"the manifest's layer {name!r} does not exist in {type(model).__name__}") from None
         layer = LAYER_CLASSES[entry["class"]].from_spec(entry["spec"])
         if not layer.fits(plain):
-            raise ValueError(f"layer {name!r} is {plain} in the model but {layer.extra_repr()} in {path}")
+            saved = f"{layer.in_features} → {layer.out_features} ({layer.extra_repr()})"
+            raise ValueError(f"layer {name!r} is {plain} in the model but {saved} in {path}")
         new[name] = layer
     return new
 

@@ -440,7 +440,9 @@ def test_export_script_from_a_checkpoint_and_recipe(tmp_path):
     path = tmp_path / "export" / "exported"
     manifest = json.loads((path / MANIFEST).read_text())
     assert {n: v["class"] for n, v in manifest["layers"].items()} == {
-        "net.6": "SemiStructuredSparseLinear",  # the Linears are 2:4 + int8; the convs stay float on their grid
+        "net.0": "Int8Conv2d",  # QAT convs with static input ranges: int8 (the 2:4 one stores its zeros densely)
+        "net.2": "Int8Conv2d",
+        "net.6": "SemiStructuredSparseLinear",  # the Linears are 2:4 + int8
         "net.8": "SemiStructuredSparseLinear",
     }
     from lightning_compress.examples.models import ImageClassifier, SmallCNN
