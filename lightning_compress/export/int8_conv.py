@@ -198,6 +198,8 @@ class Int8Conv2d(ActQuantMixin, ExportedLayer):
         return kernels + [ONEDNN] if self.onednn_available(self.codes.device) else kernels
 
     def _prepare(self, kernel: str) -> Any:
+        if kernel == FLOAT:
+            return self.dequantized_weight().contiguous(memory_format=torch.channels_last)
         if kernel != ONEDNN:
             return super()._prepare(kernel)
         g, s = self.geometry, float(self.act_scale)
@@ -210,8 +212,9 @@ class Int8Conv2d(ActQuantMixin, ExportedLayer):
     def forward(self, x: Tensor) -> Tensor:
         if self.kernel == REFERENCE:
             return self.reference(x)
-        if self.kernel == FLOAT:
-            return self._conv(self.float_input(x), self.float_weight(x.dtype))
+        if self.kernel == FLOAT:  # channels-last, oneDNN's fast layout for float convs on CPU
+            x = self.float_input(x).contiguous(memory_format=torch.channels_last)
+            return self._conv(x, self.float_weight(x.dtype))
         cache: OnednnConvCache = self._caches[ONEDNN]
         out = x.dtype if x.dtype in OUTPUT_DTYPES else torch.float32
         u = run_compiled(quantize_static_u8, x, self.act_bits, cache.x_scale, cache.x_zero_point, None)

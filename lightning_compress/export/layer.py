@@ -26,8 +26,9 @@ log = logging.getLogger(__name__)
 # Kernels every exported layer has: the reference path, and a dense float matmul over a dequantized cache.
 REFERENCE = "reference"
 FLOAT = "float"
-# Inputs of at most this many rows (tokens) run the layer's small-rows kernel when it has one: decoding 1-8 tokens.
-SMALL_ROWS = 8
+# Inputs of at most this many rows (tokens) run the layer's small-rows kernel when it has one: decoding a few
+# sequences (a memory-bound int4 matmul beats bf16 at 1 row and loses from about 4-6 rows on at 576-1536 widths).
+SMALL_ROWS = 4
 
 
 class ExportedLayer(nn.Module, abc.ABC):

@@ -21,7 +21,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from lightning_compress.functional.quant import quant_range, token_scale
+from lightning_compress.functional.fused import quantize_rows_u8
+from lightning_compress.functional.quant import quant_range
 
 ONEDNN = "onednn"
 U8_SHIFT = 128  # signed codes q -> unsigned u = q + 128 (oneDNN's fast activation type)
@@ -92,12 +93,9 @@ def _zeros(n: int) -> Tensor:
 
 def quantize_tokens_u8(x: Tensor, bits: int, smooth: Tensor | None) -> tuple[Tensor, Tensor]:
     """Dynamic per-token codes of ``x (M, K)`` (after SmoothQuant's ``x / smooth``) as uint8 ``q + 128``, and the
-    float32 ``(M, 1)`` scales ``S_t = max|x_t| / qmax``: one fused pass when compiled."""
-    qmin, qmax = quant_range(bits)
-    xs = x if smooth is None else x / smooth.to(x.dtype)
-    s = token_scale(xs, bits)
-    u = torch.clamp(torch.round(xs.float() / s), qmin, qmax) + U8_SHIFT
-    return u.to(torch.uint8), s
+    float32 ``(M, 1)`` scales ``S_t = max|x_t| / qmax`` (:func:`~lightning_compress.functional.fused.quantize_rows_u8`:
+    one C++ pass, or one fused pass when compiled)."""
+    return quantize_rows_u8(x if smooth is None else x / smooth.to(x.dtype), bits)
 
 
 def quantize_static_u8(x: Tensor, bits: int, scale: float, zero_point: float, smooth: Tensor | None) -> Tensor:
@@ -105,12 +103,6 @@ def quantize_static_u8(x: Tensor, bits: int, scale: float, zero_point: float, sm
     qmin, qmax = quant_range(bits)
     xs = x if smooth is None else x / smooth.to(x.dtype)
     return (torch.clamp(torch.round(xs.float() / scale + zero_point), qmin, qmax) + U8_SHIFT).to(torch.uint8)
-
-
-def scale_rows(y: Tensor, scale: Tensor, bias: Tensor | None, dtype: torch.dtype) -> Tensor:
-    """``y * scale + b`` in ``dtype``: the per-token rescale after a matmul run with ``S_x = 1``."""
-    y = y * scale
-    return (y if bias is None else y + bias).to(dtype)
 
 
 def prepack_conv(

@@ -40,7 +40,7 @@ class LayerExport:
     times_ms: dict[str, float] = field(default_factory=dict)
     note: str = ""
     small_kernel: str | None = None  # the kernel for inputs of at most SMALL_ROWS rows, when it differs
-    small_times_ms: dict[str, float] = field(default_factory=dict)  # the kernels timed at SMALL_ROWS rows
+    small_times_ms: dict[str, float] = field(default_factory=dict)  # ms at 1 row + ms at SMALL_ROWS rows
 
 
 @dataclass
@@ -116,9 +116,9 @@ def choose_kernel(
 ) -> LayerExport:
     """Time ``layer``'s kernels on a random input in ``dtype`` (of ``shape``, an example input's, else ``tokens``
     rows: :meth:`~ExportedLayer.random_input`), verify each fast one against the reference (SQNR ≥ 40 dB), and set
-    the fastest allowed by ``prefer``; for a Linear seeing more than :data:`SMALL_ROWS` rows, do the same at
-    :data:`SMALL_ROWS` rows (decoding) and keep that winner as its small-rows kernel. Shapes already timed reuse
-    ``timings``."""
+    the fastest allowed by ``prefer``; for a Linear seeing more than :data:`SMALL_ROWS` rows, also time 1 and
+    :data:`SMALL_ROWS` rows (decoding) and keep the kernel fastest over both as its small-rows kernel. Shapes
+    already timed reuse ``timings``."""
     candidates = layer.available_kernels()
     if prefer == "reference":
         candidates = [REFERENCE]
@@ -128,7 +128,9 @@ def choose_kernel(
     record = LayerExport("", "", layer.in_features, layer.out_features, tokens)
     record.kernel, record.times_ms, record.note = _fastest(layer, tokens, dtype, candidates, timings, shape)
     if isinstance(layer, ExportedLinear) and tokens > SMALL_ROWS and candidates != [REFERENCE]:
-        small, record.small_times_ms, _ = _fastest(layer, SMALL_ROWS, dtype, candidates, timings)
+        one, many = (_fastest(layer, rows, dtype, candidates, timings)[1] for rows in (1, SMALL_ROWS))
+        record.small_times_ms = {k: one[k] + many[k] for k in one if k in many}  # 1 and SMALL_ROWS rows, summed
+        small = _pick(record.small_times_ms, candidates)
         record.small_kernel = None if small == record.kernel else small
     layer.set_kernel(record.kernel, record.small_kernel)
     return record
@@ -164,9 +166,13 @@ def _fastest(
         todo = {k: f for k, f in fns.items() if k not in cached}
         cached.update(interleaved_ms(todo) if todo else {})
         times = {k: cached[k] for k in fns}
+    return _pick(times, candidates), times, note
+
+
+def _pick(times: dict[str, float], candidates: list[str]) -> str:
+    """The fastest of ``candidates`` in ``times`` (reference when none was timed)."""
     allowed = {k: t for k, t in times.items() if k in candidates}
-    kernel = min(allowed, key=allowed.get) if len(allowed) > 1 else next(iter(allowed), REFERENCE)
-    return kernel, times, note
+    return min(allowed, key=allowed.get) if len(allowed) > 1 else next(iter(allowed), REFERENCE)
 
 
 def kernel_note(layer: ExportedLayer, record: LayerExport) -> str:

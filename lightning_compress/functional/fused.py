@@ -37,6 +37,7 @@ from lightning_compress.functional.quant import (
     fake_quantize_and_mask,
     qparams_from_range,
     quant_range,
+    token_scale,
 )
 
 log = logging.getLogger(__name__)
@@ -211,3 +212,36 @@ def observe_fake_quantize_input_and_weight(
     c = -1.0 if averaging_constant is None else float(averaging_constant)
     group = _group(w, group_size)
     return _InputAndWeight.apply(x, w, (min_val, max_val, num_batches, act_bits, c), (bits, symmetric, group))
+
+
+def kernels_built() -> bool:
+    """Whether the C++ kernels are built and in use (False: eager compositions, same numbers)."""
+    return _extension() is not None
+
+
+def quantize_rows_u8(x: Tensor, bits: int) -> tuple[Tensor, Tensor]:
+    """Dynamic symmetric per-row codes of ``x (M, K)`` shifted to uint8, as oneDNN's int8 matmul takes them.
+
+    ``S_t = max|x_t| / qmax`` (:func:`~lightning_compress.functional.quant.token_scale`), ``u = clamp(round(x /
+    S_t), qmin, qmax) + 128``: one C++ pass on CPU when the kernels are built, else the eager composition (the same
+    numbers).
+
+    Returns:
+        ``u`` uint8 ``(M, K)`` and ``S`` float32 ``(M, 1)``.
+    """
+    ext = _extension()
+    if ext is not None and x.device.type == "cpu" and x.dim() == 2:
+        return tuple(ext.quantize_rows_u8(x, bits))  # type: ignore[return-value]
+    qmin, qmax = quant_range(bits)
+    s = token_scale(x, bits)
+    return (torch.clamp(torch.round(x.float() / s), qmin, qmax) + 128).to(torch.uint8), s
+
+
+def scale_rows(y: Tensor, scale: Tensor, bias: Tensor | None, dtype: torch.dtype) -> Tensor:
+    """``y (M, N) * scale (M, 1) + bias (N,)`` in ``dtype``: the per-token rescale after an integer matmul run with
+    unit input scales (one C++ pass on CPU when built, else eager; the same numbers)."""
+    ext = _extension()
+    if ext is not None and y.device.type == "cpu" and y.dim() == 2 and y.dtype == torch.float32:
+        return ext.scale_rows(y, scale, bias, dtype)
+    y = y * scale
+    return (y if bias is None else y + bias).to(dtype)

@@ -1,4 +1,5 @@
-// Fused fake-quantization kernels for quantization-aware training on CPU (lightning_compress.functional.fused).
+// Fused fake-quantization kernels for quantization-aware training on CPU (lightning_compress.functional.fused), and
+// the per-token quantize / rescale around oneDNN's int8 matmul (lightning_compress.export.onednn).
 //
 // Each is the eager composition in lightning_compress.functional.quant, op for op in float32 (IEEE division,
 // std::nearbyint: round half to even, clamp as min(max(v, lo), hi)), so results are bit-identical; built with
@@ -140,8 +141,66 @@ torch::Tensor straight_through_backward(torch::Tensor grad, torch::Tensor inside
   return out;
 }
 
+// Dynamic symmetric per-row quantization as oneDNN's uint8 input (lightning_compress.export.onednn): per row of
+// x (M, K), S = max(max|x|, 1e-8) / qmax (functional.quant.token_scale), u = clamp(round(x / S), qmin, qmax) + 128.
+std::tuple<torch::Tensor, torch::Tensor> quantize_rows_u8(torch::Tensor x, int64_t bits) {
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 2, "a 2-D CPU tensor expected");
+  x = x.contiguous();
+  const int64_t rows = x.size(0), cols = x.size(1);
+  const float qmax = static_cast<float>((1 << (bits - 1)) - 1), qmin = -qmax - 1.0f;
+  auto u = torch::empty({rows, cols}, x.options().dtype(torch::kUInt8));
+  auto scale = torch::empty({rows, 1}, x.options().dtype(torch::kFloat));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "quantize_rows_u8", [&] {
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    uint8_t* up = u.data_ptr<uint8_t>();
+    float* sp = scale.data_ptr<float>();
+    at::parallel_for(0, rows, std::max<int64_t>(1, kGrain / std::max<int64_t>(cols, 1)), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const scalar_t* row = xp + r * cols;
+        float top = 0.0f;
+        for (int64_t j = 0; j < cols; ++j) top = std::max(top, std::abs(static_cast<float>(row[j])));
+        const float s = std::max(top, 1e-8f) / qmax;
+        sp[r] = s;
+        uint8_t* out = up + r * cols;
+        for (int64_t j = 0; j < cols; ++j) {
+          out[j] = static_cast<uint8_t>(clampf(std::nearbyint(static_cast<float>(row[j]) / s), qmin, qmax) + 128.0f);
+        }
+      }
+    });
+  });
+  return {u, scale};
+}
+
+// y (M, N) float32 times each row's scale (M, 1), plus bias (N,) if defined, written in dtype: the per-token rescale.
+torch::Tensor scale_rows(torch::Tensor y, torch::Tensor scale, c10::optional<torch::Tensor> bias, at::ScalarType dtype) {
+  TORCH_CHECK(y.device().is_cpu() && y.dim() == 2 && y.scalar_type() == torch::kFloat, "2-D float32 CPU tensor expected");
+  y = y.contiguous();
+  scale = scale.to(torch::kFloat).contiguous();
+  const int64_t rows = y.size(0), cols = y.size(1);
+  torch::Tensor b = bias.has_value() && bias->defined() ? bias->to(torch::kFloat).contiguous() : torch::Tensor();
+  auto out = torch::empty({rows, cols}, y.options().dtype(dtype));
+  const float* yp = y.data_ptr<float>();
+  const float* sp = scale.data_ptr<float>();
+  const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "scale_rows", [&] {
+    scalar_t* op = out.data_ptr<scalar_t>();
+    at::parallel_for(0, rows, std::max<int64_t>(1, kGrain / std::max<int64_t>(cols, 1)), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const float s = sp[r];
+        for (int64_t j = 0; j < cols; ++j) {
+          const float v = yp[r * cols + j] * s;
+          op[r * cols + j] = static_cast<scalar_t>(bp ? v + bp[j] : v);
+        }
+      }
+    });
+  });
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("straight_through_backward", &straight_through_backward, "grad masked by the values not clipped");
   m.def("observe_fake_quantize", &observe_fake_quantize, "observer update + asymmetric per-tensor fake-quantize");
   m.def("minmax_fake_quantize", &minmax_fake_quantize, "min-max per-row / per-group fake-quantize");
+  m.def("quantize_rows_u8", &quantize_rows_u8, "dynamic symmetric per-row quantization to uint8 (q + 128)");
+  m.def("scale_rows", &scale_rows, "per-row rescale plus bias, cast to dtype");
 }

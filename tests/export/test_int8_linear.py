@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from lightning_compress.export.int8_linear import Int8Linear, compile_w8a8, int_mm_ok, w8a8_linear
+from lightning_compress.export.layer import SMALL_ROWS
 from lightning_compress.export.onednn import U8_SHIFT, onednn_unsupported_reason, prepack_linear, qlinear, shift_u8
 from lightning_compress.functional.quant import compute_qparams, quantize
 from lightning_compress.nn.fake_quant import ActQuantizer, FakeQuantLinear, SymmetricActQuantizer, WeightQuantizer
@@ -55,6 +56,15 @@ def test_reference_equals_qat_layer_with_asymmetric_static_activations():
         assert sqnr_db(exported.reference(x), exported(x)) >= 40  # zero-point correction: Z · colsum(W)
 
 
+def _forward(layer: Int8Linear, x: torch.Tensor, compiled: bool) -> torch.Tensor:
+    """``layer(x)`` with the W8A8 paths compiled or eager."""
+    compile_w8a8(compiled)
+    try:
+        return layer(x)
+    finally:
+        compile_w8a8(True)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("compiled", [True, False])
 def test_int8_kernel_matches_reference(dtype, compiled):
@@ -62,11 +72,7 @@ def test_int8_kernel_matches_reference(dtype, compiled):
     layer = Int8Linear.from_module(nn.Linear(64, 40))
     layer.set_kernel("int8")
     x = torch.randn(2, 9, 64, dtype=dtype)
-    compile_w8a8(compiled)
-    try:
-        y = layer(x)
-    finally:
-        compile_w8a8(True)
+    y = _forward(layer, x, compiled)
     assert y.shape == (2, 9, 40) and y.dtype == dtype
     assert sqnr_db(layer.reference(x).float(), y.float()) >= (60 if dtype == torch.float32 else 40)
 
@@ -201,11 +207,7 @@ def test_onednn_kernel_matches_reference(act, dtype, compiled):
     layer = Int8Linear(Int8Linear.from_module(lin).weight_t.t(), torch.rand(48) / 100 + 1e-3, lin.bias, **kwargs)
     layer.set_kernel("onednn")
     x = torch.randn(2, 7, 64, dtype=dtype)
-    compile_w8a8(compiled)
-    try:
-        y = layer(x)
-    finally:
-        compile_w8a8(True)
+    y = _forward(layer, x, compiled)
     assert y.shape == (2, 7, 48) and y.dtype == dtype
     assert sqnr_db(layer.reference(x).float(), y.float()) >= (60 if dtype == torch.float32 else 40)
     assert layer(x[:0]).shape == (0, 7, 48)
@@ -250,9 +252,9 @@ def test_small_rows_run_their_own_kernel():
     layer.set_kernel("float", small_kernel="onednn")
     calls = []
     layer._kernel_forward = lambda x, kernel: calls.append((x.shape[0], kernel)) or torch.zeros(x.shape[0], 16)
-    layer(torch.randn(1, 8, 32)), layer(torch.randn(9, 32))
-    assert calls == [(8, "onednn")]  # 9 rows ran the float kernel
-    assert layer.kernel_for(8) == "onednn" and layer.kernel_for(9) == "float"
+    layer(torch.randn(1, SMALL_ROWS, 32)), layer(torch.randn(SMALL_ROWS + 1, 32))
+    assert calls == [(SMALL_ROWS, "onednn")]  # SMALL_ROWS + 1 rows ran the float kernel
+    assert layer.kernel_for(SMALL_ROWS) == "onednn" and layer.kernel_for(SMALL_ROWS + 1) == "float"
 
 
 def test_onednn_unavailable_without_quantized_inputs():
