@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from lightning_compress.export.layer import FLOAT, REFERENCE, ExportedLinear, float_bias
 from lightning_compress.export.onednn import (
+    KERNEL_ROWS,
     ONEDNN,
     OUTPUT_DTYPES,
     U8_SHIFT,
@@ -31,7 +32,7 @@ from lightning_compress.export.onednn import (
     quantize_static_u8,
     quantize_tokens_u8,
 )
-from lightning_compress.functional.fused import kernels_built, scale_rows
+from lightning_compress.functional.fused import kernels_built, scale_rows, scale_rows_eager
 from lightning_compress.functional.quant import (
     check_bits,
     dequantize,
@@ -299,11 +300,14 @@ class ActQuantMixin:
         if x.shape[0] == 0:
             return x.new_zeros(0, cache.weight_scale.shape[0])
         out = x.dtype if x.dtype in OUTPUT_DTYPES else torch.float32
-        if self.act_scale is None:  # the C++ passes when built (no compiled-call overhead: decoding), else compiled
-            run = (lambda fn, *a: fn(*a)) if kernels_built() else run_compiled
-            u, s = run(quantize_tokens_u8, x, self.act_bits, self.smooth)
+        if self.act_scale is None:
+            if x.shape[0] <= KERNEL_ROWS and kernels_built():  # one C++ pass each: no compiled-call overhead
+                u, s = quantize_tokens_u8(x, self.act_bits, self.smooth)
+                y = qlinear(u, 1.0, U8_SHIFT, cache.packed, cache.weight_scale, None, torch.float32)
+                return scale_rows(y, s, cache.bias, x.dtype)
+            u, s = run_compiled(quantize_tokens_u8, x, self.act_bits, self.smooth, False)
             y = qlinear(u, 1.0, U8_SHIFT, cache.packed, cache.weight_scale, None, torch.float32)
-            return run(scale_rows, y, s, cache.bias, x.dtype)
+            return run_compiled(scale_rows_eager, y, s, cache.bias, x.dtype)
         u = run_compiled(quantize_static_u8, x, self.act_bits, cache.x_scale, cache.x_zero_point, self.smooth)
         bias = None if cache.bias is None else cache.bias.to(out)
         zero_point = int(cache.x_zero_point) + U8_SHIFT

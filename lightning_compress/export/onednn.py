@@ -21,11 +21,14 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from lightning_compress.functional.fused import quantize_rows_u8
+from lightning_compress.functional.fused import quantize_rows_u8, quantize_rows_u8_eager
 from lightning_compress.functional.quant import quant_range
 
 ONEDNN = "onednn"
 U8_SHIFT = 128  # signed codes q -> unsigned u = q + 128 (oneDNN's fast activation type)
+# Up to this many rows the per-token quantize and rescale run as one C++ pass each (no compiled-call overhead:
+# decoding); above it, compiled (inductor's vectorised loops are faster on many rows).
+KERNEL_ROWS = 128
 # Output dtypes oneDNN's epilogue writes directly; others are computed in float32 and cast.
 OUTPUT_DTYPES = (torch.float32, torch.bfloat16)
 
@@ -91,11 +94,11 @@ def _zeros(n: int) -> Tensor:
     return torch.zeros(n, dtype=torch.int64)
 
 
-def quantize_tokens_u8(x: Tensor, bits: int, smooth: Tensor | None) -> tuple[Tensor, Tensor]:
+def quantize_tokens_u8(x: Tensor, bits: int, smooth: Tensor | None, kernel: bool = True) -> tuple[Tensor, Tensor]:
     """Dynamic per-token codes of ``x (M, K)`` (after SmoothQuant's ``x / smooth``) as uint8 ``q + 128``, and the
     float32 ``(M, 1)`` scales ``S_t = max|x_t| / qmax`` (:func:`~lightning_compress.functional.fused.quantize_rows_u8`:
-    one C++ pass, or one fused pass when compiled)."""
-    return quantize_rows_u8(x if smooth is None else x / smooth.to(x.dtype), bits)
+    one C++ pass with the division fused, or one fused pass when compiled)."""
+    return quantize_rows_u8(x, bits, smooth) if kernel else quantize_rows_u8_eager(x, bits, smooth)
 
 
 def quantize_static_u8(x: Tensor, bits: int, scale: float, zero_point: float, smooth: Tensor | None) -> Tensor:

@@ -219,19 +219,26 @@ def kernels_built() -> bool:
     return _extension() is not None
 
 
-def quantize_rows_u8(x: Tensor, bits: int) -> tuple[Tensor, Tensor]:
+def quantize_rows_u8(x: Tensor, bits: int, smooth: Tensor | None = None, kernel: bool = True) -> tuple[Tensor, Tensor]:
     """Dynamic symmetric per-row codes of ``x (M, K)`` shifted to uint8, as oneDNN's int8 matmul takes them.
 
-    ``S_t = max|x_t| / qmax`` (:func:`~lightning_compress.functional.quant.token_scale`), ``u = clamp(round(x /
-    S_t), qmin, qmax) + 128``: one C++ pass on CPU when the kernels are built, else the eager composition (the same
-    numbers).
+    With SmoothQuant's divisor ``x <- x / smooth`` (in ``x``'s dtype) first; ``S_t = max|x_t| / qmax``
+    (:func:`~lightning_compress.functional.quant.token_scale`), ``u = clamp(round(x / S_t), qmin, qmax) + 128``: one
+    C++ pass on CPU when the kernels are built, else :func:`quantize_rows_u8_eager` (the same numbers).
 
     Returns:
         ``u`` uint8 ``(M, K)`` and ``S`` float32 ``(M, 1)``.
     """
     ext = _extension()
     if ext is not None and x.device.type == "cpu" and x.dim() == 2:
-        return tuple(ext.quantize_rows_u8(x, bits))  # type: ignore[return-value]
+        return tuple(ext.quantize_rows_u8(x, bits, smooth))  # type: ignore[return-value]
+    return quantize_rows_u8_eager(x, bits, smooth)
+
+
+def quantize_rows_u8_eager(x: Tensor, bits: int, smooth: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """:func:`quantize_rows_u8` as torch ops (what ``torch.compile`` fuses best for many rows)."""
+    if smooth is not None:
+        x = x / smooth.to(x.dtype)
     qmin, qmax = quant_range(bits)
     s = token_scale(x, bits)
     return (torch.clamp(torch.round(x.float() / s), qmin, qmax) + 128).to(torch.uint8), s
@@ -239,9 +246,14 @@ def quantize_rows_u8(x: Tensor, bits: int) -> tuple[Tensor, Tensor]:
 
 def scale_rows(y: Tensor, scale: Tensor, bias: Tensor | None, dtype: torch.dtype) -> Tensor:
     """``y (M, N) * scale (M, 1) + bias (N,)`` in ``dtype``: the per-token rescale after an integer matmul run with
-    unit input scales (one C++ pass on CPU when built, else eager; the same numbers)."""
+    unit input scales (one C++ pass on CPU when built, else :func:`scale_rows_eager`; the same numbers)."""
     ext = _extension()
     if ext is not None and y.device.type == "cpu" and y.dim() == 2 and y.dtype == torch.float32:
         return ext.scale_rows(y, scale, bias, dtype)
+    return scale_rows_eager(y, scale, bias, dtype)
+
+
+def scale_rows_eager(y: Tensor, scale: Tensor, bias: Tensor | None, dtype: torch.dtype) -> Tensor:
+    """:func:`scale_rows` as torch ops."""
     y = y * scale
     return (y if bias is None else y + bias).to(dtype)

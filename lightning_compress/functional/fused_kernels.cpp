@@ -142,28 +142,39 @@ torch::Tensor straight_through_backward(torch::Tensor grad, torch::Tensor inside
 }
 
 // Dynamic symmetric per-row quantization as oneDNN's uint8 input (lightning_compress.export.onednn): per row of
-// x (M, K), S = max(max|x|, 1e-8) / qmax (functional.quant.token_scale), u = clamp(round(x / S), qmin, qmax) + 128.
-std::tuple<torch::Tensor, torch::Tensor> quantize_rows_u8(torch::Tensor x, int64_t bits) {
+// x (M, K), after SmoothQuant's division x / smooth (in x's dtype, as torch divides), S = max(max|x|, 1e-8) / qmax
+// (functional.quant.token_scale), u = clamp(round(x / S), qmin, qmax) + 128.
+std::tuple<torch::Tensor, torch::Tensor> quantize_rows_u8(torch::Tensor x, int64_t bits,
+                                                          c10::optional<torch::Tensor> smooth) {
   TORCH_CHECK(x.device().is_cpu() && x.dim() == 2, "a 2-D CPU tensor expected");
   x = x.contiguous();
   const int64_t rows = x.size(0), cols = x.size(1);
   const float qmax = static_cast<float>((1 << (bits - 1)) - 1), qmin = -qmax - 1.0f;
   auto u = torch::empty({rows, cols}, x.options().dtype(torch::kUInt8));
   auto scale = torch::empty({rows, 1}, x.options().dtype(torch::kFloat));
+  const bool smoothed = smooth.has_value() && smooth->defined();
+  // the divisor rounded to x's dtype first (smooth.to(x.dtype)), then held as float32
+  torch::Tensor div = smoothed ? smooth->to(x.scalar_type()).to(torch::kFloat).contiguous() : torch::Tensor();
+  TORCH_CHECK(!smoothed || div.numel() == cols, "smooth must have one divisor per column");
+  const float* dp = smoothed ? div.data_ptr<float>() : nullptr;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "quantize_rows_u8", [&] {
     const scalar_t* xp = x.data_ptr<scalar_t>();
     uint8_t* up = u.data_ptr<uint8_t>();
     float* sp = scale.data_ptr<float>();
+    auto value = [&](const scalar_t* row, int64_t j) -> float {
+      return dp ? static_cast<float>(static_cast<scalar_t>(static_cast<float>(row[j]) / dp[j]))
+                : static_cast<float>(row[j]);
+    };
     at::parallel_for(0, rows, std::max<int64_t>(1, kGrain / std::max<int64_t>(cols, 1)), [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         const scalar_t* row = xp + r * cols;
         float top = 0.0f;
-        for (int64_t j = 0; j < cols; ++j) top = std::max(top, std::abs(static_cast<float>(row[j])));
+        for (int64_t j = 0; j < cols; ++j) top = std::max(top, std::abs(value(row, j)));
         const float s = std::max(top, 1e-8f) / qmax;
         sp[r] = s;
         uint8_t* out = up + r * cols;
         for (int64_t j = 0; j < cols; ++j) {
-          out[j] = static_cast<uint8_t>(clampf(std::nearbyint(static_cast<float>(row[j]) / s), qmin, qmax) + 128.0f);
+          out[j] = static_cast<uint8_t>(clampf(std::nearbyint(value(row, j) / s), qmin, qmax) + 128.0f);
         }
       }
     });
@@ -201,6 +212,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("straight_through_backward", &straight_through_backward, "grad masked by the values not clipped");
   m.def("observe_fake_quantize", &observe_fake_quantize, "observer update + asymmetric per-tensor fake-quantize");
   m.def("minmax_fake_quantize", &minmax_fake_quantize, "min-max per-row / per-group fake-quantize");
-  m.def("quantize_rows_u8", &quantize_rows_u8, "dynamic symmetric per-row quantization to uint8 (q + 128)");
+  m.def("quantize_rows_u8", &quantize_rows_u8, "dynamic symmetric per-row quantization to uint8 (q + 128)",
+        py::arg("x"), py::arg("bits"), py::arg("smooth") = py::none());
   m.def("scale_rows", &scale_rows, "per-row rescale plus bias, cast to dtype");
 }

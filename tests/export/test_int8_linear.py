@@ -7,7 +7,14 @@ from torch import nn
 
 from lightning_compress.export.int8_linear import Int8Linear, compile_w8a8, int_mm_ok, w8a8_linear
 from lightning_compress.export.layer import SMALL_ROWS
-from lightning_compress.export.onednn import U8_SHIFT, onednn_unsupported_reason, prepack_linear, qlinear, shift_u8
+from lightning_compress.export.onednn import (
+    KERNEL_ROWS,
+    U8_SHIFT,
+    onednn_unsupported_reason,
+    prepack_linear,
+    qlinear,
+    shift_u8,
+)
 from lightning_compress.functional.quant import compute_qparams, quantize
 from lightning_compress.nn.fake_quant import ActQuantizer, FakeQuantLinear, SymmetricActQuantizer, WeightQuantizer
 from lightning_compress.nn.observers import MinMaxObserver
@@ -195,7 +202,8 @@ def test_onednn_integer_accumulation_is_exact():
 @pytest.mark.parametrize("act", ["token", "static", "static zero-point", "smooth"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("compiled", [True, False])
-def test_onednn_kernel_matches_reference(act, dtype, compiled):
+@pytest.mark.parametrize("per_row", [7, KERNEL_ROWS])  # 14 rows: the C++ quantize / rescale; 2 x 128: compiled
+def test_onednn_kernel_matches_reference(act, dtype, compiled, per_row):
     torch.manual_seed(0)
     lin = nn.Linear(64, 48)
     kwargs = {
@@ -206,11 +214,11 @@ def test_onednn_kernel_matches_reference(act, dtype, compiled):
     }[act]
     layer = Int8Linear(Int8Linear.from_module(lin).weight_t.t(), torch.rand(48) / 100 + 1e-3, lin.bias, **kwargs)
     layer.set_kernel("onednn")
-    x = torch.randn(2, 7, 64, dtype=dtype)
+    x = torch.randn(2, per_row, 64, dtype=dtype)
     y = _forward(layer, x, compiled)
-    assert y.shape == (2, 7, 48) and y.dtype == dtype
+    assert y.shape == (2, per_row, 48) and y.dtype == dtype
     assert sqnr_db(layer.reference(x).float(), y.float()) >= (60 if dtype == torch.float32 else 40)
-    assert layer(x[:0]).shape == (0, 7, 48)
+    assert layer(x[:0]).shape == (0, per_row, 48)
 
 
 @needs_onednn

@@ -116,18 +116,22 @@ def test_the_eager_fallback_gives_the_same_numbers(monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("bits", [8, 4])
-def test_row_quantization_and_rescale_equal_their_eager_compositions(monkeypatch, dtype, bits):
-    """The C++ per-token quantize (oneDNN's uint8 input) and rescale are bit for bit the eager compositions."""
+@pytest.mark.parametrize("smoothed", [False, True])
+def test_row_quantization_and_rescale_equal_their_eager_compositions(monkeypatch, dtype, bits, smoothed):
+    """The C++ per-token quantize (oneDNN's uint8 input, SmoothQuant's division fused) and rescale are bit for bit
+    the eager compositions."""
     torch.manual_seed(0)
     x = (torch.randn(37, 300) * 3).to(dtype)
     x[3] = 0  # an all-zero token: the smallest scale
+    smooth = torch.rand(300) * 3 + 0.1 if smoothed else None
     y, bias = torch.randn(37, 50), torch.randn(50)
-    built = [fused.quantize_rows_u8(x, bits), fused.scale_rows(y, built_s := fused.quantize_rows_u8(x, bits)[1], bias,
-                                                                 dtype)]  # fmt: skip
+    codes = fused.quantize_rows_u8(x, bits, smooth)
+    built = [codes, fused.scale_rows(y, codes[1], bias, dtype)]
     monkeypatch.setattr(fused, "_extension", lambda: None)
-    eager = [fused.quantize_rows_u8(x, bits), fused.scale_rows(y, built_s, bias, dtype)]
+    eager = [fused.quantize_rows_u8(x, bits, smooth), fused.scale_rows(y, codes[1], bias, dtype)]
     assert torch.equal(built[0][0], eager[0][0]) and torch.equal(built[0][1], eager[0][1])
     assert torch.equal(built[1], eager[1]) and built[1].dtype == dtype
     qmax = 2 ** (bits - 1) - 1
-    s = x.float().abs().amax(-1, keepdim=True).clamp_min(1e-8) / qmax
-    assert torch.equal(eager[0][0], (torch.round(x.float() / s).clamp(-qmax - 1, qmax) + 128).to(torch.uint8))
+    xs = x if smooth is None else x / smooth.to(dtype)
+    s = xs.float().abs().amax(-1, keepdim=True).clamp_min(1e-8) / qmax
+    assert torch.equal(eager[0][0], (torch.round(xs.float() / s).clamp(-qmax - 1, qmax) + 128).to(torch.uint8))
