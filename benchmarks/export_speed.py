@@ -118,7 +118,8 @@ def layer_table() -> Table:
         ])  # fmt: skip
     table.notes.append(
         f"Target (AMX machines): oneDNN int8 ≥ {TARGET_LAYER_BF16_AMX}× bf16 for K ≥ 1024. Both int8 kernels take "
-        "bf16 input (what the bf16 model feeds them), quantize it per token (compiled), multiply with int32 "
+        "bf16 input (what the bf16 model feeds them), quantize it per token (a C++ pass up to 128 rows, compiled "
+        "above), multiply with int32 "
         "accumulation and rescale; 'vs bf16' is against bf16 nn.Linear. torch.ao is timed beside FP32 alone."
         + ("" if onednn else f" oneDNN int8 unavailable here: {onednn_unsupported_reason()}.")
     )
