@@ -87,7 +87,8 @@ class Int8Conv2d(ActQuantMixin, ExportedLayer):
     """
 
     KERNELS: ClassVar[tuple[str, ...]] = (REFERENCE, FLOAT, ONEDNN)
-    CACHED_KERNELS: ClassVar[tuple[str, ...]] = (FLOAT, ONEDNN)
+    # oneDNN's prepacked weight is the int8 codes reordered (as for Int8Linear), not a dense float copy
+    CACHED_KERNELS: ClassVar[tuple[str, ...]] = (FLOAT,)
 
     def __init__(
         self,

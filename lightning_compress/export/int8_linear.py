@@ -347,6 +347,8 @@ class Int8Linear(ActQuantMixin, ExportedLinear):
     """
 
     KERNELS: ClassVar[tuple[str, ...]] = (REFERENCE, FLOAT, INT8, ONEDNN)
+    # "onednn" holds the codes reordered into oneDNN's layout (one more int8 copy), not a dense float copy
+    CACHED_KERNELS: ClassVar[tuple[str, ...]] = (FLOAT,)
 
     def __init__(
         self,

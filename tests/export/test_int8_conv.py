@@ -132,3 +132,10 @@ def test_weight_only_and_plain_convs_stay_float(qat_cnn):
     model = export_for_inference(plain, weights="int8", tokens=16)
     assert type(model.net[0]) is nn.Conv2d  # no calibrated input range: a float conv
     assert {r.name for r in model.export_report.layers} == {"net.6", "net.8"}
+
+
+def test_memory_preference_keeps_the_int8_conv_kernel(qat_cnn):
+    fq, x = qat_cnn
+    model = export_for_inference(copy.deepcopy(fq), example_inputs=x[:64], prefer="memory")
+    expected = "onednn" if ONEDNN_REASON is None else "reference"  # never the dense float copy
+    assert model.net[0].kernel == expected and model.net[2].kernel == expected
