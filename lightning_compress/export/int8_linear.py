@@ -30,9 +30,14 @@ from lightning_compress.export.onednn import (
     prepack_linear,
     qlinear,
     quantize_static_u8,
-    quantize_tokens_u8,
 )
-from lightning_compress.functional.fused import kernels_built, scale_rows, scale_rows_eager
+from lightning_compress.functional.fused import (
+    kernels_built,
+    quantize_rows_u8,
+    quantize_rows_u8_eager,
+    scale_rows,
+    scale_rows_eager,
+)
 from lightning_compress.functional.quant import (
     check_bits,
     dequantize,
@@ -300,14 +305,12 @@ class ActQuantMixin:
         if x.shape[0] == 0:
             return x.new_zeros(0, cache.weight_scale.shape[0])
         out = x.dtype if x.dtype in OUTPUT_DTYPES else torch.float32
-        if self.act_scale is None:
-            if x.shape[0] <= KERNEL_ROWS and kernels_built():  # one C++ pass each: no compiled-call overhead
-                u, s = quantize_tokens_u8(x, self.act_bits, self.smooth)
-                y = qlinear(u, 1.0, U8_SHIFT, cache.packed, cache.weight_scale, None, torch.float32)
-                return scale_rows(y, s, cache.bias, x.dtype)
-            u, s = run_compiled(quantize_tokens_u8, x, self.act_bits, self.smooth, False)
+        if self.act_scale is None:  # up to KERNEL_ROWS one C++ pass each (no compiled-call overhead), else compiled
+            small = x.shape[0] <= KERNEL_ROWS and kernels_built()
+            run = (lambda fn, *args: fn(*args)) if small else run_compiled
+            u, s = run(quantize_rows_u8 if small else quantize_rows_u8_eager, x, self.act_bits, self.smooth)
             y = qlinear(u, 1.0, U8_SHIFT, cache.packed, cache.weight_scale, None, torch.float32)
-            return run_compiled(scale_rows_eager, y, s, cache.bias, x.dtype)
+            return run(scale_rows if small else scale_rows_eager, y, s, cache.bias, x.dtype)
         u = run_compiled(quantize_static_u8, x, self.act_bits, cache.x_scale, cache.x_zero_point, self.smooth)
         bias = None if cache.bias is None else cache.bias.to(out)
         zero_point = int(cache.x_zero_point) + U8_SHIFT
@@ -331,7 +334,7 @@ class Int8Linear(ActQuantMixin, ExportedLinear):
 
     Kernels: ``"int8"`` (compiled quantize + ``_int_mm`` + rescale: CUDA, and CPUs where it wins), ``"onednn"``
     (x86 CPUs: oneDNN's prepacked int8 linear, :mod:`~lightning_compress.export.onednn`), ``"float"`` (a
-    dequantized float weight, no activation quantization: what the export keeps where int8 is slower than bf16),
+    dequantized float weight on the fake-quantized input: what the export keeps where int8 is slower than bf16),
     ``"reference"`` (fake-quantize the input, dequantize the weight, ``F.linear``: equal to the fake-quant model).
 
     Args:

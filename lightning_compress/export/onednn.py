@@ -21,7 +21,6 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from lightning_compress.functional.fused import quantize_rows_u8, quantize_rows_u8_eager
 from lightning_compress.functional.quant import quant_range
 
 ONEDNN = "onednn"
@@ -62,13 +61,13 @@ def onednn_unsupported_reason() -> str | None:
 
 
 def shift_u8(q: Tensor) -> Tensor:
-    """Signed codes (``int8`` or integer-valued float, in ``[-128, 127]``) as oneDNN's ``uint8`` ``q + 128``."""
-    return (q.to(torch.int16) + U8_SHIFT).to(torch.uint8) if q.dtype == torch.int8 else (q + U8_SHIFT).to(torch.uint8)
+    """int8 codes ``q`` as oneDNN's ``uint8`` ``q + 128``."""
+    return (q.to(torch.int16) + U8_SHIFT).to(torch.uint8)
 
 
-def prepack_linear(codes: Tensor, rows: int | None = None) -> Tensor:
-    """int8 codes ``(out, in)`` in oneDNN's layout (an opaque CPU tensor); ``rows`` is an optional hint."""
-    return torch.ops.onednn.qlinear_prepack(codes.contiguous(), None if rows is None else [rows, codes.shape[1]])
+def prepack_linear(codes: Tensor) -> Tensor:
+    """int8 codes ``(out, in)`` in oneDNN's layout (an opaque CPU tensor; a row-count hint made no difference)."""
+    return torch.ops.onednn.qlinear_prepack(codes.contiguous(), None)
 
 
 def qlinear(
@@ -92,13 +91,6 @@ def qlinear(
 @functools.cache
 def _zeros(n: int) -> Tensor:
     return torch.zeros(n, dtype=torch.int64)
-
-
-def quantize_tokens_u8(x: Tensor, bits: int, smooth: Tensor | None, kernel: bool = True) -> tuple[Tensor, Tensor]:
-    """Dynamic per-token codes of ``x (M, K)`` (after SmoothQuant's ``x / smooth``) as uint8 ``q + 128``, and the
-    float32 ``(M, 1)`` scales ``S_t = max|x_t| / qmax`` (:func:`~lightning_compress.functional.fused.quantize_rows_u8`:
-    one C++ pass with the division fused, or one fused pass when compiled)."""
-    return quantize_rows_u8(x, bits, smooth) if kernel else quantize_rows_u8_eager(x, bits, smooth)
 
 
 def quantize_static_u8(x: Tensor, bits: int, scale: float, zero_point: float, smooth: Tensor | None) -> Tensor:
