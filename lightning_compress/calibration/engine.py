@@ -7,6 +7,11 @@ current inputs, and after the algorithm changed them the block runs once more to
 each block sees what the already-compressed blocks before it produce). Only one block's activations are held beyond
 the calibration batches. Layers outside the stack, and models without one, come last with whole-model passes.
 
+Under :func:`streaming` the same walk runs on a model whose blocks live on disk (the ``meta`` device): a
+:class:`BlockStream` captures block 0's inputs (or those of the block a resumed run continues at), loads each block's
+weights before its stage and writes and frees the block once its outputs are taken
+(:mod:`lightning_compress.streaming`). Every algorithm on this walk streams without knowing it.
+
 :func:`accumulate_inputs` runs passes with a forward pre-hook on each layer, handing every input (real tokens only)
 to a running statistic, and stops a pass once every layer has seen its input.
 """
@@ -14,11 +19,13 @@ to a running statistic, and stops a pass once every layer has seen its input.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any, NamedTuple
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Any, NamedTuple, Protocol
 
 from torch import Tensor, nn
 
-from lightning_compress.calibration.batches import call_model, first_tensor, real_tokens, token_mask
+from lightning_compress.calibration.batches import Inputs, call_model, first_tensor, real_tokens, token_mask
 from lightning_compress.calibration.capture import (
     StopForward,
     capture_inputs,
@@ -43,34 +50,101 @@ class Stage(NamedTuple):
     passes: list[Pass]
 
 
-def sequential_stages(model: nn.Module, layers: Mapping[str, nn.Module], batches: Sequence[Any]) -> Iterator[Stage]:
+class BlockStream(Protocol):
+    """Where the blocks of a streamed model come from and where finished ones go (see :func:`streaming`)."""
+
+    def capture(self, model: nn.Module, prefix: str, blocks: nn.ModuleList, batches: Sequence[Any]) -> list[Inputs]:
+        """The inputs of the first block to calibrate, one ``(args, kwargs)`` per batch (block 0's, or on resume
+        those of the block after the last finished one); :meth:`start` tells which block that is."""
+
+    def start(self) -> int:
+        """The index of the first block still to calibrate (0 unless a run is resumed)."""
+
+    def load(self, index: int, block: nn.Module) -> None:
+        """Put block ``index``'s weights into ``block`` (read from disk)."""
+
+    def release(self, index: int, block: nn.Module, layers: Mapping[str, nn.Module], inputs: list[Inputs]) -> None:
+        """Block ``index`` is finished (``layers``: its calibrated layers as they were selected; ``inputs``: the next
+        block's inputs): write it, free its weights, record progress."""
+
+
+_STREAM: ContextVar[BlockStream | None] = ContextVar("block_stream", default=None)
+
+
+@contextmanager
+def streaming(stream: BlockStream) -> Iterator[None]:
+    """Within this context every :func:`sequential_stages` walk takes its blocks from ``stream``."""
+    token = _STREAM.set(stream)
+    try:
+        yield
+    finally:
+        _STREAM.reset(token)
+
+
+def active_stream() -> BlockStream | None:
+    """The :class:`BlockStream` of the enclosing :func:`streaming` context, or None."""
+    return _STREAM.get()
+
+
+def sequential_stages(
+    model: nn.Module,
+    layers: Mapping[str, nn.Module],
+    batches: Sequence[Any],
+    done: Callable[[list[str]], None] | None = None,
+) -> Iterator[Stage]:
     """Yield one :class:`Stage` per block holding selected layers, in order, then one for the rest (if any).
 
     The consumer changes a stage's layers in place before asking for the next stage; the block is then run on its
-    current inputs to make the next block's. Call under ``torch.no_grad()`` and eval mode.
+    current inputs to make the next block's, and ``done(names)`` is called with the stage's layer names (the
+    consumer may now replace those layers: the next block's inputs are taken). Call under ``torch.no_grad()`` and
+    eval mode.
 
     Args:
         model: the model; its ``forward`` takes each batch (model inputs).
         layers: ``{qualified name: layer}`` to calibrate.
         batches: calibration model inputs, held in memory for the whole walk.
+        done: called after each stage's block has produced the next block's inputs (and after the last stage).
+
+    Raises:
+        ValueError: under :func:`streaming`, a selected layer outside the block stack (it would need the whole model
+            in memory).
     """
     rest = dict(layers)
     masks = [token_mask(b) for b in batches]
     found = find_blocks(model, layers)
+    stream = active_stream()
+    if stream is not None:
+        outside = [n for n in layers if found is None or not n.startswith(f"{found[0]}.")]
+        if outside:
+            raise ValueError(
+                f"streamed calibration reaches the layers of the repeated block stack only; {outside[:5]} lie outside "
+                "it (they would need the whole model in memory); allowed: ignore them, or calibrate in memory"
+            )
     if found is not None:
         prefix, blocks = found
-        inputs = capture_inputs(model, blocks[0], batches)
+        inputs = stream.capture(model, prefix, blocks, batches) if stream else capture_inputs(model, blocks[0], batches)
+        start = stream.start() if stream else 0
         for i, block in enumerate(blocks):
             inner = {n: rest.pop(n) for n in list(rest) if n.startswith(f"{prefix}.{i}.")}
+            if i < start:  # finished by the run this one resumes
+                continue
+            if stream:
+                stream.load(i, block)
             if inner:
                 yield Stage(
                     inner, [Pass(lambda b=block, a=a: b(*a[0], **a[1]), m) for a, m in zip(inputs, masks, strict=True)]
                 )
             for j, (args, kwargs) in enumerate(inputs):  # in place: one block's activations at a time
                 inputs[j] = replace_hidden((args, kwargs), first_tensor(block(*args, **kwargs)))
+            if done and inner:
+                done(list(inner))
+            if stream:
+                stream.release(i, block, inner, inputs)
         del inputs
     if rest:
         yield Stage(rest, [Pass(lambda b=b: call_model(model, b), m) for b, m in zip(batches, masks, strict=True)])
+        if done:
+            done(list(rest))
 
 
 def accumulate_inputs(

@@ -100,6 +100,7 @@ def hessian_model(
     true_sequential: bool = True,
     hessian_dtype: torch.dtype = torch.float64,
     label: str = "GPTQ",
+    finish: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Run a Hessian-based solver (GPTQ, SparseGPT) over ``layers`` of ``model``, block by block (true-sequential).
 
@@ -108,12 +109,21 @@ def hessian_model(
     layer over the real tokens (all-reduced across ranks; Linears reading the very same input, q/k/v, share one,
     computed once), then ``solve(name, layer, H)``. Call under ``torch.no_grad()``.
 
+    Args:
+        finish: called with each block's ``{name: solve(...)}`` once the block's outputs are taken (the caller may
+            replace those layers now); its results are then not kept, so memory does not grow with depth.
+
     Returns:
-        ``{name: solve(...)}``.
+        ``{name: solve(...)}`` (empty with ``finish``: every result went to it).
     """
     results: dict[str, Any] = {}
+
+    def done(names: list[str]) -> None:
+        if finish is not None:
+            finish({n: results.pop(n) for n in names})
+
     with eval_mode(model), torch.no_grad(), Progress(len(layers), f"{label} layers") as bar:
-        for stage in sequential_stages(model, layers, batches):
+        for stage in sequential_stages(model, layers, batches, done):
             groups = dataflow(stage.passes[0].run, stage.layers).groups
             owner = {n: g[0] if all(type(stage.layers[m]) is nn.Linear for m in g) else n for g in groups for n in g}
             for names in groups if true_sequential else [[n for g in groups for n in g]]:
@@ -133,6 +143,7 @@ def gptq_model(
     options: GPTQOptions,
     true_sequential: bool = True,
     hessian_dtype: torch.dtype = torch.float64,
+    finish: Callable[[dict[str, GPTQResult], dict[str, Tensor | None]], None] | None = None,
 ) -> dict[str, GPTQResult]:
     """Quantize ``layers`` of ``model`` in place with GPTQ (Frantar et al. 2023) on calibration ``batches``.
 
@@ -146,14 +157,17 @@ def gptq_model(
         true_sequential: calibrate each group of layers on inputs from already-quantized predecessors; False
             gathers a whole block's Hessians in one pass (faster, slightly less accurate).
         hessian_dtype: accumulation dtype of the Hessian sums (float64, or float32 at half the memory and time).
+        finish: called with each block's ``{name: GPTQResult}`` and ``{name: pruned}`` (where the weight was zero
+            before, for a layer that counts as pruned, :func:`pruned_zeros`; else None) once the block's outputs
+            are taken, as for :func:`hessian_model`; its results are then not returned.
 
     Returns:
-        ``{name: GPTQResult}`` in the original column order; each layer's weight now equals ``result.weight``; in a
-        pruned layer (:func:`pruned_zeros`) zero wherever it was zero before, the pruned weights' errors compensated
-        by the kept ones (``keep`` of :func:`~lightning_compress.functional.gptq.gptq_quantize`).
+        ``{name: GPTQResult}`` in the original column order (empty with ``finish``); each layer's weight now equals
+        ``result.weight``; in a pruned layer zero wherever it was zero before, the pruned weights' errors
+        compensated by the kept ones (``keep`` of :func:`~lightning_compress.functional.gptq.gptq_quantize`).
     """
 
-    def solve(name: str, module: nn.Module, hessian: Tensor) -> GPTQResult:
+    def solve(name: str, module: nn.Module, hessian: Tensor) -> tuple[GPTQResult, Tensor | None]:
         weight = weight_matrix(module)
         zeros = pruned_zeros(weight)  # a pruned weight stays exactly 0 (SparseGPT, Wanda, magnitude before GPTQ)
         result = gptq_quantize(weight, solved_without_input(name, hessian, "GPTQ"), options, threads=gptq_threads,
@@ -161,6 +175,11 @@ def gptq_model(
         for t in result[:4]:
             broadcast_(t)
         module.weight.copy_(result.weight.reshape(module.weight.shape).to(module.weight.dtype))
-        return result
+        return result, zeros
 
-    return hessian_model(model, layers, batches, solve, true_sequential, hessian_dtype, "GPTQ")
+    def split(done: dict[str, tuple[GPTQResult, Tensor | None]]) -> None:
+        finish({n: r for n, (r, _) in done.items()}, {n: z for n, (_, z) in done.items()})
+
+    results = hessian_model(model, layers, batches, solve, true_sequential, hessian_dtype, "GPTQ",
+                            None if finish is None else split)  # fmt: skip
+    return {n: r for n, (r, _) in results.items()}

@@ -9,12 +9,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_compress.calibration.gptq import gptq_model, is_gptq_layer, pruned_zeros, weight_matrix
+from lightning_compress.calibration.gptq import gptq_model, is_gptq_layer, weight_matrix
 from lightning_compress.callbacks.base import CalibrationCallback, check_group_size
-from lightning_compress.functional.gptq import GPTQOptions
+from lightning_compress.functional.gptq import GPTQOptions, GPTQResult
 from lightning_compress.nn.fake_quant import WeightQuantizer, fake_quant_class, is_fake_quant
 from lightning_compress.nn.quantized import QuantizedLayer, QuantizedWeight
-from lightning_compress.nn.select import replace_layers, restored_on_error, select_layers
+from lightning_compress.nn.select import replace_layers, replaced_on_error, restored_on_error, select_layers
 
 log = logging.getLogger(__name__)
 
@@ -126,18 +126,24 @@ class GPTQFinalize(CalibrationCallback):
         return layers
 
     def apply(self, model: nn.Module, batches: Iterable[Any]) -> dict[str, QuantizedLayer]:
-        """GPTQ-quantize ``model``'s selected layers in place on ``batches``; returns ``{name: QuantizedLayer}``."""
+        """GPTQ-quantize ``model``'s selected layers in place on ``batches``; returns ``{name: QuantizedLayer}``.
+
+        Each block's layers become fake-quant layers as soon as the block is done (so a streamed model can write
+        and free it, :mod:`lightning_compress.streaming`); an error midway puts every layer and weight back.
+        """
         layers = self.select(model)
         batches = self.model_inputs(model, batches)
-        pruned = {name: pruned_zeros(layer.weight.detach()) for name, layer in layers.items()}  # zeros GPTQ keeps
-        with restored_on_error(model):
-            results = gptq_model(model, layers, batches, self.options, self.true_sequential, self.hessian_dtype)
-            built, quantized = {}, {}
-            for name, layer in layers.items():
-                res = results[name]
-                built[name], quantized[name] = on_grid(layer, res.codes, res.scale, res.zero_point, self.options,
-                                                       pruned[name])  # fmt: skip
-        replace_layers(model, built)
-        self.quantized.update(quantized)
-        log.info("GPTQFinalize: %d layers at %d bits", len(built), self.options.bits)
+        quantized: dict[str, QuantizedLayer] = {}
+
+        def finish(results: dict[str, GPTQResult], pruned: dict[str, Tensor | None]) -> None:
+            built = {}
+            for name, res in results.items():
+                built[name], quantized[name] = on_grid(layers[name], res.codes, res.scale, res.zero_point,
+                                                       self.options, pruned[name])  # fmt: skip
+            replace_layers(model, built)
+            self.quantized.update({n: quantized[n] for n in built})
+
+        with restored_on_error(model), replaced_on_error(model, layers):
+            gptq_model(model, layers, batches, self.options, self.true_sequential, self.hessian_dtype, finish)
+        log.info("GPTQFinalize: %d layers at %d bits", len(quantized), self.options.bits)
         return quantized

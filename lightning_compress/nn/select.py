@@ -107,13 +107,27 @@ def replace_layers(model: nn.Module, new: Mapping[str, nn.Module]) -> None:
 
 @contextmanager
 def restored_on_error(model: nn.Module) -> Iterator[None]:
-    """Snapshot ``model``'s parameters and buffers and put them back if the body raises: never half-converted."""
-    snapshot = {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()}
+    """Snapshot ``model``'s parameters and buffers and put them back if the body raises: never half-converted.
+
+    Tensors on the ``meta`` device (a streamed model's blocks, whose weights stay on disk) hold nothing to restore.
+    """
+    snapshot = {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items() if not v.is_meta}
     try:
         yield
     except BaseException:
         with torch.no_grad():
             for k, v in model.state_dict(keep_vars=True).items():
-                if k in snapshot:
+                if k in snapshot and not v.is_meta:
                     v.copy_(snapshot[k])
+        raise
+
+
+@contextmanager
+def replaced_on_error(model: nn.Module, layers: Mapping[str, nn.Module]) -> Iterator[None]:
+    """Put each of ``layers`` (``{name: the original module}``) back into ``model`` if the body raises, undoing any
+    replacement the body made (use inside :func:`restored_on_error`, which then restores their weights)."""
+    try:
+        yield
+    except BaseException:
+        replace_layers(model, layers)
         raise
