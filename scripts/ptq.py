@@ -7,12 +7,16 @@ python scripts/ptq.py lm=smollm2 +compress=gptq_int4     # a causal LM: SmolLM2-
 python scripts/ptq.py task=causal_lm pretrained=PATH_OR_HUB_NAME +compress=gptq_int4
 python scripts/ptq.py lm=smollm2 +compress=gptq_int4 save=compressed-tensors   # + a folder vLLM / transformers load
 python scripts/ptq.py lm=smollm2 +compress=gptq_gguf save=gguf   # + model.gguf for llama.cpp / Ollama
+python scripts/ptq.py task=causal_lm +compress=gptq_int4 pretrained=DIR calibration.streamed=true checkpoint_dir=CK
+    # a model bigger than memory: block by block from DIR's safetensors; re-running after a crash resumes from CK
 
 Writes the compression summary, the quality on held-out Brown text (an encoder's embedding cosine to FP32 on
 sentences; a causal LM's perplexity, before and after, on ``seq_len``-token windows of other documents), and the int
 tensors each callback produced (``quantized.safetensors``: ``<layer>/weight.codes``, ``<layer>/weight.scale``, ...)
 into the run directory; with ``save=compressed-tensors`` or ``save=gguf`` also what serving stacks load
-(``<run dir>/<format>/``).
+(``<run dir>/<format>/``). With ``calibration.streamed=true`` the model is never loaded whole
+(:func:`~lightning_compress.streaming.calibrate_streamed`): the result is ``<run dir>/compressed-tensors/`` only, and
+no quality is measured (that would need the whole model).
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from safetensors.torch import save_file
 from lightning_compress.callbacks.report import stage_of, weight_snapshots, write_report
 from lightning_compress.evaluation import perplexity
 from lightning_compress.examples.brown import read_brown, split_documents
-from lightning_compress.examples.pretrained import load_pretrained, mean_pool
+from lightning_compress.examples.pretrained import load_pretrained, load_tokenizer, mean_pool, resolve_pretrained
 from lightning_compress.examples.text import token_sequences, tokenize_batches
 from lightning_compress.export.serving import check_serving_format, save_for_serving
 from lightning_compress.summary import compression_summary
@@ -91,6 +95,12 @@ def main(cfg: DictConfig) -> dict[str, float]:
     if cfg.task not in TASKS:
         raise ValueError(f"task={cfg.task!r} is not supported; allowed: {list(TASKS)}")
     check_serving_format(cfg.save)
+    if cfg.calibration.get("streamed", False):
+        return streamed(cfg, callbacks)
+    if cfg.get("checkpoint_dir") is not None:
+        raise ValueError(
+            f"checkpoint_dir={cfg.checkpoint_dir!r} needs calibration.streamed=true (in-memory runs keep no checkpoint)"
+        )
     model, tokenizer = load_pretrained(cfg.pretrained, task=cfg.task)
     batches, eval_batches = data(cfg, tokenizer)
     fp32 = copy.deepcopy(model)
@@ -122,6 +132,36 @@ def main(cfg: DictConfig) -> dict[str, float]:
     for key, value in metrics.items():
         print(f"{key}: {value:.4f}")
     print(f"written to {out}")
+    return metrics
+
+
+def streamed(cfg: DictConfig, callbacks: list) -> dict[str, float]:
+    """``calibration.streamed=true``: calibrate block by block from ``pretrained``'s safetensors, resumable from
+    ``checkpoint_dir``; writes ``<run dir>/compressed-tensors/``."""
+    from lightning_compress.streaming import calibrate_streamed
+
+    if len(callbacks) != 1:
+        raise ValueError(
+            f"calibration.streamed=true runs one recipe, got {[type(c).__name__ for c in callbacks]}; allowed: one "
+            "post-training callback (e.g. +compress=gptq_int4)"
+        )
+    if cfg.save not in (None, "compressed-tensors"):
+        raise ValueError(f"calibration.streamed=true writes compressed-tensors; save={cfg.save!r} is not allowed")
+    path, extra = resolve_pretrained(cfg.pretrained)
+    if extra or not Path(path).is_dir():
+        raise ValueError(
+            f"calibration.streamed=true needs pretrained= a local folder of safetensors shards, got {cfg.pretrained!r} "
+            f"({'a GGUF file' if extra else 'not a folder'}); save the model with save_pretrained first"
+        )
+    tokenizer = load_tokenizer(path)
+    batches, _ = data(cfg, tokenizer)
+    out = Path(HydraConfig.get().runtime.output_dir)
+    start = time.perf_counter()
+    written = calibrate_streamed(callbacks[0], path, batches, out / "compressed-tensors", cfg.get("checkpoint_dir"),
+                                 cfg.task)  # fmt: skip
+    metrics = {"seconds": time.perf_counter() - start}
+    print(f"compressed-tensors checkpoint: {written}")
+    print(f"seconds: {metrics['seconds']:.4f}")
     return metrics
 
 

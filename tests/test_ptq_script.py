@@ -113,3 +113,36 @@ def test_an_unknown_serving_format_is_refused_before_loading(tmp_path):
     proc = run_ptq(tmp_path, "+compress=gptq_int4", "save=onnx")
     assert proc.returncode != 0
     assert "format='onnx' is not a serving format; allowed: null, compressed-tensors, gguf" in proc.stderr
+
+
+@pytest.mark.slow
+def test_streamed_calibration_writes_the_folder_the_in_memory_run_saves_and_resumes_from_its_checkpoint(tmp_path):
+    import json
+
+    import torch
+
+    from lightning_compress.export.compressed import checkpoint_tensors
+
+    folder = tiny_llama_folder(tmp_path)
+    common = ["task=causal_lm", f"pretrained={folder}", "+compress=gptq_int4", "calibration.sequences=8",
+              "calibration.seq_len=64", "calibration.batch_size=4", "evaluation.sequences=4"]  # fmt: skip
+    memory = run_ptq(tmp_path / "memory", *common, "save=compressed-tensors")
+    assert memory.returncode == 0, memory.stderr[-3000:]
+    ck = tmp_path / "ck"
+    streamed = run_ptq(tmp_path / "streamed", *common, "calibration.streamed=true", f"checkpoint_dir={ck}")
+    assert streamed.returncode == 0, streamed.stderr[-3000:]
+    a = checkpoint_tensors(tmp_path / "memory" / "compressed-tensors")
+    b = checkpoint_tensors(tmp_path / "streamed" / "compressed-tensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    config = json.loads((tmp_path / "streamed" / "compressed-tensors" / "config.json").read_text())
+    assert config["quantization_config"]["ignore"] == ["lm_head"]
+    assert (tmp_path / "streamed" / "compressed-tensors" / "tokenizer.json").is_file()  # the source's tokenizer
+    assert not list(ck.iterdir())
+
+
+def test_streamed_calibration_refuses_what_it_cannot_stream(tmp_path):
+    proc = run_ptq(tmp_path, "lm=smollm2", "+compress=gptq_int4", "calibration.streamed=true")
+    assert proc.returncode != 0 and "needs pretrained= a local folder of safetensors shards" in proc.stderr
+    proc = run_ptq(tmp_path, "+compress=gptq_int4", f"checkpoint_dir={tmp_path / 'ck'}")
+    assert proc.returncode != 0 and "checkpoint_dir=" in proc.stderr
+    assert "needs calibration.streamed=true" in proc.stderr

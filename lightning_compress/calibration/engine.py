@@ -60,6 +60,9 @@ class BlockStream(Protocol):
     def start(self) -> int:
         """The index of the first block still to calibrate (0 unless a run is resumed)."""
 
+    def check(self, model: nn.Module, batch: Any) -> None:
+        """Run ``model`` on one batch as far as it can be run before the walk (up to its first block)."""
+
     def load(self, index: int, block: nn.Module) -> None:
         """Put block ``index``'s weights into ``block`` (read from disk)."""
 

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from lightning_compress.calibration.batches import LABEL_KEYS, call_model, check_tokens, describe, head, split_batch
 from lightning_compress.calibration.capture import eval_mode
+from lightning_compress.calibration.engine import active_stream
 from lightning_compress.functional.checks import check_patterns
 from lightning_compress.functional.masks import sparsity_or_pattern
 from lightning_compress.nn.fake_quant import is_fake_quant
@@ -83,9 +84,10 @@ class CalibrationCallback(pl.Callback, abc.ABC):
         if not inputs:
             raise ValueError(f"batches is empty; {type(self).__name__} needs at least one calibration batch")
         check_tokens(model, inputs)
+        stream = active_stream()  # a streamed model runs up to its first block only (the rest is on disk)
         try:
             with eval_mode(model), torch.no_grad():
-                call_model(model, head(inputs[0], 1))
+                (stream.check if stream is not None else call_model)(model, head(inputs[0], 1))
         except (TypeError, RuntimeError) as err:
             raise TypeError(
                 f"{type(model).__name__}.forward cannot take the calibration batches ({describe(inputs[0])} after "

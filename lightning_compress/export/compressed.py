@@ -51,14 +51,15 @@ class CompressedLayer:
         name: the module's name in the model.
         weights: compressed-tensors ``QuantizationArgs`` of the weight.
         inputs: ``QuantizationArgs`` of the input activations, or None (weight-only).
-        layer: our codes, scales and input quantization.
+        layer: our codes, scales and input quantization (None where only the scheme is kept: a streamed block's
+            layers once the block is written).
         bias: the layer's bias, or None.
     """
 
     name: str
     weights: Any
     inputs: Any
-    layer: QuantizedLayer
+    layer: QuantizedLayer | None
     bias: Tensor | None
 
 
@@ -163,11 +164,11 @@ def layer_quantization(name: str, module: nn.Module, fmt: str = "compressed-tens
     return module.quantized()
 
 
-def compressed_layers(model: nn.Module) -> list[CompressedLayer]:
+def compressed_layers(model: nn.Module, require: bool = True) -> list[CompressedLayer]:
     """Every quantized Linear of ``model`` with its compressed-tensors arguments, all checked.
 
     Raises:
-        ValueError: no quantized layer, or one compressed-tensors cannot hold (named).
+        ValueError: no quantized layer (with ``require``), or one compressed-tensors cannot hold (named).
     """
     out = []
     for name, module in model.named_modules():
@@ -180,7 +181,7 @@ def compressed_layers(model: nn.Module) -> list[CompressedLayer]:
             CompressedLayer(name, weight_args(name, layer.weight, in_features), input_args(name, layer.input), layer,
                             None if bias is None else bias.detach())
         )  # fmt: skip
-    if not out:
+    if not out and require:
         raise ValueError("model has no quantized layers; run a quantization callback (QAT, GPTQ, AWQ, SmoothQuant)")
     return out
 
@@ -258,6 +259,18 @@ def compressed_state_dict(model: nn.Module, layers: list[CompressedLayer], confi
         tensors = layer_tensors(layer, schemes[layer.name], dtype)
         state.update({f"{layer.name}.{k}": v for k, v in tensors.items()})
     return state
+
+
+def compressed_part(module: nn.Module, prefix: str) -> tuple[dict[str, Tensor], list[CompressedLayer]]:
+    """What :func:`save_compressed` writes for one part of a model (a block, written as its own shard by a streamed
+    calibration): ``module``'s checkpoint tensors with its quantized Linears compressed, keys under ``prefix``
+    (e.g. ``"model.layers.3."``), and those layers (names under ``prefix``, without their codes) for the final
+    :func:`quantization_config`."""
+    layers = compressed_layers(module, require=False)
+    config = quantization_config(module, layers) if layers else None
+    state = compressed_state_dict(module, layers, config) if layers else module.state_dict()
+    light = [CompressedLayer(f"{prefix}{c.name}", c.weights, c.inputs, None, None) for c in layers]
+    return {f"{prefix}{k}": v.detach().cpu().contiguous() for k, v in state.items()}, light
 
 
 def save_compressed(
