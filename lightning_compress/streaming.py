@@ -117,7 +117,8 @@ class SafetensorsCheckpoint:
 
 def empty_model(folder: str | Path, task: str = "causal_lm") -> nn.Module:
     """The transformers model of ``folder``'s ``config.json`` with every parameter on the ``meta`` device (no memory)
-    and its buffers real (rotary frequencies), in eval mode; ``task`` ``"causal_lm"`` or ``"base"``."""
+    and its buffers real (rotary frequencies), its head tied as the config says, in eval mode; ``task``
+    ``"causal_lm"`` or ``"base"``."""
     if task not in TASKS:
         raise ValueError(f"task={task!r} is not supported for streamed calibration; allowed: {list(TASKS)}")
     import transformers
@@ -126,6 +127,7 @@ def empty_model(folder: str | Path, task: str = "causal_lm") -> nn.Module:
     config = transformers.AutoConfig.from_pretrained(folder)
     with init_empty_weights(include_buffers=False):
         model = getattr(transformers, TASKS[task]).from_config(config)
+    model.tie_weights()  # from_pretrained ties after loading; an empty model must be tied here
     return model.eval()
 
 

@@ -69,6 +69,20 @@ def test_streamed_gptq_writes_exactly_what_the_in_memory_path_writes(streamed_ru
         assert torch.equal(loaded(**batches[0]).logits, model(**batches[0]).logits)
 
 
+def test_a_tied_head_is_streamed_as_in_memory(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, intermediate_size=64, tie_word_embeddings=True)  # fmt: skip
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "tied")  # writes the embedding table once
+    batches = token_batches(2)
+    _, memory = in_memory(tmp_path / "tied", batches, tmp_path / "memory", bits=4)
+    streamed = calibrate_streamed(GPTQFinalize(bits=4), tmp_path / "tied", batches, tmp_path / "streamed")
+    assert_same_folder(memory, streamed)
+    assert "lm_head.weight" not in checkpoint_tensors(streamed)
+
+
 def test_transformers_loads_the_streamed_folder(streamed_run):
     _, batches, model, _, streamed = streamed_run
     client = from_pretrained(streamed, dequantize=True)  # asymmetric int4: see from_pretrained
