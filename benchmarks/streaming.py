@@ -30,7 +30,8 @@ from benchmarks import Table
 CACHE = Path(__file__).resolve().parents[1] / "outputs" / "benchmarks" / "streaming"
 # ~1.5 GB in FP32: 32 Llama blocks of hidden 1024 (16 query / 4 key-value heads), MLP 2816, vocab 32000, tied head.
 BIG = {"hidden_size": 1024, "intermediate_size": 2816, "num_hidden_layers": 32, "num_attention_heads": 16,
-       "num_key_value_heads": 4, "vocab_size": 32000, "tie_word_embeddings": True, "max_position_embeddings": 2048}  # fmt: skip
+       "num_key_value_heads": 4, "vocab_size": 32000, "tie_word_embeddings": True,
+       "max_position_embeddings": 2048}  # fmt: skip
 SEQUENCES, SEQ_LEN, BATCH = 16, 256, 4
 
 
@@ -61,7 +62,8 @@ def smollm2_folder() -> Path:
     if not (folder / "config.json").is_file():
         code = (
             "import sys; from lightning_compress.examples.pretrained import load_pretrained; "
-            "m, t = load_pretrained('smollm2', task='causal_lm'); m.save_pretrained(sys.argv[1]); t.save_pretrained(sys.argv[1])"
+            "m, t = load_pretrained('smollm2', task='causal_lm'); "
+            "m.save_pretrained(sys.argv[1]); t.save_pretrained(sys.argv[1])"
         )
         subprocess.run([sys.executable, "-c", code, str(folder)], check=True)
     return folder
