@@ -138,21 +138,10 @@ def measure(mode: str, folder: Path, out: Path, kill_at: int = -1, ranks: int = 
 
 
 def same_folder(a: Path, b: Path) -> bool:
-    """Whether two compressed-tensors folders hold the same tensors, bit for bit (read shard by shard)."""
-    from safetensors import safe_open
+    """Whether two compressed-tensors folders hold the same tensors, bit for bit."""
+    from lightning_compress.export.compressed import checkpoint_tensors
 
-    def where(folder: Path) -> dict[str, str]:
-        return json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"] if (
-            folder / "model.safetensors.index.json").is_file() else {}  # fmt: skip
-
-    def tensors(folder: Path) -> dict[str, torch.Tensor]:
-        out = {}
-        for f in sorted(set(where(folder).values())) or ["model.safetensors"]:
-            with safe_open(folder / f, "pt") as h:
-                out.update({k: h.get_tensor(k) for k in h.keys()})  # noqa: SIM118
-        return out
-
-    ta, tb = tensors(a), tensors(b)
+    ta, tb = checkpoint_tensors(a), checkpoint_tensors(b)
     return ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
 
 
