@@ -21,6 +21,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -62,8 +63,9 @@ def smollm2_folder() -> Path:
     if not (folder / "config.json").is_file():
         code = (
             "import sys; from lightning_compress.examples.pretrained import load_pretrained; "
-            "m, t = load_pretrained('smollm2', task='causal_lm'); "
-            "m.save_pretrained(sys.argv[1]); t.save_pretrained(sys.argv[1])"
+            "from lightning_compress.export.compressed import dequantized_load; "
+            "m, t = load_pretrained('smollm2', task='causal_lm'); t.save_pretrained(sys.argv[1])\n"
+            "with dequantized_load(m): m.save_pretrained(sys.argv[1])"
         )
         subprocess.run([sys.executable, "-c", code, str(folder)], check=True)
     return folder
@@ -222,9 +224,10 @@ def smollm2_table() -> Table:
     return table
 
 
-def run() -> list[Table]:
-    """The two tables."""
-    return [big_table(), smollm2_table()]
+def run() -> Iterator[Table]:
+    """The two tables, each written as soon as it is measured."""
+    yield big_table()
+    yield smollm2_table()
 
 
 if __name__ == "__main__":
