@@ -133,17 +133,22 @@ class GPTQFinalize(CalibrationCallback):
         """
         layers = self.select(model)
         batches = self.model_inputs(model, batches)
-        quantized: dict[str, QuantizedLayer] = {}
+        done: list[str] = []
 
         def finish(results: dict[str, GPTQResult], pruned: dict[str, Tensor | None]) -> None:
             built = {}
-            for name, res in results.items():
-                built[name], quantized[name] = on_grid(layers[name], res.codes, res.scale, res.zero_point,
-                                                       self.options, pruned[name])  # fmt: skip
+            for name, res in results.items():  # kept in self.quantized only: a streamed block's are dropped there
+                built[name], self.quantized[name] = on_grid(layers[name], res.codes, res.scale, res.zero_point,
+                                                            self.options, pruned[name])  # fmt: skip
             replace_layers(model, built)
-            self.quantized.update({n: quantized[n] for n in built})
+            done.extend(built)
 
-        with restored_on_error(model), replaced_on_error(model, layers):
-            gptq_model(model, layers, batches, self.options, self.true_sequential, self.hessian_dtype, finish)
-        log.info("GPTQFinalize: %d layers at %d bits", len(quantized), self.options.bits)
-        return quantized
+        try:
+            with restored_on_error(model), replaced_on_error(model, layers):
+                gptq_model(model, layers, batches, self.options, self.true_sequential, self.hessian_dtype, finish)
+        except BaseException:
+            for name in done:
+                self.quantized.pop(name, None)
+            raise
+        log.info("GPTQFinalize: %d layers at %d bits", len(done), self.options.bits)
+        return {name: self.quantized[name] for name in done if name in self.quantized}
