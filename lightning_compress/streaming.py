@@ -21,6 +21,8 @@ only complete (written under a temporary name, then renamed).
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import hashlib
 import json
 import logging
@@ -403,6 +405,7 @@ class StreamedBlocks:
         for name in [n for n in self.callback.quantized if n.startswith(head)]:
             del self.callback.quantized[name]
         to_meta([block, *layers.values()])
+        release_freed_memory()
 
     # -------------------------------------------------------------------------------------------- the folder
     def write(self, output: Path) -> Path:
@@ -449,6 +452,14 @@ class StreamedBlocks:
         """Remove what this run committed to the stage folder (after the output is written)."""
         for path in [self.stage / MANIFEST, *self.stage.glob("model-*.safetensors"), *self.stage.glob("inputs-*")]:
             path.unlink(missing_ok=True)
+
+
+def release_freed_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc's ``malloc_trim``; a no-op elsewhere). Without it a block's freed
+    tensors stay in glibc's arenas (its mmap threshold rises after the first large free), and the process's
+    resident memory grows by ~15 MB per block on the 1.5 GB benchmark model."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
