@@ -196,31 +196,20 @@ def to_meta(modules: Sequence[nn.Module]) -> None:
 
 # ------------------------------------------------------------------------------------------------ atomic writes
 def save_atomic(tensors: Mapping[str, Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
-    """``safetensors`` ``save_file`` under a temporary name, flushed, then renamed to ``path``: a crash or a full
-    disk leaves the old file (or none), never part of one."""
+    """``safetensors`` ``save_file`` through :func:`~lightning_compress.export.io.atomic_file` (never part of a
+    file)."""
     from safetensors.torch import save_file
 
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        save_file(dict(tensors), str(tmp), metadata=metadata)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    from lightning_compress.export.io import atomic_file
+
+    atomic_file(path, lambda tmp: save_file(dict(tensors), tmp, metadata=metadata))
 
 
 def write_json_atomic(data: Any, path: Path) -> None:
-    """``data`` as JSON at ``path``, written under a temporary name, flushed, then renamed."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w") as f:
-            json.dump(data, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """``data`` as JSON at ``path``, through :func:`~lightning_compress.export.io.atomic_file`."""
+    from lightning_compress.export.io import atomic_file
+
+    atomic_file(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=1)))
 
 
 # ------------------------------------------------------------------------------------------------ fingerprints

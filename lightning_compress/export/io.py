@@ -103,10 +103,13 @@ def save_exported(model: nn.Module, path: str | Path) -> Path:
 
 
 def atomic_file(target: Path, write: Callable[[str], Any]) -> None:
-    """``write(temporary path)`` next to ``target``, then rename it onto ``target`` (never a half-written file)."""
+    """``write(temporary path)`` next to ``target``, flush it to disk, then rename it onto ``target``: a crash or a
+    full disk leaves the old file (or none), never a half-written one."""
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     try:
         write(str(tmp))
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
