@@ -26,6 +26,7 @@ HOMES = {
     "size": "tools",
     "sensitivity": "tools",
     "evaluation": "tools",
+    "streaming": "tools",
     "callbacks": "lightning",
     "distillation": "lightning",
     "examples": "examples",
