@@ -23,7 +23,7 @@ The weights stay float (scaled and clipped): round them to nearest, or run GPTQ 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -155,6 +155,7 @@ def awq_model(
     grid: int = 20,
     clip: bool = True,
     max_search_tokens: int = 4096,
+    finish: Callable[[list[str]], None] | None = None,
 ) -> list[AWQGroup]:
     """Scale (and clip) ``layers`` (Linears) of ``model`` in place with AWQ for the grid ``bits`` / ``group_size`` /
     ``symmetric``; the weights stay float.
@@ -169,6 +170,8 @@ def awq_model(
         max_search_tokens: real tokens (whole batches, at least one) the searches run on, in all: under DDP each rank
             searches on its first ``max_search_tokens / world size`` and the errors are summed across ranks, so with
             interleaved shards the ranks search on what one process would. The mean ``|X|`` uses every batch.
+        finish: called with each block's layer names once the block's outputs are taken (the caller may round
+            and replace those layers now; the next block was calibrated on the scaled float block).
 
     Returns:
         One :class:`AWQGroup` per group of Linears, in execution order.
@@ -177,7 +180,7 @@ def awq_model(
     tokens = [token_count(b) for b in batches]
     budget = max(1, max_search_tokens // world_size())  # per rank: the ranks' searches sum their errors
     with eval_mode(model), torch.no_grad(), Progress(len(layers), "AWQ layers") as bar:
-        for stage in sequential_stages(model, layers, batches):
+        for stage in sequential_stages(model, layers, batches, finish):
             search = _search_passes(stage.passes, tokens, budget)
             prefix = _common_prefix(list(stage.layers))
             block = model.get_submodule(prefix) if prefix else model

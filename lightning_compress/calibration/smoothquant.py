@@ -1,30 +1,34 @@
-"""SmoothQuant over a whole model (Xiao et al. 2023): find what feeds each Linear, measure, smooth, verify.
+"""SmoothQuant (Xiao et al. 2023) on the calibration engine's block walk: find what feeds each Linear, measure,
+smooth, verify, block by block (:func:`smoothquant_model`).
 
-1. :func:`find_mappings` observes one forward pass: Linears reading the very same tensor form a group (q, k, v),
-   and the LayerNorm / RMSNorm / Linear whose output *is* that tensor is the group's producer — found automatically,
-   or restricted by regex mappings.
-2. :func:`activation_absmax` keeps a running per-channel ``max |X_j|`` per group (hooks; never storing
-   activations), all-reduced with ``max`` across data-parallel ranks.
-3. :func:`smooth_model` computes ``s`` (:func:`~lightning_compress.functional.smoothquant.smoothing_factors`), folds
-   ``1/s`` into each producer and ``s`` into the consumers' weights, and checks on a calibration batch that the
-   model's outputs did not change. A fold that changes them (the producer's output also feeds a residual, as in
-   post-LN BERT, or the norm's affine is not ``gamma · x̂ + beta``) is undone; its group, like a group with no
-   producer, keeps an explicit per-channel ``1/s`` in front of the layer instead (returned to the caller).
+1. :func:`find_mappings` (one pass over a block, or a whole model): Linears reading the very same tensor form a
+   group (q, k, v), and the LayerNorm / RMSNorm / Linear whose output *is* that tensor is the group's producer —
+   found automatically, or restricted by regex mappings.
+2. :func:`group_absmax` keeps a running per-channel ``max |X_j|`` per group (hooks; never storing activations),
+   all-reduced with ``max`` across data-parallel ranks.
+3. :func:`smooth_groups` computes ``s`` (:func:`~lightning_compress.functional.smoothquant.smoothing_factors`),
+   folds ``1/s`` into each producer and ``s`` into the consumers' weights, and checks that the block's outputs did
+   not change. A fold that changes them (the producer's output also feeds a residual, as in post-LN BERT, or the
+   norm's affine is not ``gamma · x̂ + beta``) is undone; its group, like a group with no producer inside the block,
+   keeps an explicit per-channel ``1/s`` in front of the layer instead (returned to the caller).
+
+Being on the block walk, SmoothQuant runs on a streamed model (:mod:`lightning_compress.streaming`) unchanged.
 """
 
 from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
-from lightning_compress.calibration.batches import call_model, head, relative_error, token_mask
+from lightning_compress.calibration.batches import call_model, relative_error, token_mask
+from lightning_compress.calibration.capture import eval_mode
 from lightning_compress.calibration.dataflow import dataflow
-from lightning_compress.calibration.engine import Pass, accumulate_inputs
+from lightning_compress.calibration.engine import Pass, accumulate_inputs, sequential_stages
 from lightning_compress.calibration.progress import Progress
 from lightning_compress.functional.smoothquant import (
     fold_into_linear,
@@ -39,8 +43,6 @@ log = logging.getLogger(__name__)
 
 # Smoothing may change a model's outputs by float rounding only: at most this relative error on a calibration batch.
 FOLD_TOLERANCE = 1e-3
-# Samples of the first calibration batch the folds are verified on.
-VERIFY_SAMPLES = 4
 
 
 class SmoothGroup(NamedTuple):
@@ -56,6 +58,43 @@ def is_foldable_norm(module: nn.Module) -> bool:
         return module.weight is not None and len(module.normalized_shape) == 1
     weight = getattr(module, "weight", None)
     return type(module).__name__.endswith("RMSNorm") and isinstance(weight, nn.Parameter) and weight.dim() == 1
+
+
+def _compiled(mappings: Sequence[tuple[str, str]] | None) -> list[tuple[re.Pattern[str], re.Pattern[str]]] | None:
+    return None if mappings is None else [(re.compile(p), re.compile(c)) for p, c in mappings]
+
+
+def _groups(
+    run: Callable[[], Any],
+    model: nn.Module,
+    layers: Mapping[str, nn.Module],
+    compiled: list[tuple[re.Pattern[str], re.Pattern[str]]] | None,
+    used: set[int],
+) -> list[SmoothGroup]:
+    """The groups of ``layers`` seen in one pass ``run()``, each with its producer (restricted by ``compiled``
+    mappings; the indices of the mappings that matched are added to ``used``)."""
+    candidates = {n: m for n, m in model.named_modules() if is_foldable_norm(m) or isinstance(m, nn.Linear)}
+    flow = dataflow(run, layers, candidates)
+    groups = [SmoothGroup(g, flow.producers.get(i)) for i, g in enumerate(flow.groups)]
+    if compiled is None:
+        return groups
+    result = []
+    for group in groups:
+        match = next(
+            (i for i, (p, c) in enumerate(compiled)
+             if group.producer and p.fullmatch(group.producer) and all(c.fullmatch(n) for n in group.layers)),
+            None,
+        )  # fmt: skip
+        if match is not None:
+            used.add(match)
+        result.append(SmoothGroup(group.layers, None if match is None else group.producer))
+    return result
+
+
+def _check_used(mappings: Sequence[tuple[str, str]] | None, used: set[int]) -> None:
+    unused = [tuple(m) for i, m in enumerate(mappings or []) if i not in used]
+    if unused:
+        raise ValueError(f"mappings {unused} match no producer whose output feeds only layers matching the consumers")
 
 
 def find_mappings(
@@ -77,33 +116,17 @@ def find_mappings(
     Raises:
         ValueError: a mapping that matches no (producer, group) pair.
     """
-    candidates = {n: m for n, m in model.named_modules() if is_foldable_norm(m) or isinstance(m, nn.Linear)}
-    flow = dataflow(lambda: call_model(model, batch), layers, candidates)
-    groups = [SmoothGroup(g, flow.producers.get(i)) for i, g in enumerate(flow.groups)]
-    if mappings is None:
-        return groups
-    compiled = [(re.compile(p), re.compile(c)) for p, c in mappings]
-    used, result = set(), []
-    for group in groups:
-        match = next(
-            (i for i, (p, c) in enumerate(compiled)
-             if group.producer and p.fullmatch(group.producer) and all(c.fullmatch(n) for n in group.layers)),
-            None,
-        )  # fmt: skip
-        used.add(match)
-        result.append(SmoothGroup(group.layers, None if match is None else group.producer))
-    unused = [tuple(mappings[i]) for i in range(len(mappings)) if i not in used]
-    if unused:
-        raise ValueError(f"mappings {unused} match no producer whose output feeds only layers matching the consumers")
-    return result
+    used: set[int] = set()
+    groups = _groups(lambda: call_model(model, batch), model, layers, _compiled(mappings), used)
+    _check_used(mappings, used)
+    return groups
 
 
-@torch.no_grad()
-def activation_absmax(
-    model: nn.Module, layers: Mapping[str, nn.Module], groups: Sequence[SmoothGroup], batches: Sequence[Any]
+def group_absmax(
+    layers: Mapping[str, nn.Module], groups: Sequence[SmoothGroup], passes: Sequence[Pass]
 ) -> list[Tensor]:
-    """Per group, the running per-input-channel ``max |X_j|`` ``(in,)`` over all batches' real tokens (float32,
-    DDP ``max``)."""
+    """Per group, the running per-input-channel ``max |X_j|`` ``(in,)`` over the real tokens of ``passes`` (float32,
+    DDP ``max``); zeros for a group the passes never reach."""
     first = {g.layers[0]: i for i, g in enumerate(groups)}
     stats: list[Tensor | None] = [None] * len(groups)
 
@@ -112,16 +135,21 @@ def activation_absmax(
         cur = x.abs().reshape(-1, x.shape[-1]).amax(dim=0).float()
         stats[i] = cur if stats[i] is None else torch.maximum(stats[i], cur)
 
-    with Progress(len(batches), "SmoothQuant calibration") as bar:
-        for i, batch in enumerate(batches):
-            passes = [Pass(lambda b=batch: call_model(model, b), token_mask(batch))]
-            accumulate_inputs({n: layers[n] for n in first}, passes, update, stop_early=False)
-            bar.step(f"batch {i}")
+    accumulate_inputs({n: layers[n] for n in first}, passes, update, stop_early=False)
     result = []
     for g, s in zip(groups, stats, strict=True):
         s = torch.zeros(layers[g.layers[0]].in_features) if s is None else s  # never called: nothing to smooth
         result.append(all_reduce_(s.to(layers[g.layers[0]].weight.device), "max"))
     return result
+
+
+@torch.no_grad()
+def activation_absmax(
+    model: nn.Module, layers: Mapping[str, nn.Module], groups: Sequence[SmoothGroup], batches: Sequence[Any]
+) -> list[Tensor]:
+    """:func:`group_absmax` over whole-model passes on ``batches``."""
+    passes = [Pass(lambda b=b: call_model(model, b), token_mask(b)) for b in batches]
+    return group_absmax(layers, groups, passes)
 
 
 def fold_group(model: nn.Module, layers: Mapping[str, nn.Module], group: SmoothGroup, s: Tensor) -> None:
@@ -146,22 +174,23 @@ class Smoothing(NamedTuple):
 
 
 @torch.no_grad()
-def smooth_model(
+def smooth_groups(
     model: nn.Module,
     layers: Mapping[str, nn.Module],
     groups: Sequence[SmoothGroup],
     act_absmax: Sequence[Tensor],
-    batch: Any,
+    run: Callable[[], Any],
     alpha: float = 0.5,
     explicit_scales: bool = True,
 ) -> list[Smoothing]:
-    """Smooth ``model`` in place; returns one :class:`Smoothing` per group.
+    """Smooth ``groups`` in place; returns one :class:`Smoothing` per group.
 
-    Folds into producers are verified on the first :data:`VERIFY_SAMPLES` samples of ``batch`` (relative output
-    error ≤ :data:`FOLD_TOLERANCE`): all at once,
-    and one by one when that fails, undoing the folds that change the outputs. Groups left without a producer get
-    ``s`` in their weights and ``explicit=True`` (the caller divides their inputs by ``s``) when
-    ``explicit_scales``, and no smoothing otherwise; a group that never ran keeps ``s = 1``.
+    Folds into producers are verified on the outputs of ``run()`` (a forward over the part of the model that holds
+    the groups, e.g. one block; relative error ≤ :data:`FOLD_TOLERANCE`, the largest over the data-parallel ranks so
+    every rank decides alike): all at once, and one by one when that fails, undoing the folds that change the
+    outputs. Groups left without a producer get ``s`` in their weights and ``explicit=True`` (the caller divides
+    their inputs by ``s``) when ``explicit_scales``, and no smoothing otherwise; a group that never ran keeps
+    ``s = 1``.
     """
     factors = [
         smoothing_factors(a, weight_absmax([layers[n].weight for n in g.layers]).float(), alpha)
@@ -169,8 +198,13 @@ def smooth_model(
         else torch.ones_like(a)
         for g, a in zip(groups, act_absmax, strict=True)
     ]
-    batch = head(batch, VERIFY_SAMPLES)
-    reference = call_model(model, batch)
+    reference = run()
+    device = layers[groups[0].layers[0]].weight.device if groups else None
+
+    def changed() -> bool:
+        error = torch.tensor(relative_error(reference, run()), device=device)
+        return float(all_reduce_(error, "max")) > FOLD_TOLERANCE
+
     touched = {g.producer for g in groups if g.producer} | {n for g in groups if g.producer for n in g.layers}
     original = {n: [p.detach().clone() for p in model.get_submodule(n).parameters(recurse=False)] for n in touched}
 
@@ -182,12 +216,12 @@ def smooth_model(
     folded = [i for i, g in enumerate(groups) if g.producer]
     for i in folded:
         fold_group(model, layers, groups[i], factors[i])
-    if folded and relative_error(reference, call_model(model, batch)) > FOLD_TOLERANCE:
+    if folded and changed():
         restore(touched)
         kept = []
         for i in folded:
             fold_group(model, layers, groups[i], factors[i])
-            if relative_error(reference, call_model(model, batch)) <= FOLD_TOLERANCE:
+            if not changed():
                 kept.append(i)
             else:
                 restore({groups[i].producer, *groups[i].layers})
@@ -204,3 +238,58 @@ def smooth_model(
         else:
             result.append(Smoothing(torch.ones_like(factors[i]), False))
     return result
+
+
+class SmoothedGroup(NamedTuple):
+    """One group after SmoothQuant: its layers and producer, its input's per-channel ``max |X_j|`` ``(in,)`` before
+    smoothing, and how it was smoothed (None: not smoothed)."""
+
+    group: SmoothGroup
+    absmax: Tensor
+    smoothing: Smoothing | None
+
+
+@torch.no_grad()
+def smoothquant_model(
+    model: nn.Module,
+    layers: Mapping[str, nn.Module],
+    batches: Sequence[Any],
+    finish: Callable[[list[SmoothedGroup]], None],
+    alpha: float | None = 0.5,
+    explicit_scales: bool = True,
+    mappings: Sequence[tuple[str, str]] | None = None,
+) -> None:
+    """Smooth ``layers`` (Linears) of ``model`` in place with SmoothQuant (Xiao et al. 2023), block by block.
+
+    On the engine's walk (:func:`~lightning_compress.calibration.engine.sequential_stages`), per block: the groups
+    and their producers from one pass (:func:`find_mappings`' rules, producers inside the block), the running
+    per-channel ``max |X_j|`` over every batch's real tokens (DDP ``max``), then the folds, verified on the block's
+    outputs (:func:`smooth_groups`). The next block's inputs come from the smoothed, still float, block;
+    ``finish(groups)`` then receives the block's :class:`SmoothedGroup` s (the caller quantizes and replaces those
+    layers). ``alpha=None`` measures without smoothing.
+
+    Raises:
+        ValueError: a mapping that matched no (producer, group) pair in any block (after the walk).
+    """
+    compiled = _compiled(mappings if alpha is not None else [])
+    used: set[int] = set()
+    pending: list[SmoothedGroup] = []
+
+    def done(_: list[str]) -> None:
+        finish(list(pending))
+        pending.clear()
+
+    with eval_mode(model), Progress(len(layers), "SmoothQuant layers") as bar:
+        for stage in sequential_stages(model, layers, batches, done):
+            verify = stage.passes[0].run
+            groups = _groups(verify, model, stage.layers, compiled, used)
+            absmax = group_absmax(stage.layers, groups, stage.passes)
+            smoothing = (
+                [None] * len(groups)
+                if alpha is None
+                else smooth_groups(model, stage.layers, groups, absmax, verify, alpha, explicit_scales)
+            )
+            pending.extend(SmoothedGroup(*t) for t in zip(groups, absmax, smoothing, strict=True))
+            for name in stage.layers:
+                bar.step(name)
+    _check_used(mappings if alpha is not None else None, used)

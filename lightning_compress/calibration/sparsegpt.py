@@ -7,7 +7,7 @@ pruned blocks before it, and within a block group by group in execution order (t
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -30,6 +30,7 @@ def sparsegpt_model(
     quantize: bool = False,
     true_sequential: bool = True,
     hessian_dtype: torch.dtype = torch.float64,
+    finish: Callable[[dict[str, SparseGPTResult]], None] | None = None,
 ) -> dict[str, SparseGPTResult]:
     """Prune ``layers`` (Linears) of ``model`` in place with SparseGPT on calibration ``batches``.
 
@@ -39,10 +40,12 @@ def sparsegpt_model(
         batches: calibration model inputs, held in memory for the whole run.
         sparsity, nm, options, quantize: as for :func:`~lightning_compress.functional.sparsegpt.sparsegpt_prune`
             (the same for every layer).
-        true_sequential, hessian_dtype: as for :func:`~lightning_compress.calibration.gptq.gptq_model`.
+        true_sequential, hessian_dtype, finish: as for :func:`~lightning_compress.calibration.gptq.gptq_model`
+            (``finish`` receives each block's ``{name: SparseGPTResult}``).
 
     Returns:
-        ``{name: SparseGPTResult}``; each layer's weight now equals ``result.weight`` (zero where the mask is False).
+        ``{name: SparseGPTResult}`` (empty with ``finish``); each layer's weight now equals ``result.weight`` (zero
+        where the mask is False).
     """
     options = options or GPTQOptions()
 
@@ -55,4 +58,4 @@ def sparsegpt_model(
         module.weight.copy_(result.weight.to(module.weight.dtype))
         return result
 
-    return hessian_model(model, layers, batches, solve, true_sequential, hessian_dtype, "SparseGPT")
+    return hessian_model(model, layers, batches, solve, true_sequential, hessian_dtype, "SparseGPT", finish)

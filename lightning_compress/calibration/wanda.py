@@ -10,7 +10,7 @@ masked out).
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -45,6 +45,7 @@ def wanda_model(
     batches: Sequence[Any],
     sparsity: float = 0.5,
     nm: tuple[int, int] | None = None,
+    finish: Callable[[dict[str, Tensor]], None] | None = None,
 ) -> dict[str, Tensor]:
     """Prune ``layers`` (Linears) of ``model`` in place with Wanda on calibration ``batches``.
 
@@ -54,13 +55,21 @@ def wanda_model(
         batches: calibration model inputs, held in memory for the whole run.
         sparsity: the fraction of each output row removed (unstructured).
         nm: ``(n, m)`` for N:M sparsity instead (every layer's input width divisible by ``m``).
+        finish: called with each block's ``{name: mask}`` once the block's outputs are taken; they are then not
+            returned (memory does not grow with depth).
 
     Returns:
-        ``{name: bool keep-mask (out, in)}``; each weight is now zero exactly where its mask is False.
+        ``{name: bool keep-mask (out, in)}`` (empty with ``finish``); each weight is now zero exactly where its mask
+        is False.
     """
     masks: dict[str, Tensor] = {}
+
+    def done(names: list[str]) -> None:
+        if finish is not None:
+            finish({n: masks.pop(n) for n in names})
+
     with eval_mode(model), torch.no_grad(), Progress(len(layers), "Wanda layers") as bar:
-        for stage in sequential_stages(model, layers, batches):
+        for stage in sequential_stages(model, layers, batches, done):
             norms = input_sq_norms(stage.layers, stage.passes)
             for name, layer in stage.layers.items():
                 mask = wanda_mask(layer.weight, norms[name], sparsity, nm)
@@ -68,5 +77,5 @@ def wanda_model(
                 layer.weight.masked_fill_(~mask, 0.0)
                 masks[name] = mask
                 bar.step(name)
-    log.info("Wanda: %d layers pruned", len(masks))
+    log.info("Wanda: %d layers pruned", len(layers))
     return masks

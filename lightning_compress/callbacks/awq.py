@@ -16,7 +16,7 @@ from lightning_compress.functional.gptq import GPTQOptions
 from lightning_compress.functional.quant import compute_qparams, dequantize, quantize
 from lightning_compress.nn.fake_quant import is_fake_quant
 from lightning_compress.nn.quantized import QuantizedLayer
-from lightning_compress.nn.select import replace_layers, restored_on_error, select_layers
+from lightning_compress.nn.select import select_layers
 
 log = logging.getLogger(__name__)
 
@@ -105,21 +105,25 @@ class AWQCalibrate(CalibrationCallback):
         layers = self.select(model)
         batches = self.model_inputs(model, batches)
         o = self.options
-        with restored_on_error(model), torch.no_grad():
+
+        def rounded(name: str) -> tuple[nn.Module, QuantizedLayer]:
+            layer = layers[name]
+            w = layer.weight.detach().clone()
+            qp = compute_qparams(w, o.bits, o.symmetric, 0 if o.group_size is None else None, o.group_size,
+                                 scale_dtype=o.scale_dtype)  # fmt: skip
+            codes = quantize(w, qp.scale, qp.zero_point, o.bits)
+            layer.weight.copy_(dequantize(codes, qp.scale, qp.zero_point).to(w.dtype))
+            scale, zero = qp.scale.reshape(w.shape[0], -1), qp.zero_point.reshape(w.shape[0], -1)
+            return on_grid(layer, codes, scale, zero, o, w == 0)
+
+        with self.swapping(model, layers) as swap, torch.no_grad():
+
+            def finish(names: list[str]) -> None:  # a block is done: round its (scaled) weights onto the grid
+                if self.quantize:
+                    swap({name: rounded(name) for name in names})
+
             self.groups = awq_model(model, layers, batches, o.bits, o.group_size, o.symmetric, self.grid, self.clip,
-                                    self.max_search_tokens)  # fmt: skip
-            built, quantized = {}, {}
-            if self.quantize:
-                for name, layer in layers.items():
-                    w = layer.weight.detach().clone()
-                    axis = 0 if o.group_size is None else None
-                    qp = compute_qparams(w, o.bits, o.symmetric, axis, o.group_size, scale_dtype=o.scale_dtype)
-                    codes = quantize(w, qp.scale, qp.zero_point, o.bits)
-                    layer.weight.copy_(dequantize(codes, qp.scale, qp.zero_point).to(w.dtype))
-                    scale, zero = qp.scale.reshape(w.shape[0], -1), qp.zero_point.reshape(w.shape[0], -1)
-                    built[name], quantized[name] = on_grid(layer, codes, scale, zero, o, w == 0)
-        replace_layers(model, built)
-        self.quantized.update(quantized)
+                                    self.max_search_tokens, finish)  # fmt: skip
         scaled = sum(g.s is not None for g in self.groups)
         log.info("AWQCalibrate: %d layers, %d of %d groups scaled", len(layers), scaled, len(self.groups))
-        return quantized
+        return swap.result()

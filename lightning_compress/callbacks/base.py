@@ -5,7 +5,8 @@ from __future__ import annotations
 import abc
 import itertools
 import logging
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import lightning.pytorch as pl
@@ -19,9 +20,53 @@ from lightning_compress.functional.checks import check_patterns
 from lightning_compress.functional.masks import sparsity_or_pattern
 from lightning_compress.nn.fake_quant import is_fake_quant
 from lightning_compress.nn.quantized import QuantizedLayer
-from lightning_compress.nn.select import restored_on_error, select_layers
+from lightning_compress.nn.select import replace_layers, replaced_on_error, restored_on_error, select_layers
 
 log = logging.getLogger(__name__)
+
+
+class Swap:
+    """Replaces calibrated layers of ``model`` by their quantized twins as blocks finish, recording each layer's
+    :class:`QuantizedLayer` in ``quantized`` and a pruner's keep-masks in ``masks`` (see
+    :meth:`CalibrationCallback.swapping`)."""
+
+    def __init__(
+        self, model: nn.Module, quantized: dict[str, QuantizedLayer], masks: dict[str, Tensor] | None = None
+    ) -> None:
+        self.model, self.quantized, self.masks = model, quantized, masks
+        self.names: list[str] = []
+        self.masked: list[str] = []
+
+    def __call__(
+        self, built: Mapping[str, tuple[nn.Module, QuantizedLayer]], masks: Mapping[str, Tensor] | None = None
+    ) -> None:
+        """Put each ``{name: (module, QuantizedLayer)}`` in place and record ``masks`` (``{name: bool (out, in)}``)."""
+        replace_layers(self.model, {name: module for name, (module, _) in built.items()})
+        for name, (_, state) in built.items():
+            self.quantized[name] = state
+        self.names.extend(built)
+        if masks:
+            if self.masks is None:
+                raise TypeError("this Swap records no masks (a quantizer's); masks come from a pruner's swapping()")
+            self.masks.update(masks)
+            self.masked.extend(masks)
+
+    def result(self) -> dict[str, QuantizedLayer]:
+        """``{name: QuantizedLayer}`` of the layers swapped and still recorded (a streamed run drops written
+        blocks')."""
+        return {name: self.quantized[name] for name in self.names if name in self.quantized}
+
+    def mask_result(self) -> dict[str, Tensor]:
+        """``{name: keep-mask}`` recorded and still kept (a streamed run drops written blocks')."""
+        masks = self.masks or {}
+        return {name: masks[name] for name in self.masked if name in masks}
+
+    def forget(self) -> None:
+        """Drop everything this swap recorded (the body failed)."""
+        for name in self.names:
+            self.quantized.pop(name, None)
+        for name in self.masked:
+            (self.masks or {}).pop(name, None)
 
 
 class CalibrationCallback(pl.Callback, abc.ABC):
@@ -100,6 +145,19 @@ class CalibrationCallback(pl.Callback, abc.ABC):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.apply(pl_module, self.calibration_batches(trainer))
 
+    @contextmanager
+    def swapping(self, model: nn.Module, layers: Mapping[str, nn.Module]) -> Iterator[Swap]:
+        """Within this context each finished block's layers may be swapped for their quantized twins
+        (``swap({name: (module, QuantizedLayer)})``, recorded in :attr:`quantized`); if the body raises, every layer
+        and weight of ``model`` is put back and the entries it recorded are dropped."""
+        swap = Swap(model, self.quantized, getattr(self, "masks", None))
+        try:
+            with restored_on_error(model), replaced_on_error(model, layers):
+                yield swap
+        except BaseException:
+            swap.forget()
+            raise
+
     @abc.abstractmethod
     def apply(self, model: nn.Module, batches: Iterable[Any]) -> dict[str, QuantizedLayer]:
         """Quantize ``model`` in place on ``batches`` (model inputs: Tensor, tuple or dict); returns
@@ -155,17 +213,18 @@ class OneShotPruning(CalibrationCallback):
         return layers
 
     @abc.abstractmethod
-    def prune(self, model: nn.Module, layers: dict[str, nn.Module], batches: list[Any]) -> dict[str, Tensor]:
-        """Prune ``layers`` of ``model`` in place on model-input ``batches``; returns ``{name: bool keep-mask}``."""
+    def prune(self, model: nn.Module, layers: dict[str, nn.Module], batches: list[Any], swap: Swap) -> None:
+        """Prune ``layers`` of ``model`` in place on model-input ``batches``, handing each finished block's
+        ``{name: bool keep-mask}`` (and any quantized twins) to ``swap``."""
 
     def apply(self, model: nn.Module, batches: Iterable[Any]) -> dict[str, Tensor]:  # type: ignore[override]
         """Prune ``model``'s selected Linears in place on ``batches``; returns ``{name: bool keep-mask (out, in)}``
         (also kept in :attr:`masks`). An error midway restores every weight."""
         layers = self.select(model)
         batches = self.model_inputs(model, batches)
-        with restored_on_error(model):
-            masks = self.prune(model, layers, batches)
-        self.masks.update(masks)
+        with self.swapping(model, layers) as swap:
+            self.prune(model, layers, batches, swap)
+        masks = swap.mask_result()
         kept = sum(int(m.sum()) for m in masks.values()) / max(1, sum(m.numel() for m in masks.values()))
         log.info("%s: %d layers, %.1f%% of their weights pruned", type(self).__name__, len(masks), 100 * (1 - kept))
         return masks

@@ -14,7 +14,7 @@ from lightning_compress.callbacks.base import CalibrationCallback, check_group_s
 from lightning_compress.functional.gptq import GPTQOptions, GPTQResult
 from lightning_compress.nn.fake_quant import WeightQuantizer, fake_quant_class, is_fake_quant
 from lightning_compress.nn.quantized import QuantizedLayer, QuantizedWeight
-from lightning_compress.nn.select import replace_layers, replaced_on_error, restored_on_error, select_layers
+from lightning_compress.nn.select import select_layers
 
 log = logging.getLogger(__name__)
 
@@ -133,22 +133,12 @@ class GPTQFinalize(CalibrationCallback):
         """
         layers = self.select(model)
         batches = self.model_inputs(model, batches)
-        done: list[str] = []
+        with self.swapping(model, layers) as swap:
 
-        def finish(results: dict[str, GPTQResult], pruned: dict[str, Tensor | None]) -> None:
-            built = {}
-            for name, res in results.items():  # kept in self.quantized only: a streamed block's are dropped there
-                built[name], self.quantized[name] = on_grid(layers[name], res.codes, res.scale, res.zero_point,
-                                                            self.options, pruned[name])  # fmt: skip
-            replace_layers(model, built)
-            done.extend(built)
+            def finish(results: dict[str, GPTQResult], pruned: dict[str, Tensor | None]) -> None:
+                swap({name: on_grid(layers[name], r.codes, r.scale, r.zero_point, self.options, pruned[name])
+                      for name, r in results.items()})  # fmt: skip
 
-        try:
-            with restored_on_error(model), replaced_on_error(model, layers):
-                gptq_model(model, layers, batches, self.options, self.true_sequential, self.hessian_dtype, finish)
-        except BaseException:
-            for name in done:
-                self.quantized.pop(name, None)
-            raise
-        log.info("GPTQFinalize: %d layers at %d bits", len(done), self.options.bits)
-        return {name: self.quantized[name] for name in done if name in self.quantized}
+            gptq_model(model, layers, batches, self.options, self.true_sequential, self.hessian_dtype, finish)
+        log.info("GPTQFinalize: %d layers at %d bits", len(swap.names), self.options.bits)
+        return swap.result()

@@ -6,11 +6,9 @@ import logging
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
-from lightning_compress.calibration.capture import eval_mode
-from lightning_compress.calibration.smoothquant import activation_absmax, find_mappings, smooth_model
+from lightning_compress.calibration.smoothquant import SmoothedGroup, smoothquant_model
 from lightning_compress.callbacks.base import CalibrationCallback
 from lightning_compress.functional.checks import check_patterns
 from lightning_compress.functional.quant import check_bits, quant_range
@@ -22,7 +20,7 @@ from lightning_compress.nn.fake_quant import (
     is_fake_quant,
 )
 from lightning_compress.nn.quantized import QuantizedLayer
-from lightning_compress.nn.select import replace_layers, restored_on_error, select_layers
+from lightning_compress.nn.select import select_layers
 
 log = logging.getLogger(__name__)
 
@@ -98,27 +96,28 @@ class SmoothQuantCalibrate(CalibrationCallback):
         self.mappings = None if mappings is None else [tuple(p) for p in mappings]
 
     def apply(self, model: nn.Module, batches: Iterable[Any]) -> dict[str, QuantizedLayer]:
-        """Smooth and W8A8-quantize ``model``'s selected Linears in place; returns ``{name: QuantizedLayer}``."""
+        """Smooth and W8A8-quantize ``model``'s selected Linears in place; returns ``{name: QuantizedLayer}``.
+
+        Block by block (:func:`~lightning_compress.calibration.smoothquant.smoothquant_model`); each block's layers
+        become fake-quant layers once the block is done, and an error midway puts every layer and weight back.
+        """
         accept = lambda m: isinstance(m, nn.Linear) and not is_fake_quant(m)  # noqa: E731
         layers = select_layers(model, self.targets, self.ignore, accept=accept, kind="Linear")
         batches = self.model_inputs(model, batches)
-        with restored_on_error(model), eval_mode(model), torch.no_grad():
-            groups = find_mappings(model, layers, batches[0], self.mappings if self.alpha is not None else [])
-            absmax = activation_absmax(model, layers, groups, batches)
-            if self.alpha is None:
-                smoothing = [None] * len(groups)
-            else:
-                smoothing = smooth_model(model, layers, groups, absmax, batches[0], self.alpha, self.explicit_scales)
-            built = {}
-            for group, a, sm in zip(groups, absmax, smoothing, strict=True):
-                smoothed = a if sm is None else a / sm.s
-                for name in group.layers:
-                    built[name] = self._fake_quant(layers[name], smoothed, sm)
-        replace_layers(model, built)
-        quantized = {name: layer.quantized() for name, layer in built.items()}
-        self.quantized.update(quantized)
-        log.info("SmoothQuantCalibrate: %d Linears to W%dA%d", len(built), self.bits, self.act_bits)
-        return quantized
+        with self.swapping(model, layers) as swap:
+
+            def finish(smoothed: list[SmoothedGroup]) -> None:
+                built = {}
+                for g in smoothed:
+                    absmax = g.absmax if g.smoothing is None else g.absmax / g.smoothing.s
+                    for name in g.group.layers:
+                        layer = self._fake_quant(layers[name], absmax, g.smoothing)
+                        built[name] = (layer, layer.quantized())
+                swap(built)
+
+            smoothquant_model(model, layers, batches, finish, self.alpha, self.explicit_scales, self.mappings)
+        log.info("SmoothQuantCalibrate: %d Linears to W%dA%d", len(swap.names), self.bits, self.act_bits)
+        return swap.result()
 
     def _fake_quant(self, layer: nn.Linear, act_absmax: Tensor, smoothing: Any) -> nn.Module:
         """The W8A8 fake-quant version of one (already smoothed) layer; its weight on the int8 grid with

@@ -7,13 +7,13 @@ import logging
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from torch import Tensor, nn
+from torch import nn
 
 from lightning_compress.calibration.sparsegpt import sparsegpt_model
-from lightning_compress.callbacks.base import OneShotPruning, check_group_size
+from lightning_compress.callbacks.base import OneShotPruning, Swap, check_group_size
 from lightning_compress.callbacks.gptq import HESSIAN_DTYPES, on_grid
 from lightning_compress.functional.gptq import GPTQOptions
-from lightning_compress.nn.select import replace_layers
+from lightning_compress.functional.sparsegpt import SparseGPTResult
 
 log = logging.getLogger(__name__)
 
@@ -94,17 +94,17 @@ class SparseGPTPrune(OneShotPruning):
         check_group_size({n: m.in_features for n, m in layers.items()}, self.options.group_size)
         return layers
 
-    def prune(self, model: nn.Module, layers: dict[str, nn.Module], batches: list[Any]) -> dict[str, Tensor]:
+    def prune(self, model: nn.Module, layers: dict[str, nn.Module], batches: list[Any], swap: Swap) -> None:
         """SparseGPT on the engine's walk (:func:`~lightning_compress.calibration.sparsegpt.sparsegpt_model`); with
-        ``bits``, each layer then becomes a fake-quant layer frozen at its grid."""
+        ``bits``, each block's layers then become fake-quant layers frozen at their grid."""
         quantize = self.bits is not None
-        results = sparsegpt_model(model, layers, batches, self.sparsity, self.nm, self.options, quantize,
-                                  self.true_sequential, self.hessian_dtype)  # fmt: skip
-        if quantize:
+
+        def finish(results: dict[str, SparseGPTResult]) -> None:
             built = {}
-            for name, layer in layers.items():
-                r = results[name]
-                built[name], self.quantized[name] = on_grid(layer, r.codes, r.scale, r.zero_point, self.options,
-                                                            ~r.mask)  # fmt: skip
-            replace_layers(model, built)
-        return {name: r.mask for name, r in results.items()}
+            if quantize:
+                built = {name: on_grid(layers[name], r.codes, r.scale, r.zero_point, self.options, ~r.mask)
+                         for name, r in results.items()}  # fmt: skip
+            swap(built, {name: r.mask for name, r in results.items()})
+
+        sparsegpt_model(model, layers, batches, self.sparsity, self.nm, self.options, quantize, self.true_sequential,
+                        self.hessian_dtype, finish)  # fmt: skip

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from torch import Tensor, nn
+from torch import nn
 
 from lightning_compress.calibration.wanda import wanda_model
-from lightning_compress.callbacks.base import OneShotPruning
+from lightning_compress.callbacks.base import OneShotPruning, Swap
 
 
 class WandaPrune(OneShotPruning):
@@ -39,6 +39,6 @@ class WandaPrune(OneShotPruning):
         targets, ignore: regexes over Linear layer names.
     """
 
-    def prune(self, model: nn.Module, layers: dict[str, nn.Module], batches: list[Any]) -> dict[str, Tensor]:
+    def prune(self, model: nn.Module, layers: dict[str, nn.Module], batches: list[Any], swap: Swap) -> None:
         """Wanda on the engine's block-by-block walk (:func:`~lightning_compress.calibration.wanda.wanda_model`)."""
-        return wanda_model(model, layers, batches, self.sparsity, self.nm)
+        wanda_model(model, layers, batches, self.sparsity, self.nm, lambda masks: swap({}, masks))

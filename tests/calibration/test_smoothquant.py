@@ -6,7 +6,7 @@ from torch import nn
 
 from lightning_compress import SmoothQuantCalibrate
 from lightning_compress.calibration.batches import call_model, relative_error
-from lightning_compress.calibration.smoothquant import activation_absmax, find_mappings, is_foldable_norm, smooth_model
+from lightning_compress.calibration.smoothquant import activation_absmax, find_mappings, is_foldable_norm, smooth_groups
 from lightning_compress.functional.smoothquant import smoothing_factors, weight_absmax
 from lightning_compress.nn.fake_quant import is_fake_quant
 from tests.tiny_models import tiny_bert, tiny_llama, token_batches
@@ -100,7 +100,7 @@ def test_post_ln_bert_folds_are_rejected_for_explicit_scales():
     assert any(g.producer and "LayerNorm" in g.producer for g in groups)  # candidates exist ...
     stats = activation_absmax(model, layers, groups, batches)
     norms = {n: p.detach().clone() for n, p in model.named_parameters() if "LayerNorm" in n}
-    smoothing = smooth_model(model, layers, groups, stats, batches[0])
+    smoothing = smooth_groups(model, layers, groups, stats, lambda: call_model(model, batches[0]))
     assert all(s.explicit for s in smoothing)  # ... but every fold changed the outputs and was undone
     for name, value in model.named_parameters():
         if name in norms:
