@@ -224,7 +224,7 @@ def _plain(value: Any) -> Any:
 
 
 # Attributes of a callback that are results or data, not its configuration.
-NOT_RECIPE = frozenset({"quantized", "masks", "exported", "calibration_data", "input_fn"})
+NOT_RECIPE = frozenset({"quantized", "masks", "groups", "exported", "calibration_data", "input_fn"})
 
 
 def recipe(callback: Any) -> dict[str, Any]:
@@ -391,15 +391,17 @@ class StreamedBlocks:
             write_json_atomic(self.manifest, self.stage / MANIFEST)
         _barrier()
         self._inputs_path(index - 1).unlink(missing_ok=True)
-        for name in [n for n in self.callback.quantized if n.startswith(head)]:
-            del self.callback.quantized[name]
+        for results in (self.callback.quantized, getattr(self.callback, "masks", {})):  # written: not kept
+            for name in [n for n in results if n.startswith(head)]:
+                del results[name]
         to_meta([block, *layers.values()])
         release_freed_memory()
 
     # -------------------------------------------------------------------------------------------- the folder
     def write(self, output: Path) -> Path:
         """Assemble the finished folder at ``output`` (compressed-tensors: ``config.json`` with the quantization
-        config, the block shards, the rest of the model, the index, the tokenizer files of the source)."""
+        config, the block shards, the rest of the model, the index, the tokenizer files of the source). A run that
+        quantized nothing (a pruner alone) writes the plain Hugging Face folder of the pruned weights."""
         from compressed_tensors.compressors import ModelCompressor
         from compressed_tensors.quantization import QuantizationArgs
 
@@ -411,9 +413,7 @@ class StreamedBlocks:
                             None if i is None else QuantizationArgs.model_validate_json(i), None, None)
             for name, (w, i) in self.manifest["layers"].items()
         ]  # fmt: skip
-        if not layers:
-            raise ValueError("the streamed calibration quantized no layer; nothing to write as compressed-tensors")
-        config = quantization_config(self.model, layers)
+        config = quantization_config(self.model, layers) if layers else None  # None: pruned only, plain weights
         rest = self.checkpoint.read([n for n in self._outside() if n not in self.tied])
         rest = {k: v.to(self.dtype) if v.is_floating_point() else v for k, v in rest.items()}
         last = self.total - 1
@@ -433,7 +433,8 @@ class StreamedBlocks:
             for path in self.checkpoint.folder.iterdir():
                 if path.is_file() and path.suffix != ".safetensors" and path.name != INDEX:
                     shutil.copy2(path, tmp / path.name)
-            ModelCompressor(quantization_config=config).update_config(str(tmp))
+            if config is not None:
+                ModelCompressor(quantization_config=config).update_config(str(tmp))
 
         return atomic_dir(output, fill)
 
@@ -478,7 +479,8 @@ def calibrate_streamed(
     are all-reduced as in memory and rank 0 writes.
 
     Args:
-        callback: a post-training callback whose algorithm runs on the calibration engine's block walk (GPTQ).
+        callback: a post-training callback; every one runs on the calibration engine's block walk: GPTQ, AWQ,
+            SmoothQuant (``explicit_scales=False``), SparseGPT, Wanda (a pruner without ``bits`` writes plain weights).
         pretrained: a Hugging Face model folder: ``config.json`` and safetensors shards.
         batches: calibration model inputs (e.g. tokenizer outputs), as for ``callback.apply``.
         output: the folder to write (replaced when the run completes).
@@ -496,7 +498,13 @@ def calibrate_streamed(
     """
     if not callable(getattr(callback, "apply", None)) or not isinstance(getattr(callback, "quantized", None), dict):
         raise TypeError(
-            f"callback must be a post-training quantization callback (apply, quantized), got {type(callback).__name__}"
+            f"callback must be a post-training calibration callback (GPTQFinalize, SmoothQuantCalibrate, AWQCalibrate, "
+            f"SparseGPTPrune, WandaPrune), got {type(callback).__name__}"
+        )
+    if getattr(callback, "explicit_scales", False) and getattr(callback, "alpha", None) is not None:
+        raise ValueError(
+            "SmoothQuantCalibrate(explicit_scales=True) keeps explicit x / s divisors, which compressed-tensors "
+            "cannot hold; allowed for a streamed run: explicit_scales=False (smoothing folded into producers only)"
         )
     output = Path(output)
     checkpoint = SafetensorsCheckpoint(pretrained)

@@ -16,7 +16,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from lightning_compress import GPTQFinalize
+from lightning_compress import AWQCalibrate, GPTQFinalize, SmoothQuantCalibrate, SparseGPTPrune, WandaPrune
 from lightning_compress.export.compressed import checkpoint_tensors, load_compressed, save_compressed
 from lightning_compress.nn.quantized import QuantizedLayer
 from lightning_compress.streaming import MANIFEST, StreamedBlocks, calibrate_streamed
@@ -115,7 +115,7 @@ KILLER = """
 import os, signal, sys
 from pathlib import Path
 sys.path.insert(0, {root!r})
-from lightning_compress import GPTQFinalize
+from lightning_compress import AWQCalibrate, GPTQFinalize, SmoothQuantCalibrate, SparseGPTPrune, WandaPrune
 from lightning_compress.streaming import StreamedBlocks, calibrate_streamed
 from tests.tiny_models import token_batches
 
@@ -144,6 +144,55 @@ def test_a_run_killed_midway_resumes_at_the_next_block_and_gives_the_same_folder
     assert loaded == [2, 3]  # blocks 0 and 1 were committed before the kill
     assert_same_folder(streamed, out)
     assert not list(ck.iterdir())  # the checkpoint is cleared once the folder is written
+
+
+# every calibration callback on the engine's walk streams (a pruner alone writes plain weights)
+CALLBACKS = {
+    "smoothquant": lambda: SmoothQuantCalibrate(explicit_scales=False, act_granularity="tensor"),
+    "awq": lambda: AWQCalibrate(bits=4, grid=4),
+    "sparsegpt_int4": lambda: SparseGPTPrune(sparsity=0.5, bits=4),
+    "wanda_2_4": lambda: WandaPrune(pattern="2:4"),
+}
+
+
+@pytest.mark.parametrize("name", list(CALLBACKS))
+def test_every_calibration_callback_streams_and_resumes_to_what_it_writes_in_memory(tmp_path, monkeypatch, name):
+    from transformers import AutoModelForCausalLM
+
+    folder, batches = source(tmp_path), token_batches(3)
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    callback = CALLBACKS[name]()
+    callback.apply(model, batches)
+    if callback.quantized:
+        memory = save_compressed(model, tmp_path / "memory")
+    else:
+        model.save_pretrained(memory := tmp_path / "memory")
+    ck, out = tmp_path / "ck", tmp_path / "streamed"
+    release = StreamedBlocks.release
+
+    def die(self, index, *args):
+        raise KeyboardInterrupt  # a crash once blocks 0 and 1 are committed
+
+    monkeypatch.setattr(StreamedBlocks, "release", lambda self, i, *a: release(self, i, *a) if i < 2 else die(self, i))
+    streamed_callback = CALLBACKS[name]()
+    with pytest.raises(KeyboardInterrupt):
+        calibrate_streamed(streamed_callback, folder, batches, out, checkpoint_dir=ck)
+    monkeypatch.undo()
+    assert not out.exists()
+    calibrate_streamed(CALLBACKS[name](), folder, batches, out, checkpoint_dir=ck)
+    assert_same_folder(memory, out)
+    loaded = load_compressed(out) if callback.quantized else AutoModelForCausalLM.from_pretrained(out)
+    with torch.no_grad():
+        assert torch.equal(loaded(**batches[0]).logits, model(**batches[0]).logits)
+    if not callback.quantized:
+        assert "quantization_config" not in json.loads((out / "config.json").read_text())
+        assert all(float((m == 0).float().mean()) == 0.5 for m in [loaded.model.layers[0].mlp.up_proj.weight])
+
+
+def test_smoothquant_with_explicit_scales_is_refused_before_anything_is_read(tmp_path):
+    with pytest.raises(ValueError, match="explicit_scales=False"):
+        calibrate_streamed(SmoothQuantCalibrate(), tmp_path / "no-such-folder", token_batches(1), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_checkpoint_of_another_run_is_refused_saying_what_differs(tmp_path, monkeypatch):
