@@ -7,8 +7,8 @@ that run's alone:
   as safetensors shards: in-memory GPTQ 4-bit (``from_pretrained``, ``GPTQFinalize.apply``, ``save_compressed``)
   vs ``calibrate_streamed``; then the streamed run killed (SIGKILL) after a random block and run again on its
   ``checkpoint_dir``; both written folders compared tensor by tensor with the in-memory one;
-- SmolLM2-135M (its GGUF dequantized and saved as safetensors): streamed vs in-memory codes, and the streamed run
-  on 1 vs 2 processes (DDP over gloo, each rank half the batches).
+- SmolLM2-135M (its GGUF dequantized and saved as safetensors): streamed vs in-memory codes for GPTQ and
+  SmoothQuant, and streamed GPTQ on 1 vs 2 processes (DDP over gloo, each rank half the batches).
 """
 
 from __future__ import annotations
@@ -72,12 +72,31 @@ def smollm2_folder() -> Path:
 
 
 # ------------------------------------------------------------------------------------------------ the worker
-def worker(mode: str, folder: str, out: str, kill_at: int = -1, ranks: int = 1) -> None:
+RECIPES = {"gptq": "GPTQFinalize(bits=4)", "smoothquant": "SmoothQuantCalibrate(explicit_scales=False)"}
+
+
+def _callback(recipe: str):  # type: ignore[no-untyped-def]
+    from lightning_compress import GPTQFinalize, SmoothQuantCalibrate
+
+    return {"gptq": lambda: GPTQFinalize(bits=4), "smoothquant": lambda: SmoothQuantCalibrate(explicit_scales=False)}[
+        recipe
+    ]()
+
+
+def _stamp(**values: float) -> None:
+    print(json.dumps(values), flush=True)  # read back by measure(), even from a killed run
+
+
+def worker(mode: str, folder: str, out: str, kill_at: int = -1, ranks: int = 1, recipe: str = "gptq",
+           kill_after: float = 0.0) -> None:  # fmt: skip
     """One measured run; prints ``{"seconds", "peak_mb"}`` as JSON. ``mode``: ``idle`` (imports only: the runtime),
-    ``memory`` or ``streamed`` (with ``kill_at >= 0``: SIGKILL itself after that block is committed)."""
+    ``memory``, ``streamed`` or ``ddp``. A streamed run stamps the wall time of its first block's start
+    (``first_block``) and of each commit (``committed``); with ``kill_at >= 0`` it SIGKILLs itself ``kill_after``
+    seconds after block ``kill_at`` is committed (in the middle of the next block: that part is lost)."""
+    import threading
+
     import transformers
 
-    from lightning_compress import GPTQFinalize
     from lightning_compress.export.compressed import save_compressed
     from lightning_compress.streaming import StreamedBlocks, calibrate_streamed
 
@@ -85,19 +104,25 @@ def worker(mode: str, folder: str, out: str, kill_at: int = -1, ranks: int = 1) 
     start = time.perf_counter()
     if mode == "memory":
         model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-        GPTQFinalize(bits=4).apply(model, batches(vocab))
+        _callback(recipe).apply(model, batches(vocab))
         save_compressed(model, out)
     elif mode == "streamed":
-        if kill_at >= 0:
-            release = StreamedBlocks.release
+        load, release = StreamedBlocks.load, StreamedBlocks.release
 
-            def release_then_die(self, index, *args):  # type: ignore[no-untyped-def]
-                release(self, index, *args)
-                if index == kill_at:
-                    os.kill(os.getpid(), signal.SIGKILL)
+        def stamped_load(self, index, block):  # type: ignore[no-untyped-def]
+            if not getattr(self, "_stamped", False):
+                self._stamped = True
+                _stamp(first_block=time.time())
+            load(self, index, block)
 
-            StreamedBlocks.release = release_then_die  # type: ignore[method-assign]
-        calibrate_streamed(GPTQFinalize(bits=4), folder, batches(vocab), out, checkpoint_dir=out + ".ck")
+        def stamped_release(self, index, *args):  # type: ignore[no-untyped-def]
+            release(self, index, *args)
+            _stamp(committed=time.time(), block=index)
+            if index == kill_at:
+                threading.Timer(kill_after, os.kill, (os.getpid(), signal.SIGKILL)).start()
+
+        StreamedBlocks.load, StreamedBlocks.release = stamped_load, stamped_release  # type: ignore[method-assign]
+        calibrate_streamed(_callback(recipe), folder, batches(vocab), out, checkpoint_dir=out + ".ck")
     elif mode == "ddp":
         import torch.multiprocessing as mp
 
@@ -112,31 +137,36 @@ def worker(mode: str, folder: str, out: str, kill_at: int = -1, ranks: int = 1) 
 def _rank(rank: int, folder: str, out: str, vocab: int, world: int) -> None:
     import torch.distributed as dist
 
-    from lightning_compress import GPTQFinalize
     from lightning_compress.streaming import calibrate_streamed
 
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // world))
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29731")
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        calibrate_streamed(GPTQFinalize(bits=4), folder, batches(vocab, rank=rank, world=world), out)
+        calibrate_streamed(_callback("gptq"), folder, batches(vocab, rank=rank, world=world), out)
     finally:
         dist.barrier()
         dist.destroy_process_group()
 
 
-def measure(mode: str, folder: Path, out: Path, kill_at: int = -1, ranks: int = 1) -> dict[str, float]:
-    """Run :func:`worker` in a fresh process; its JSON (``killed: True`` when it was SIGKILLed)."""
+def measure(
+    mode: str, folder: Path, out: Path, kill_at: int = -1, ranks: int = 1, recipe: str = "gptq", kill_after: float = 0
+) -> dict[str, float]:
+    """Run :func:`worker` in a fresh process; its JSON, with ``began`` / ``ended`` (wall times around the process),
+    the last ``committed`` and the ``first_block`` stamps, and ``killed: True`` when it was SIGKILLed."""
     cmd = [sys.executable, "-m", "benchmarks.streaming", "worker", mode, str(folder), str(out), str(kill_at),
-           str(ranks)]  # fmt: skip
-    start = time.perf_counter()
+           str(ranks), recipe, str(kill_after)]  # fmt: skip
+    began, start = time.time(), time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
+    stamps: dict[str, float] = {"began": began, "ended": time.time(), "process_seconds": time.perf_counter() - start}
+    for line in proc.stdout.strip().splitlines():
+        if line.startswith("{"):
+            stamps.update(json.loads(line))
     if proc.returncode == -signal.SIGKILL and kill_at >= 0:
-        return {"seconds": time.perf_counter() - start, "killed": True}
+        return {**stamps, "seconds": stamps["process_seconds"], "killed": True}
     if proc.returncode:
         raise RuntimeError(f"{mode} run failed:\n{proc.stderr[-3000:]}")
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    return {**result, "process_seconds": time.perf_counter() - start}
+    return stamps
 
 
 def same_folder(a: Path, b: Path) -> bool:
@@ -159,10 +189,13 @@ def big_table() -> Table:
     idle = measure("idle", folder, runs / "idle")
     memory = measure("memory", folder, runs / "memory")
     streamed = measure("streamed", folder, runs / "streamed")
-    kill_at = random.Random(int(time.time())).randrange(1, BIG["num_hidden_layers"] - 1)
-    killed = measure("streamed", folder, runs / "resumed", kill_at=kill_at)
+    pick = random.Random(int(time.time()))
+    kill_at = pick.randrange(1, BIG["num_hidden_layers"] - 2)
+    per_block = (streamed["committed"] - streamed["first_block"]) / BIG["num_hidden_layers"]
+    kill_after = pick.uniform(0.2, 0.9) * per_block  # in the middle of block kill_at + 1
+    killed = measure("streamed", folder, runs / "resumed", kill_at=kill_at, kill_after=kill_after)
     resumed = measure("streamed", folder, runs / "resumed")
-    hidden, layers = BIG["hidden_size"], BIG["num_hidden_layers"]
+    hidden = BIG["hidden_size"]
     block = (4 * hidden * hidden * 5 // 8 + 3 * hidden * BIG["intermediate_size"]) * 4  # q, o + k, v (GQA) + MLP
     embeddings = BIG["vocab_size"] * hidden * 4
     activations = 2 * SEQUENCES * SEQ_LEN * hidden * 4  # a block's inputs and outputs
@@ -177,12 +210,14 @@ def big_table() -> Table:
                        f"{streamed['peak_mb'] / memory['peak_mb']:.2f}", f"{streamed['seconds']:.0f}",
                        "yes" if same_folder(runs / "memory", runs / "streamed") else "NO"])  # fmt: skip
     total = killed["seconds"] + resumed["process_seconds"]
-    table.rows.append([f"streamed, SIGKILL after block {kill_at}, then resumed", f"{resumed['peak_mb']:.0f}",
+    table.rows.append([f"streamed, SIGKILL inside block {kill_at + 1}, then resumed", f"{resumed['peak_mb']:.0f}",
                        f"{resumed['peak_mb'] / memory['peak_mb']:.2f}", f"{killed['seconds']:.0f} + "
                        f"{resumed['process_seconds']:.0f} = {total:.0f}",
                        "yes" if same_folder(runs / "memory", runs / "resumed") else "NO"])  # fmt: skip
-    per_block = streamed["seconds"] / layers
-    overhead = total - streamed["process_seconds"]
+    lost = killed["ended"] - killed["committed"]  # the killed block's work, redone
+    startup = resumed["first_block"] - resumed["began"]  # process start, model build, inputs of the resumed block
+    overhead = lost + startup
+    difference = total - streamed["process_seconds"]
     table.notes += [
         f"Calibration: {SEQUENCES} random-token sequences of {SEQ_LEN} (batches of {BATCH}); GPTQFinalize(bits=4) "
         "defaults (asymmetric per channel, act order, clipping search); random weights: memory and time only.",
@@ -190,8 +225,11 @@ def big_table() -> Table:
         f"bound of the issue, one block ({block / 2**20:.0f} MB) + activations ({activations / 2**20:.0f} MB) + "
         f"embeddings ({embeddings / 2**20:.0f} MB) + runtime + 500 MB: {bound:.0f} MB; streamed peak "
         f"{streamed['peak_mb']:.0f} MB.",
-        f"Kill + resume overhead: {overhead:.0f} s against one block's {per_block:.0f} s + start-up "
-        f"{idle['process_seconds']:.0f} s (the block being calibrated when the kill came is redone).",
+        f"Kill + resume overhead: {overhead:.0f} s = {lost:.0f} s of block {kill_at + 1} lost (killed "
+        f"{kill_after:.0f} s after block {kill_at}'s commit) + {startup:.0f} s start-up of the resumed run (process, "
+        f"empty model, embeddings, the saved inputs); target: one block ({per_block:.0f} s) + start-up "
+        f"({streamed['first_block'] - streamed['began']:.0f} s, the uninterrupted run's). Total wall time minus the "
+        f"uninterrupted run's: {difference:+.0f} s (that difference also holds the run-to-run noise of 32 blocks).",
         f"Output: {_bytes(runs / 'streamed') / 1e6:.0f} MB of compressed-tensors shards.",
     ]
     return table
@@ -206,20 +244,28 @@ def smollm2_table() -> Table:
     streamed = measure("streamed", folder, runs / "streamed")
     one = measure("ddp", folder, runs / "ddp1", ranks=1)
     two = measure("ddp", folder, runs / "ddp2", ranks=2)
-    table = Table("Streamed GPTQ 4-bit on SmolLM2-135M (FP32 safetensors of the installed GGUF)",
-                  ["path", "processes", "peak RSS MB", "wall s", "same tensors as in-memory"])  # fmt: skip
-    table.rows.append(["in memory", 1, f"{memory['peak_mb']:.0f}", f"{memory['seconds']:.0f}", "—"])
-    table.rows.append(["streamed", 1, f"{streamed['peak_mb']:.0f}", f"{streamed['seconds']:.0f}",
+    sq_memory = measure("memory", folder, runs / "sq-memory", recipe="smoothquant")
+    sq_streamed = measure("streamed", folder, runs / "sq-streamed", recipe="smoothquant")
+    table = Table("Streamed calibration on SmolLM2-135M (FP32 safetensors of the installed GGUF)",
+                  ["recipe", "path", "processes", "peak RSS MB", "wall s", "same tensors as in-memory"])  # fmt: skip
+    gptq, sq = RECIPES["gptq"], RECIPES["smoothquant"]
+    table.rows.append([gptq, "in memory", 1, f"{memory['peak_mb']:.0f}", f"{memory['seconds']:.0f}", "—"])
+    table.rows.append([gptq, "streamed", 1, f"{streamed['peak_mb']:.0f}", f"{streamed['seconds']:.0f}",
                        "yes" if same_folder(runs / "memory", runs / "streamed") else "NO"])  # fmt: skip
-    for name, run, n in (("streamed, DDP (gloo)", one, 1), ("streamed, DDP (gloo)", two, 2)):
+    for run, n in ((one, 1), (two, 2)):
         same = same_folder(runs / "memory", runs / f"ddp{n}")
-        table.rows.append([name, n, f"{run['peak_mb']:.0f} (largest process)", f"{run['seconds']:.0f}",
-                           "yes" if same else "codes equal, scales to float rounding?"])  # fmt: skip
+        table.rows.append([gptq, "streamed, DDP (gloo)", n, f"{run['peak_mb']:.0f} (largest process)",
+                           f"{run['seconds']:.0f}", "yes" if same else "NO"])  # fmt: skip
+    table.rows.append([sq, "in memory", 1, f"{sq_memory['peak_mb']:.0f}", f"{sq_memory['seconds']:.0f}", "—"])
+    table.rows.append([sq, "streamed", 1, f"{sq_streamed['peak_mb']:.0f}", f"{sq_streamed['seconds']:.0f}",
+                       "yes" if same_folder(runs / "sq-memory", runs / "sq-streamed") else "NO"])  # fmt: skip
     table.notes += [
         f"Calibration: {SEQUENCES} random-token sequences of {SEQ_LEN}; under DDP each rank takes every other batch "
         f"and {max(1, (os.cpu_count() or 2) // 2)} thread(s) of this machine's {os.cpu_count()} cores; Hessians are "
         "all-reduced, and every rank then solves each layer itself (GPTQ's column loop is not split), so only the "
         "forward passes and Hessian sums are shared.",
+        "SmoothQuant W8A8 (dynamic per-token activations) folds into the norms only (explicit x / s divisors have no "
+        "compressed-tensors form); the streamed run verifies each fold on its block's outputs, as in memory.",
     ]
     return table
 
@@ -232,4 +278,5 @@ def run() -> Iterator[Table]:
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["worker"]:
-        worker(sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]), int(sys.argv[6]))
+        worker(sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]), int(sys.argv[6]), sys.argv[7],
+               float(sys.argv[8]))  # fmt: skip
