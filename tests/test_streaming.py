@@ -296,7 +296,7 @@ def test_layers_outside_the_block_stack_are_refused_before_anything_is_written(t
 def test_a_callback_that_is_not_post_training_is_refused(tmp_path):
     from lightning_compress import QATFakeQuant
 
-    with pytest.raises(TypeError, match="post-training quantization callback"):
+    with pytest.raises(TypeError, match="post-training calibration callback"):
         calibrate_streamed(QATFakeQuant(), source(tmp_path), token_batches(1), tmp_path / "out")
 
 

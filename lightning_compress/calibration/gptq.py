@@ -26,7 +26,7 @@ from lightning_compress.calibration.engine import Pass, accumulate_inputs, seque
 from lightning_compress.calibration.progress import Progress
 from lightning_compress.calibration.threads import gptq_threads
 from lightning_compress.functional.gptq import GPTQOptions, GPTQResult, gptq_quantize, hessian_update
-from lightning_compress.nn.distributed import all_reduce_, broadcast_
+from lightning_compress.nn.distributed import all_reduce_, broadcast_object, is_distributed, world_size
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,21 @@ def solved_without_input(name: str, hessian: Tensor, method: str) -> Tensor:
 
 
 LayerSolver = Callable[[str, nn.Module, Tensor], Any]
-"""``solve(name, layer, hessian)``: change ``layer`` in place from its Hessian; the return value is kept per name."""
+"""``solve(name, layer, H)``: a layer's result from its Hessian (the layer is not changed; ``result.weight``, or
+``result[0].weight`` for a pair, is its new weight)."""
+
+
+def _new_weight(result: Any) -> Tensor:
+    return result.weight if hasattr(result, "weight") else result[0].weight
+
+
+def _to_cpu(result: Any) -> Any:
+    if isinstance(result, Tensor):
+        return result.cpu()
+    if isinstance(result, tuple):
+        items = [_to_cpu(r) for r in result]
+        return type(result)(*items) if hasattr(result, "_fields") else tuple(items)
+    return result
 
 
 def hessian_model(
@@ -107,7 +121,10 @@ def hessian_model(
     On the engine's walk (:func:`~lightning_compress.calibration.engine.sequential_stages`), within each block group
     by group in execution order (or the whole block at once without ``true_sequential``): ``H = 2 XᵀX`` of each
     layer over the real tokens (all-reduced across ranks; Linears reading the very same input, q/k/v, share one,
-    computed once), then ``solve(name, layer, H)``. Call under ``torch.no_grad()``.
+    computed once), then ``solve(name, layer, H)`` and the layer's weight set to the result's. Under DDP the layers
+    of a group are shared out among the ranks (layer ``k`` of the group to rank ``k mod world size``), each solved
+    by its rank alone and its result broadcast, so every rank holds the same results. Call under
+    ``torch.no_grad()``.
 
     Args:
         finish: called with each block's ``{name: solve(...)}`` once the block's outputs are taken (the caller may
@@ -117,6 +134,7 @@ def hessian_model(
         ``{name: solve(...)}`` (empty with ``finish``: every result went to it).
     """
     results: dict[str, Any] = {}
+    rank, world = (torch.distributed.get_rank(), world_size()) if is_distributed() else (0, 1)
 
     def done(names: list[str]) -> None:
         if finish is not None:
@@ -129,10 +147,18 @@ def hessian_model(
             for names in groups if true_sequential else [[n for g in groups for n in g]]:
                 shared = {o: stage.layers[o] for o in dict.fromkeys(owner[n] for n in names)}
                 hessians = _collect_hessians(shared, stage.passes, hessian_dtype)
-                for name in names:
-                    results[name] = solve(name, stage.layers[name], hessians[owner[name]])
+                mine = {
+                    n: solve(n, stage.layers[n], hessians[owner[n]]) for k, n in enumerate(names) if k % world == rank
+                }
+                for k, name in enumerate(names):
+                    result = mine.get(name)
+                    if world > 1:
+                        result = broadcast_object(None if result is None else _to_cpu(result), src=k % world)
+                    layer = stage.layers[name]
+                    layer.weight.copy_(_new_weight(result).reshape(layer.weight.shape).to(layer.weight))
+                    results[name] = result
                     bar.step(name)
-    log.info("%s: %d layers solved", label, len(results))
+    log.info("%s: %d layers solved", label, len(layers))
     return results
 
 
@@ -172,9 +198,6 @@ def gptq_model(
         zeros = pruned_zeros(weight)  # a pruned weight stays exactly 0 (SparseGPT, Wanda, magnitude before GPTQ)
         result = gptq_quantize(weight, solved_without_input(name, hessian, "GPTQ"), options, threads=gptq_threads,
                                keep=None if zeros is None else ~zeros)  # fmt: skip
-        for t in result[:4]:
-            broadcast_(t)
-        module.weight.copy_(result.weight.reshape(module.weight.shape).to(module.weight.dtype))
         return result, zeros
 
     def split(done: dict[str, tuple[GPTQResult, Tensor | None]]) -> None:

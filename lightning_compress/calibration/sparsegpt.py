@@ -17,7 +17,6 @@ from lightning_compress.calibration.gptq import hessian_model, solved_without_in
 from lightning_compress.calibration.threads import gptq_threads
 from lightning_compress.functional.gptq import GPTQOptions
 from lightning_compress.functional.sparsegpt import SparseGPTResult, sparsegpt_prune
-from lightning_compress.nn.distributed import broadcast_
 
 
 def sparsegpt_model(
@@ -51,11 +50,6 @@ def sparsegpt_model(
 
     def solve(name: str, module: nn.Module, hessian: Tensor) -> SparseGPTResult:
         hessian = solved_without_input(name, hessian, "SparseGPT")
-        result = sparsegpt_prune(module.weight, hessian, sparsity, nm, options, quantize, threads=gptq_threads)
-        for t in result[:5]:
-            if t is not None:
-                broadcast_(t)
-        module.weight.copy_(result.weight.to(module.weight.dtype))
-        return result
+        return sparsegpt_prune(module.weight, hessian, sparsity, nm, options, quantize, threads=gptq_threads)
 
     return hessian_model(model, layers, batches, solve, true_sequential, hessian_dtype, "SparseGPT", finish)

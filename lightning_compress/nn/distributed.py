@@ -7,6 +7,7 @@ process and under any Lightning strategy built on ``torch.distributed`` (DDP, ``
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -72,3 +73,13 @@ def broadcast_(tensor: Tensor, src: int = 0) -> Tensor:
         else:
             dist.broadcast(tensor, src=src)
     return tensor
+
+
+def broadcast_object(value: Any, src: int = 0) -> Any:
+    """``value`` of rank ``src`` on every rank (pickled: any picklable object; tensors keep the device they had on
+    ``src``, so move them to the CPU first under NCCL); ``value`` itself without a process group."""
+    if not is_distributed():
+        return value
+    box = [value if dist.get_rank() == src else None]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
