@@ -188,9 +188,9 @@ def smooth_groups(
     Folds into producers are verified on the outputs of ``run()`` (a forward over the part of the model that holds
     the groups, e.g. one block; relative error ≤ :data:`FOLD_TOLERANCE`, the largest over the data-parallel ranks so
     every rank decides alike): all at once, and one by one when that fails, undoing the folds that change the
-    outputs. Groups left without a producer get ``s`` in their weights and ``explicit=True`` (the caller divides
-    their inputs by ``s``) when ``explicit_scales``, and no smoothing otherwise; a group that never ran keeps
-    ``s = 1``.
+    outputs. Groups left without a producer get ``explicit=True`` when ``explicit_scales`` (their weights are not
+    changed here: :func:`scale_explicit` multiplies them by ``s`` once nothing runs them without the ``x / s`` in
+    front), and no smoothing otherwise; a group that never ran keeps ``s = 1``.
     """
     factors = [
         smoothing_factors(a, weight_absmax([layers[n].weight for n in g.layers]).float(), alpha)
@@ -228,16 +228,23 @@ def smooth_groups(
                 log.info("SmoothQuant: folding into %s changes the outputs; explicit scale", groups[i].producer)
         folded = kept
     result = []
-    for i, g in enumerate(groups):
+    for i in range(len(groups)):
         if i in folded:
             result.append(Smoothing(factors[i], False))
         elif explicit_scales:
-            for name in g.layers:
-                layers[name].weight.copy_(scale_weight(layers[name].weight.detach(), factors[i]))
             result.append(Smoothing(factors[i], True))
         else:
             result.append(Smoothing(torch.ones_like(factors[i]), False))
     return result
+
+
+@torch.no_grad()
+def scale_explicit(layers: Mapping[str, nn.Module], group: SmoothGroup, smoothing: Smoothing | None) -> None:
+    """Multiply the weights of an explicitly smoothed group by ``s`` (in place; the caller divides their inputs by
+    ``s``); nothing for a folded or unsmoothed group."""
+    if smoothing is not None and smoothing.explicit:
+        for name in group.layers:
+            layers[name].weight.copy_(scale_weight(layers[name].weight.detach(), smoothing.s))
 
 
 class SmoothedGroup(NamedTuple):
@@ -264,9 +271,12 @@ def smoothquant_model(
     On the engine's walk (:func:`~lightning_compress.calibration.engine.sequential_stages`), per block: the groups
     and their producers from one pass (:func:`find_mappings`' rules, producers inside the block), the running
     per-channel ``max |X_j|`` over every batch's real tokens (DDP ``max``), then the folds, verified on the block's
-    outputs (:func:`smooth_groups`). The next block's inputs come from the smoothed, still float, block;
-    ``finish(groups)`` then receives the block's :class:`SmoothedGroup` s (the caller quantizes and replaces those
-    layers). ``alpha=None`` measures without smoothing.
+    outputs (:func:`smooth_groups`). The next block's inputs come from the smoothed, still float, block (folds
+    only: what the model computed before); then the weights of explicitly smoothed groups are multiplied by ``s``
+    and ``finish(groups)`` receives the block's :class:`SmoothedGroup` s (the caller divides those groups' inputs
+    by ``s``, quantizes and replaces the layers). Layers outside the block stack come last, measured on whole-model
+    passes through the blocks as ``finish`` left them (quantized, as GPTQ's walk does). ``alpha=None`` measures
+    without smoothing.
 
     Raises:
         ValueError: a mapping that matched no (producer, group) pair in any block (after the walk).
@@ -275,7 +285,9 @@ def smoothquant_model(
     used: set[int] = set()
     pending: list[SmoothedGroup] = []
 
-    def done(_: list[str]) -> None:
+    def done(_: list[str]) -> None:  # the block's outputs are taken: explicit groups may now carry s
+        for g in pending:
+            scale_explicit(layers, g.group, g.smoothing)
         finish(list(pending))
         pending.clear()
 

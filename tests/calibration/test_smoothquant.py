@@ -6,7 +6,14 @@ from torch import nn
 
 from lightning_compress import SmoothQuantCalibrate
 from lightning_compress.calibration.batches import call_model, relative_error
-from lightning_compress.calibration.smoothquant import activation_absmax, find_mappings, is_foldable_norm, smooth_groups
+from lightning_compress.calibration.smoothquant import (
+    activation_absmax,
+    find_mappings,
+    is_foldable_norm,
+    scale_explicit,
+    smooth_groups,
+    smoothquant_model,
+)
 from lightning_compress.functional.smoothquant import smoothing_factors, weight_absmax
 from lightning_compress.nn.fake_quant import is_fake_quant
 from tests.tiny_models import tiny_bert, tiny_llama, token_batches
@@ -102,6 +109,8 @@ def test_post_ln_bert_folds_are_rejected_for_explicit_scales():
     norms = {n: p.detach().clone() for n, p in model.named_parameters() if "LayerNorm" in n}
     smoothing = smooth_groups(model, layers, groups, stats, lambda: call_model(model, batches[0]))
     assert all(s.explicit for s in smoothing)  # ... but every fold changed the outputs and was undone
+    for group, sm in zip(groups, smoothing, strict=True):
+        scale_explicit(layers, group, sm)  # what the walk does once a block is done; norms stay as they were
     for name, value in model.named_parameters():
         if name in norms:
             assert torch.equal(value, norms[name]), name
@@ -147,3 +156,24 @@ def test_w8a8_layers_hold_int8_weights_and_activation_scales():
         torch.testing.assert_close(layer.weight.detach(), deq, atol=0, rtol=0)
         assert state.input.scale.dim() == 0 and state.input.scale > 0
     assert quantized["fc2"].input.smooth is not None and quantized["fc1"].input.smooth is None  # explicit; folded
+
+
+@pytest.mark.parametrize("build", [tiny_llama, tiny_bert], ids=["llama", "bert"])
+def test_each_block_is_measured_on_what_the_float_model_feeds_it(build):
+    """Block by block, every group's max |X| is the one the untouched model's activations give (folds change the
+    activations by float rounding only; explicit groups keep their weights until their block is done). Layers
+    outside the stack (BERT's pooler) come after the blocks were quantized, and are left out here."""
+    model, reference = build().eval(), build().eval()
+    batches = token_batches(3)
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and "lm_head" not in n}
+    ref_layers = {n: reference.get_submodule(n) for n in layers}
+    groups = find_mappings(reference, ref_layers, batches[0])
+    expected = dict(zip([tuple(g.layers) for g in groups], activation_absmax(reference, ref_layers, groups, batches),
+                        strict=True))  # fmt: skip
+    measured = []
+    smoothquant_model(model, layers, batches, measured.extend, alpha=0.5)
+    assert {tuple(g.group.layers) for g in measured} == set(expected)
+    assert any(g.smoothing.explicit for g in measured)
+    for g in measured:
+        if g.group.layers[0].startswith(("model.layers.", "encoder.layer.")):
+            torch.testing.assert_close(g.absmax, expected[tuple(g.group.layers)], rtol=1e-5, atol=1e-6)
