@@ -2,6 +2,11 @@
 
 Each call is a no-op without an initialised process group of more than one process, so the same code runs in one
 process and under any Lightning strategy built on ``torch.distributed`` (DDP, ``ddp_spawn``, FSDP).
+
+Sharded parameters (FSDP2's ``fully_shard``, which Lightning's ``ModelParallelStrategy`` applies, holds each
+parameter, its gradient and its optimizer state as a ``DTensor`` sharded along dim 0): :func:`full_tensor` gives the
+whole value on every rank, :func:`local_like` lays a whole tensor (a mask, a snapshot) out as a parameter's shard.
+Callback state is kept whole, identical on every rank, so any rank's copy is the checkpoint's.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 REDUCE_OPS = ("sum", "mean", "min", "max")
 
@@ -73,6 +79,35 @@ def broadcast_(tensor: Tensor, src: int = 0) -> Tensor:
         else:
             dist.broadcast(tensor, src=src)
     return tensor
+
+
+def is_sharded(tensor: Tensor) -> bool:
+    """Whether ``tensor`` is a ``DTensor`` (a sharded parameter, gradient or optimizer state of FSDP2)."""
+    return isinstance(tensor, DTensor)
+
+
+def full_tensor(tensor: Tensor) -> Tensor:
+    """The whole value of ``tensor``: a ``DTensor`` all-gathered (a collective: call it on every rank, in the same
+    order), any other tensor as it is."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def local_like(full: Tensor, like: Tensor) -> Tensor:
+    """``full`` (a whole tensor of ``like``'s global shape, identical on every rank) laid out as ``like``.
+
+    For a ``DTensor`` ``like``: a ``DTensor`` on its mesh with its placements, holding this rank's part of ``full``
+    (sliced locally, no communication); otherwise ``full`` itself. Element-wise ops between the result and ``like``
+    (masking a parameter, its gradient or its optimizer state) then act on this rank's shard only.
+
+    Raises:
+        ValueError: ``full``'s shape is not ``like``'s (global) shape.
+    """
+    if tuple(full.shape) != tuple(like.shape):
+        raise ValueError(f"full has shape {tuple(full.shape)}; allowed: the shape of like, {tuple(like.shape)}")
+    if isinstance(like, DTensor):
+        local = full.to(like.device)
+        return distribute_tensor(local, like.device_mesh, like.placements, src_data_rank=None)
+    return full
 
 
 def broadcast_object(value: Any, src: int = 0) -> Any:

@@ -35,6 +35,7 @@ from lightning_compress.functional.quant import (
     token_scale,
 )
 from lightning_compress.functional.size import TensorFormat
+from lightning_compress.nn.distributed import full_tensor, local_like
 from lightning_compress.nn.observers import Observer
 from lightning_compress.nn.quantized import QuantizedInput, QuantizedLayer, QuantizedWeight
 from lightning_compress.nn.select import retyped
@@ -194,12 +195,16 @@ class WeightQuantizer(_StatelessInStateDict):
     def convert(self, weight: nn.Parameter) -> QuantizedWeight:
         """Put ``weight`` exactly on its grid (in place) and freeze the quantization parameters.
 
+        A sharded (FSDP2) weight is converted whole, all-gathered on every rank (call it on every rank), and each
+        rank keeps its shard of the result; the returned codes and scales are whole, identical on every rank.
+
         Returns:
-            The :class:`QuantizedWeight`; its ``dequantize()`` equals the new weight.
+            The :class:`QuantizedWeight`; its ``dequantize()`` equals the new (whole) weight.
         """
-        quantized = self.quantized(weight)
-        self.pruned = weight.detach() == 0
-        weight.copy_(quantized.dequantize().to(weight.dtype))
+        whole = full_tensor(weight.detach())
+        quantized = self.quantized(whole)
+        self.pruned = whole == 0
+        weight.copy_(local_like(quantized.dequantize().to(weight.dtype), weight))
         if self.method != "kmeans":
             zero = quantized.zero_point if quantized.zero_point is not None else torch.zeros_like(quantized.scale)
             self.frozen = QParams(quantized.scale.clone(), zero.clone())
@@ -222,12 +227,11 @@ class WeightQuantizer(_StatelessInStateDict):
     def quant_state(self) -> dict[str, Any]:
         """Everything needed to resume: learned scales, codebook, frozen parameters."""
         state: dict[str, Any] = {"frozen": None if self.frozen is None else tuple(t.cpu() for t in self.frozen)}
-        if self.scale is not None:
-            state["scale"] = self.scale.detach().cpu()
+        if self.scale is not None:  # whole (a sharded learned scale is all-gathered), as every tensor here
+            state["scale"] = full_tensor(self.scale.detach()).cpu()
         if self.clustered:
-            state.update(
-                centroids=self.centroids.detach().cpu(), indices=self.indices.cpu(), nonzero=self.nonzero.cpu()
-            )
+            centroids = full_tensor(self.centroids.detach()).cpu()
+            state.update(centroids=centroids, indices=self.indices.cpu(), nonzero=self.nonzero.cpu())
         if self.pruned is not None:
             state["pruned"] = self.pruned.cpu()
         return state
@@ -239,9 +243,9 @@ class WeightQuantizer(_StatelessInStateDict):
         if state.get("frozen") is not None:
             self.frozen = QParams(*(t.to(device) if device else t for t in state["frozen"]))
         if "scale" in state and self.scale is not None:
-            self.scale.copy_(state["scale"])
+            self.scale.copy_(local_like(state["scale"].to(self.scale.device), self.scale))
         if "centroids" in state:
-            self.centroids.copy_(state["centroids"])
+            self.centroids.copy_(local_like(state["centroids"].to(self.centroids.device), self.centroids))
             self.indices, self.nonzero = state["indices"].clone(), state["nonzero"].clone()
             self.clustered = True
         if state.get("pruned") is not None:
