@@ -1,4 +1,4 @@
-"""IterativePruning: magnitude, N:M and structured pruning on a schedule, exact across checkpoints and DDP."""
+"""IterativePruning: magnitude, N:M and structured pruning on a schedule, exact across checkpoints, DDP and FSDP."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from lightning_compress.functional.masks import (
 )
 from lightning_compress.functional.schedules import cubic_sparsity, geometric_rounds
 from lightning_compress.nn.attention import AttentionLayout, attention_kind, attention_layout
-from lightning_compress.nn.distributed import broadcast_
+from lightning_compress.nn.distributed import broadcast_, full_tensor, local_like
 from lightning_compress.nn.select import select_layers
 
 log = logging.getLogger(__name__)
@@ -113,7 +113,10 @@ class IterativePruning(pl.Callback):
     after it, and optimizer state (momentum, Adam moments) is zeroed where a mask prunes, so nothing grows back.
     Weight keys never change: a checkpoint loads into the plain model with ``strict=True``. Masks, schedule
     position and rewind weights are this callback's state, saved in the checkpoint and restored on resume.
-    Under DDP, rank 0's masks are broadcast so every rank holds the same.
+    Under DDP, rank 0's masks are broadcast so every rank holds the same. Under FSDP2 (Lightning's
+    ``ModelParallelStrategy`` with ``fully_shard`` in ``configure_model``) masks are ranked on the whole, all-gathered
+    weights, kept whole (identical on every rank, so the checkpoint holds them whole, sharded or full) and applied
+    to each rank's shard of the weights, gradients and optimizer state.
 
     YAML (``conf/compress/prune_magnitude.yaml``)::
 
@@ -218,6 +221,7 @@ class IterativePruning(pl.Callback):
         # runtime
         self._units: list[_Unit] = []
         self._params: dict[str, nn.Parameter] = {}
+        self._shapes: dict[str, tuple[int, ...]] = {}
         self._hooks: list[Any] = []
         self._masked_cache: tuple[Any, list[nn.Parameter], list[Tensor]] | None = None
         self._trainer: pl.Trainer | None = None
@@ -229,9 +233,32 @@ class IterativePruning(pl.Callback):
 
     # ----------------------------------------------------------------------------------------- selection
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        """Resolve and validate the units before any weight is touched."""
+        """Resolve and validate the units before any weight is touched (and before a strategy shards them)."""
         self._units = self.units(pl_module)
+        self._shapes = {p.name: tuple(p.param.shape) for u in self._units for p in u.parts}
+        self._bind(pl_module)
+
+    def _bind(self, model: nn.Module) -> None:
+        """Point every unit part at ``model``'s current Parameter of its name: FSDP2 replaces the Parameters (by
+        sharded ones of the same global shape) between ``setup`` and fit start, keeping their names; FSDP1 inserts
+        ``_fsdp_wrapped_module.`` into them, which is ignored.
+
+        Raises:
+            ValueError: a parameter's shape changed since ``setup`` (FSDP1's flattened shards, ``FSDPStrategy`` on
+                more than one device), which masks cannot be laid onto.
+        """
+        current = {_unwrapped(n): p for n, p in model.named_parameters(remove_duplicate=False)}
+        for part in (p for u in self._units for p in u.parts):
+            part.param = current[part.name]
+            if tuple(part.param.shape) != self._shapes[part.name]:
+                raise ValueError(
+                    f"IterativePruning: parameter {part.name!r} has shape {tuple(part.param.shape)}, not its shape "
+                    f"{self._shapes[part.name]} at setup (a flattened FSDP1 shard: FSDPStrategy on several devices); "
+                    "allowed: whole parameters (DDP, one device) or FSDP2's DTensor shards (ModelParallelStrategy "
+                    "with fully_shard in configure_model)"
+                )
         self._params = {p.name: p.param for u in self._units for p in u.parts}
+        self._masked_cache = None
 
     def units(self, model: nn.Module) -> list[_Unit]:
         """The pruning units of ``model`` for this configuration; raises ValueError on anything invalid."""
@@ -341,7 +368,7 @@ class IterativePruning(pl.Callback):
         return masks
 
     def _survivors(self, part: _Part) -> Tensor:
-        w = part.param.detach()
+        w = full_tensor(part.param.detach())  # the whole weight on every rank: a sharded one is all-gathered
         old = self.masks.get(part.name)
         return w if old is None else w * old
 
@@ -359,23 +386,24 @@ class IterativePruning(pl.Callback):
         self._remask()
         for name, mask in self.masks.items():
             for state in _optimizer_state(trainer, self._params[name]):
-                state.mul_(mask.to(state.dtype))
+                state.mul_(local_like(mask.to(device=state.device, dtype=state.dtype), state))
 
     def global_sparsity(self) -> float:
         """Fraction of zeros over every pruned parameter, counted from the weights."""
         total = sum(p.numel() for p in self._params.values())
-        zeros = sum(p.numel() - int(torch.count_nonzero(p.detach())) for p in self._params.values())
+        zeros = sum(p.numel() - _nonzeros(p) for p in self._params.values())
         return zeros / total if total else 0.0
 
     # ------------------------------------------------------------------------------------------ hooks
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._trainer = trainer
+        self._bind(pl_module)
         if self.schedule == "cubic" and self._end_step is None:
             total = int(trainer.estimated_stepping_batches)
             self._end_step = self.begin_step + max(1, int(0.75 * (total - self.begin_step)))
         fresh = not self.masks
         if fresh and self.rewind == 0:
-            self.snapshot = {n: p.detach().clone() for n, p in self._params.items()}
+            self.snapshot = self._whole_weights()
         if fresh and self.schedule == "oneshot":
             self.prune_to(trainer, self.target)
         elif not fresh:
@@ -426,7 +454,8 @@ class IterativePruning(pl.Callback):
             or any(p.dtype != m.dtype or p.device != m.device for p, m in zip(cache[1], cache[2], strict=True))
         ):
             params = [self._params[n] for n in self.masks]
-            masks = [m.to(device=p.device, dtype=p.dtype) for m, p in zip(self.masks.values(), params, strict=True)]
+            masks = [local_like(m.to(device=p.device, dtype=p.dtype), p)  # a sharded weight: this rank's part
+                     for m, p in zip(self.masks.values(), params, strict=True)]  # fmt: skip
             cache = self._masked_cache = (self.masks, params, masks)
         return cache[1], cache[2]
 
@@ -434,7 +463,7 @@ class IterativePruning(pl.Callback):
         self._remask()
         self.step += 1
         if self.rewind is not None and self.rewind > 0 and self.step == self.rewind and not self.snapshot:
-            self.snapshot = {n: p.detach().clone() for n, p in self._params.items()}
+            self.snapshot = self._whole_weights()
         if self.schedule != "cubic" or not self.begin_step <= self.step <= self._end_step:
             return
         if (self.step - self.begin_step) % self.frequency == 0:
@@ -464,7 +493,7 @@ class IterativePruning(pl.Callback):
         if self.rewind is None or not self.snapshot:
             return
         for name, param in self._params.items():
-            param.copy_(self.snapshot[name].to(param.device))
+            param.copy_(local_like(self.snapshot[name].to(param.device), param))
             for state in _optimizer_state(trainer, param):
                 state.zero_()
         self._remask()
@@ -474,10 +503,14 @@ class IterativePruning(pl.Callback):
         metrics = {}
         for unit in self._units:
             numel = sum(p.param.numel() for p in unit.parts)
-            nnz = sum(int(torch.count_nonzero(p.param.detach())) for p in unit.parts)
+            nnz = sum(_nonzeros(p.param) for p in unit.parts)
             metrics[f"sparsity/{unit.name}"] = 1.0 - nnz / numel
         metrics["sparsity/global"] = self.global_sparsity()
         return metrics
+
+    def _whole_weights(self) -> dict[str, Tensor]:
+        """A copy of every pruned parameter, whole (a sharded one all-gathered)."""
+        return {n: full_tensor(p.detach()).clone() for n, p in self._params.items()}
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._remove_hooks()
@@ -501,6 +534,16 @@ class IterativePruning(pl.Callback):
         self.round = int(state_dict["round"])
         self.snapshot = dict(state_dict["snapshot"])
         self._end_step = state_dict.get("end_step", self.end_step)
+
+
+def _unwrapped(name: str) -> str:
+    """A parameter name without the wrapper segments FSDP1 and activation checkpointing insert."""
+    return name.replace("_fsdp_wrapped_module.", "").replace("_checkpoint_wrapped_module.", "")
+
+
+def _nonzeros(param: Tensor) -> int:
+    """The number of non-zero entries of the whole ``param`` (summed over the shards of a sharded one)."""
+    return int(full_tensor(torch.count_nonzero(param.detach())))
 
 
 def _optimizer_state(trainer: pl.Trainer | None, param: nn.Parameter) -> list[Tensor]:
