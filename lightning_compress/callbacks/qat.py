@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 from collections.abc import Callable, Sequence
@@ -9,10 +10,12 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.strategies import FSDPStrategy
 from torch import nn
 
 from lightning_compress.functional.checks import check_patterns
 from lightning_compress.functional.quant import check_bits
+from lightning_compress.nn.distributed import is_sharded
 from lightning_compress.nn.fake_quant import (
     ActQuantizer,
     SymmetricActQuantizer,
@@ -44,6 +47,11 @@ class QATFakeQuant(pl.Callback):
     keeps each layer's :class:`~lightning_compress.nn.quantized.QuantizedLayer` in :attr:`quantized`. Quantizer
     state (learned scales, codebooks, observer ranges, freeze state) is this callback's checkpoint state, so resume
     and ``Trainer.test(ckpt_path=...)`` restore it.
+
+    Under FSDP2 (Lightning's ``ModelParallelStrategy``, ``fully_shard`` applied in ``configure_model``) the swap
+    happens first: Lightning runs callbacks' ``setup`` before ``configure_model``, so the fake-quant layers are the ones
+    sharded (a layer already sharded is an error). Observer ranges are all-reduced as under DDP, conversion works on
+    the whole (all-gathered) weights, and the saved quantizer state is whole and identical on every rank.
 
     YAML (``conf/compress/qat_int4.yaml``)::
 
@@ -181,6 +189,12 @@ class QATFakeQuant(pl.Callback):
                 raise ValueError(f"layer {name!r} is already fake-quantized (two QATFakeQuant callbacks?)")
             if not layer.weight.is_floating_point():
                 raise TypeError(f"layer {name!r} has a {layer.weight.dtype} weight; allowed: float layers")
+            if is_sharded(layer.weight):
+                raise ValueError(
+                    f"layer {name!r} is already sharded (its weight is a DTensor); QATFakeQuant swaps layers in "
+                    "setup(), before the strategy shards the model; allowed: a model sharded after setup (apply "
+                    "fully_shard in the LightningModule's configure_model, not in __init__)"
+                )
             try:
                 wq = WeightQuantizer(layer.weight, **self.weight_kwargs)
             except ValueError as err:
@@ -213,7 +227,8 @@ class QATFakeQuant(pl.Callback):
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.convert:
-            self.convert_layers()
+            with _whole_parameters(trainer):
+                self.convert_layers()
 
     @torch.no_grad()
     def convert_layers(self) -> dict[str, QuantizedLayer]:
@@ -266,3 +281,14 @@ class QATFakeQuant(pl.Callback):
             for layer in self.layers.values():
                 layer.enabled = True
         self._pending_state = None
+
+
+def _whole_parameters(trainer: pl.Trainer) -> contextlib.AbstractContextManager[Any]:
+    """Under ``FSDPStrategy`` (FSDP1, whose parameters are flattened shards between steps) a context in which every
+    parameter is whole and changes are written back to the shards (``summon_full_params``); else a no-op (FSDP2's
+    DTensor weights are converted whole by the quantizer itself)."""
+    if isinstance(trainer.strategy, FSDPStrategy) and trainer.strategy.model is not None:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        return FullyShardedDataParallel.summon_full_params(trainer.strategy.model, writeback=True)
+    return contextlib.nullcontext()
