@@ -28,6 +28,7 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 import torchmetrics
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor, nn
 
@@ -184,6 +185,13 @@ class DistillationModule(pl.LightningModule):
     ``val/loss``, ``test/acc`` are logged. The student composes with the compression callbacks in the same run
     (``QATFakeQuant``, ``IterativePruning``: layer names start with ``student.``; learned projections live under
     ``projections.``, which you may want in ``ignore``).
+
+    FSDP: under ``ModelParallelStrategy`` (FSDP2), :meth:`configure_model` runs a student LightningModule's own
+    ``configure_model`` when it defines one, else applies ``fully_shard`` to each transformer block, the student and
+    each projection; under ``FSDPStrategy`` Lightning wraps the module as usual. The teacher stays whole on every rank
+    (it is not a submodule). Checkpoints written under an FSDP strategy keep the module's keys (``student.``,
+    ``projections.``): those strategies load the weights into this module themselves, before any hook could rename
+    them; strip ``student.`` to load one into the student alone.
 
     Optimizers: with ``lr=None`` (the default) a student LightningModule that overrides ``configure_optimizers``
     trains with its own optimizer(s) and scheduler(s), called with ``student.trainer`` set (so it may read
@@ -402,6 +410,29 @@ class DistillationModule(pl.LightningModule):
         return out
 
     # ----------------------------------------------------------------------------------- Lightning
+    def configure_model(self) -> None:
+        """Under ``ModelParallelStrategy``: the student's own ``configure_model`` (a LightningModule that defines one,
+        given this module's device mesh) or ``fully_shard`` on each transformer block and the student, on the mesh's
+        ``"data_parallel"`` dimension; the projections are sharded either way. A no-op under any other strategy."""
+        if self._trainer is None or not isinstance(self.trainer.strategy, ModelParallelStrategy):
+            return
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = self.device_mesh["data_parallel"]
+        if isinstance(self.student, pl.LightningModule) and is_overridden(
+            "configure_model", self.student, pl.LightningModule
+        ):
+            self.student._device_mesh = self.device_mesh
+            self.student.configure_model()
+        else:
+            linears = [n for n, m in self.student.named_modules() if isinstance(m, nn.Linear)]
+            found = find_blocks(self.student, linears)
+            for block in found[1] if found is not None else []:
+                fully_shard(block, mesh=mesh)
+            fully_shard(self.student, mesh=mesh)
+        for projection in self.projections.values():
+            fully_shard(projection, mesh=mesh)
+
     def on_fit_start(self) -> None:
         self.teacher.to(self.device).eval()
 
@@ -459,7 +490,10 @@ class DistillationModule(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Store the student's own weight keys; the projections go to ``checkpoint["distillation"]``."""
+        """Store the student's own weight keys; the projections go to ``checkpoint["distillation"]``. Under an FSDP
+        strategy the keys stay the module's (the strategy loads them into this module before any hook runs)."""
+        if self._trainer is not None and isinstance(self.trainer.strategy, (FSDPStrategy, ModelParallelStrategy)):
+            return
         state = checkpoint["state_dict"]
         checkpoint["state_dict"] = {k[len(STUDENT) :]: v for k, v in state.items() if k.startswith(STUDENT)}
         checkpoint["distillation"] = {k: v for k, v in state.items() if not k.startswith(STUDENT)}
