@@ -47,6 +47,16 @@ def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int = 7, 
 ISA_FLAGS = ("amx_tile", "amx_bf16", "amx_int8", "avx512_vnni", "avx512_bf16", "avx512f", "avx2")
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident set size in MB: ``VmHWM``, the high-water mark of its own address space.
+
+    Not ``getrusage(RUSAGE_SELF).ru_maxrss``: Linux carries that across ``fork`` + ``exec``, so a worker started
+    by ``subprocess`` reports at least its parent's peak (a benchmark parent that compared two checkpoints made every
+    later worker read 1405 MB)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+
+
 def machine() -> str:
     """One line describing where the benchmark ran: CPU model, the ISA flags int8 / bf16 speed depends on (present
     or absent), threads, GPU and torch version."""

@@ -1,7 +1,7 @@
 """Models bigger than memory: streamed GPTQ (weights read block by block from safetensors) against the in-memory path.
 
-Every run is its own process (``python -m benchmarks.streaming worker ...``), so each peak RSS (``ru_maxrss``) is
-that run's alone:
+Every run is its own process (``python -m benchmarks.streaming worker ...``), so each peak RSS (``VmHWM``,
+:func:`~benchmarks.peak_rss_mb`) is that run's alone:
 
 - a Llama-shaped model of ~1.5 GB in FP32 with random weights (memory and time do not depend on the values), saved
   as safetensors shards: in-memory GPTQ 4-bit (``from_pretrained``, ``GPTQFinalize.apply``, ``save_compressed``)
@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import os
 import random
-import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import Table
+from benchmarks import Table, peak_rss_mb
 
 CACHE = Path(__file__).resolve().parents[1] / "outputs" / "benchmarks" / "streaming"
 # ~1.5 GB in FP32: 32 Llama blocks of hidden 1024 (16 query / 4 key-value heads), MLP 2816, vocab 32000, tied head.
@@ -128,9 +128,9 @@ def worker(mode: str, folder: str, out: str, kill_at: int = -1, ranks: int = 1, 
 
         mp.spawn(_rank, args=(folder, out, vocab, ranks), nprocs=ranks, join=True)
     seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    if mode == "ddp":
-        peak = max(peak, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)
+    peak = peak_rss_mb()
+    if mode == "ddp":  # the largest rank's
+        peak = max(float(Path(f"{out}.peak{r}").read_text()) for r in range(ranks))
     print(json.dumps({"seconds": seconds, "peak_mb": peak}))
 
 
@@ -144,18 +144,30 @@ def _rank(rank: int, folder: str, out: str, vocab: int, world: int) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         calibrate_streamed(_callback("gptq"), folder, batches(vocab, rank=rank, world=world), out)
+        Path(f"{out}.peak{rank}").write_text(str(peak_rss_mb()))
     finally:
         dist.barrier()
         dist.destroy_process_group()
 
 
 def measure(
-    mode: str, folder: Path, out: Path, kill_at: int = -1, ranks: int = 1, recipe: str = "gptq", kill_after: float = 0
+    mode: str,
+    folder: Path,
+    out: Path,
+    kill_at: int = -1,
+    ranks: int = 1,
+    recipe: str = "gptq",
+    kill_after: float = 0,
+    resume: bool = False,
 ) -> dict[str, float]:
-    """Run :func:`worker` in a fresh process; its JSON, with ``began`` / ``ended`` (wall times around the process),
-    the last ``committed`` and the ``first_block`` stamps, and ``killed: True`` when it was SIGKILLed."""
+    """Run :func:`worker` in a fresh process (``out`` and its checkpoint removed first unless ``resume``); its
+    JSON, with ``began`` / ``ended`` (wall times around the process), the last ``committed`` and the ``first_block``
+    stamps, and ``killed: True`` when it was SIGKILLed."""
     cmd = [sys.executable, "-m", "benchmarks.streaming", "worker", mode, str(folder), str(out), str(kill_at),
            str(ranks), recipe, str(kill_after)]  # fmt: skip
+    if not resume:  # nothing of an earlier run left to continue from
+        for stale in (out, Path(f"{out}.ck")):
+            shutil.rmtree(stale, ignore_errors=True)
     began, start = time.time(), time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     stamps: dict[str, float] = {"began": began, "ended": time.time(), "process_seconds": time.perf_counter() - start}
@@ -194,7 +206,7 @@ def big_table() -> Table:
     per_block = (streamed["committed"] - streamed["first_block"]) / BIG["num_hidden_layers"]
     kill_after = pick.uniform(0.2, 0.9) * per_block  # in the middle of block kill_at + 1
     killed = measure("streamed", folder, runs / "resumed", kill_at=kill_at, kill_after=kill_after)
-    resumed = measure("streamed", folder, runs / "resumed")
+    resumed = measure("streamed", folder, runs / "resumed", resume=True)
     hidden = BIG["hidden_size"]
     block = (4 * hidden * hidden * 5 // 8 + 3 * hidden * BIG["intermediate_size"]) * 4  # q, o + k, v (GQA) + MLP
     embeddings = BIG["vocab_size"] * hidden * 4
@@ -262,8 +274,9 @@ def smollm2_table() -> Table:
     table.notes += [
         f"Calibration: {SEQUENCES} random-token sequences of {SEQ_LEN}; under DDP each rank takes every other batch "
         f"and {max(1, (os.cpu_count() or 2) // 2)} thread(s) of this machine's {os.cpu_count()} cores; Hessians are "
-        "all-reduced, and every rank then solves each layer itself (GPTQ's column loop is not split), so only the "
-        "forward passes and Hessian sums are shared.",
+        "all-reduced, and the layers of each group (q, k, v; gate, up) are shared out among the ranks, each solved "
+        "by one rank and broadcast; a group of one layer (o_proj, down_proj) is solved by one rank while the other "
+        "waits.",
         "SmoothQuant W8A8 (dynamic per-token activations) folds into the norms only (explicit x / s divisors have no "
         "compressed-tensors form); the streamed run verifies each fold on its block's outputs, as in memory.",
     ]
