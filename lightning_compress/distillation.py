@@ -31,10 +31,12 @@ import torchmetrics
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor, nn
+from torchmetrics.text import Perplexity
 
-from lightning_compress.calibration.batches import LABEL_KEYS, call_args, first_tensor, split_batch, token_mask
+from lightning_compress.calibration.batches import LABEL_KEYS, call_args, first_tensor, rows, split_batch, token_mask
 from lightning_compress.calibration.capture import find_blocks
-from lightning_compress.functional.distill import HIDDEN_LOSSES, hidden_state_loss, kd_loss
+from lightning_compress.evaluation import IGNORE_INDEX, next_token_loss, next_token_targets
+from lightning_compress.functional.distill import HIDDEN_LOSSES, hidden_state_loss, kd_loss, top_k_kd_loss, top_k_logits
 from lightning_compress.functional.schedules import linear_warmup_decay
 
 STUDENT = "student."
@@ -45,6 +47,46 @@ def logits_of(output: Any) -> Tensor:
     """The logits in a model output: a Tensor, an object with ``.logits`` (Hugging Face), or a tuple's first item."""
     logits = getattr(output, "logits", None)
     return logits if isinstance(logits, Tensor) else first_tensor(output)
+
+
+TEACHER_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def is_causal_lm(model: nn.Module) -> bool:
+    """Whether ``model`` is (or wraps) a causal language model: a Hugging Face ``*ForCausalLM`` among its modules, or
+    a module that says so with a ``causal_lm = True`` attribute (:class:`~lightning_compress.examples.causal_lm.
+    CausalLMModule`)."""
+    return any(type(m).__name__.endswith("ForCausalLM") or getattr(m, "causal_lm", False) is True
+               for m in model.modules())  # fmt: skip
+
+
+def adamw_warmup_decay(
+    params: Sequence[nn.Parameter], lr: float, weight_decay: float, warmup_fraction: float, total_steps: int
+) -> dict[str, Any]:
+    """AdamW at peak ``lr`` with linear warmup over ``warmup_fraction`` of ``total_steps`` optimizer steps, then linear
+    decay to 0 (the DistilBERT / BERT fine-tuning recipe), as a ``configure_optimizers`` return value stepped per step.
+
+    Raises:
+        ValueError: ``lr`` not positive, ``weight_decay`` negative or ``warmup_fraction`` outside ``[0, 1)``.
+    """
+
+    def number(value: Any) -> bool:
+        return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+
+    if not (number(lr) and lr > 0):
+        raise ValueError(f"lr must be a positive number, got {lr!r}")
+    if not (number(weight_decay) and weight_decay >= 0):
+        raise ValueError(f"weight_decay must be a number >= 0, got {weight_decay!r}")
+    if not (number(warmup_fraction) and 0 <= warmup_fraction < 1):
+        raise ValueError(f"warmup_fraction must be in [0, 1), got {warmup_fraction!r}")
+    if not params:
+        return {}
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    warmup = int(warmup_fraction * total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: linear_warmup_decay(step, warmup, total_steps)
+    )
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
 def _config(model: nn.Module) -> Any:
@@ -179,6 +221,14 @@ def _sample_keys(inputs: Any) -> list[str]:
 class DistillationModule(pl.LightningModule):
     """Knowledge distillation from a frozen teacher into a student, for any LightningModule or nn.Module.
 
+    Causal language models (a Hugging Face ``*ForCausalLM`` student, or a
+    :class:`~lightning_compress.examples.causal_lm.CausalLMModule`): batches are dicts with ``labels`` = the input ids
+    (``-100`` where no loss is wanted); every real next token is a sample of the KD and CE terms (the logits at
+    position ``t`` against token ``t + 1``), and validation / test log ``val/perplexity``, ``test/perplexity``.
+    For quantization-aware distillation the student is a quantized copy of the teacher (``QATFakeQuant`` on it) and
+    the teacher the full-precision model, kept small with ``teacher_dtype="bfloat16"``, ``teacher_batch_size`` and
+    ``top_k``.
+
     Batches are ``(x, y, ...)`` tuples (``x`` the model input) or dicts whose ``labels`` key holds the targets
     (the rest are the model's keyword inputs, e.g. a tokenizer's output). Both models map the inputs to logits (a
     Tensor, or an output with ``.logits``). Validation, test and predict run the student; ``val/acc``,
@@ -230,8 +280,16 @@ class DistillationModule(pl.LightningModule):
             None: evenly spaced, the last student block on the last teacher block.
         projection: learn a Linear from the student's to the teacher's width per mapped block (required when the
             widths differ).
-        cache_teacher: keep the teacher's logits per sample (keyed by input content) and reuse them in later
-            epochs; only without a hidden-state loss.
+        cache_teacher: keep the teacher's logits (with ``top_k``, only their top k) per sample, keyed by input
+            content, and reuse them in later epochs; only without a hidden-state loss.
+        top_k: distil from the teacher's ``k`` largest logits per sample (token), renormalised
+            (:func:`~lightning_compress.functional.distill.top_k_kd_loss`), so a cache holds ``k`` values, not the
+            vocabulary; None uses every logit.
+        teacher_dtype: cast the teacher (in place) to ``"bfloat16"`` / ``"float16"`` / ``"float32"``; its floating
+            inputs are cast alike. None leaves it as it is.
+        teacher_batch_size: run the teacher on micro-batches of this many samples (each reduced to its top-k
+            before the next runs), so its activations and full-vocabulary logits exist for one micro-batch at a
+            time; None runs it on the whole batch.
         lr: None to train with the student's own ``configure_optimizers`` (a LightningModule that defines one;
             required otherwise); a positive number for AdamW at this peak learning rate, replacing the student's.
         weight_decay: AdamW's decoupled weight decay, ``>= 0``; used only with ``lr``.
@@ -255,6 +313,9 @@ class DistillationModule(pl.LightningModule):
         layer_map: Sequence[int] | Mapping[int, int] | None = None,
         projection: bool = False,
         cache_teacher: bool = False,
+        top_k: int | None = None,
+        teacher_dtype: str | None = None,
+        teacher_batch_size: int | None = None,
         lr: float | None = None,
         weight_decay: float = 0.01,
         warmup_fraction: float = 0.1,
@@ -267,10 +328,15 @@ class DistillationModule(pl.LightningModule):
         elif student_layers is not None:
             raise ValueError("student_layers builds the student from the teacher; pass it only with student=None")
         self._validate(student, teacher, temperature, alpha, hidden_loss, cache_teacher)
+        self._validate_teacher_memory(top_k, teacher_dtype, teacher_batch_size)
         self._validate_optimizer(student, lr, weight_decay, warmup_fraction)
         self.student = student
         object.__setattr__(self, "teacher", teacher)  # not a submodule: not in parameters(), state_dict(), DDP
         teacher.eval().requires_grad_(False)
+        if teacher_dtype is not None:
+            teacher.to(TEACHER_DTYPES[teacher_dtype])
+        self.top_k, self.teacher_dtype, self.teacher_batch_size = top_k, teacher_dtype, teacher_batch_size
+        self.causal = is_causal_lm(student)
         self.temperature, self.alpha, self.hidden_weight = float(temperature), float(alpha), float(hidden_weight)
         self.hidden_loss, self.cache_teacher = hidden_loss, cache_teacher
         self.lr, self.weight_decay, self.warmup_fraction = lr, weight_decay, warmup_fraction
@@ -280,6 +346,9 @@ class DistillationModule(pl.LightningModule):
         classes = num_outputs(student) or 2
         self.val_acc = torchmetrics.Accuracy(task="multiclass", num_classes=classes)
         self.test_acc = torchmetrics.Accuracy(task="multiclass", num_classes=classes)
+        if self.causal:  # a language model is judged by its perplexity
+            self.val_ppl = Perplexity(ignore_index=IGNORE_INDEX)
+            self.test_ppl = Perplexity(ignore_index=IGNORE_INDEX)
 
     # ----------------------------------------------------------------------------------- validation
     @staticmethod
@@ -301,22 +370,27 @@ class DistillationModule(pl.LightningModule):
             raise ValueError(f"the student predicts {s} classes and the teacher {t}; they must be equal")
 
     @staticmethod
-    def _validate_optimizer(student: nn.Module, lr: float | None, weight_decay: float, warmup_fraction: float) -> None:
-        def number(value: Any) -> bool:
-            return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+    def _validate_teacher_memory(top_k: int | None, teacher_dtype: str | None, teacher_batch_size: int | None) -> None:
+        for name, value in (("top_k", top_k), ("teacher_batch_size", teacher_batch_size)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be None or a positive int, got {value!r}")
+        if teacher_dtype is not None and teacher_dtype not in TEACHER_DTYPES:
+            raise ValueError(f"teacher_dtype={teacher_dtype!r} is not supported; allowed: None, {list(TEACHER_DTYPES)}")
 
+    @staticmethod
+    def _validate_optimizer(student: nn.Module, lr: float | None, weight_decay: float, warmup_fraction: float) -> None:
         if lr is None and not has_own_optimizer(student):
             raise ValueError(
                 f"lr is required: the student ({type(student).__name__}) is not a LightningModule with its own "
                 "configure_optimizers; pass lr=<AdamW peak learning rate> (e.g. 5e-5 to 2e-4 for a BERT-size "
                 "transformer, about 1e-3 for a small CNN), or a LightningModule student that defines its optimizer"
             )
-        if lr is not None and not (number(lr) and lr > 0):
-            raise ValueError(f"lr must be None (the student's own optimizer) or a positive number, got {lr!r}")
-        if not (number(weight_decay) and weight_decay >= 0):
-            raise ValueError(f"weight_decay must be a number >= 0, got {weight_decay!r}")
-        if not (number(warmup_fraction) and 0 <= warmup_fraction < 1):
-            raise ValueError(f"warmup_fraction must be in [0, 1), got {warmup_fraction!r}")
+        try:
+            adamw_warmup_decay([], 1.0 if lr is None else lr, weight_decay, warmup_fraction, 1)
+        except ValueError as err:
+            raise ValueError(
+                str(err).replace("lr must be", "lr must be None (the student's own optimizer) or")
+            ) from None
 
     def _layer_map(self, layer_map: Sequence[int] | Mapping[int, int] | None) -> dict[int, int]:
         n_s, n_t = len(transformer_blocks(self.student)), len(transformer_blocks(self.teacher))
@@ -360,9 +434,13 @@ class DistillationModule(pl.LightningModule):
         args, kwargs = call_args(inputs)
         return model(*args, **kwargs)
 
-    def forward(self, inputs: Any) -> Tensor:
-        """The student's logits for one batch of model inputs."""
-        return logits_of(self._run(self.student, inputs))
+    def forward(self, *args: Any, **kwargs: Any) -> Tensor:
+        """The student's logits for one batch of model inputs: ``forward(inputs)`` (a tensor, tuple or dict, as a
+        batch holds them) or the student's own call signature (``forward(input_ids=..., attention_mask=...)``, as the
+        calibration of a PTQ callback calls a model)."""
+        if kwargs or len(args) != 1:
+            return logits_of(self.student(*args, **kwargs))
+        return logits_of(self._run(self.student, args[0]))
 
     def _with_hidden(self, model: nn.Module, inputs: Any, wanted: Sequence[int]) -> tuple[Tensor, dict[int, Tensor]]:
         """Logits and the outputs of the ``wanted`` blocks of ``model``, captured by forward hooks."""
@@ -377,16 +455,52 @@ class DistillationModule(pl.LightningModule):
                 h.remove()
         return logits, hidden
 
+    def _teacher_inputs(self, inputs: Any) -> Any:
+        """``inputs`` with floating tensors in the teacher's dtype (token ids stay integers)."""
+        if self.teacher_dtype is None:
+            return inputs
+        dtype = TEACHER_DTYPES[self.teacher_dtype]
+
+        def cast(t: Any) -> Any:
+            return t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() else t
+
+        if isinstance(inputs, Mapping):
+            return {k: cast(v) for k, v in inputs.items()}
+        return type(inputs)(cast(v) for v in inputs) if isinstance(inputs, (tuple, list)) else cast(inputs)
+
     @torch.no_grad()
-    def _teacher_logits(self, inputs: Any) -> Tensor:
-        if not self.cache_teacher:
-            return logits_of(self._run(self.teacher, inputs))
-        keys = _sample_keys(inputs)
-        if all(k in self.teacher_cache for k in keys):
-            return torch.stack([self.teacher_cache[k] for k in keys]).to(self.device)
-        logits = logits_of(self._run(self.teacher, inputs))
-        self.teacher_cache.update({k: v.detach().float().cpu() for k, v in zip(keys, logits, strict=True)})
-        return logits
+    def _teacher_targets(self, inputs: Any) -> Tensor | tuple[Tensor, Tensor]:
+        """The teacher's soft targets for a batch: its logits, or with ``top_k`` its ``(values, indices)``; run on
+        micro-batches of ``teacher_batch_size`` samples (each reduced to top-k before the next runs) and, with
+        ``cache_teacher``, reused per sample."""
+        keys = _sample_keys(inputs) if self.cache_teacher else []
+        if keys and all(k in self.teacher_cache for k in keys):
+            parts = [self.teacher_cache[k] for k in keys]
+            stacked = [torch.stack(items).to(self.device) for items in zip(*parts, strict=True)]
+            return tuple(stacked) if self.top_k else stacked[0]
+        args, kwargs = call_args(inputs)
+        size = next(t.shape[0] for t in (*args, *kwargs.values()) if isinstance(t, Tensor) and t.dim())
+        step = self.teacher_batch_size or size
+        chunks = []
+        for start in range(0, size, step):
+            logits = logits_of(self._run(self.teacher, self._teacher_inputs(rows(inputs, start, start + step))))
+            chunks.append(top_k_logits(logits, self.top_k) if self.top_k else (logits.float(),))
+        found = [torch.cat(parts) for parts in zip(*chunks, strict=True)]
+        if keys:
+            for i, key in enumerate(keys):
+                self.teacher_cache[key] = tuple(t[i].detach().cpu() for t in found)
+        return tuple(found) if self.top_k else found[0]
+
+    def _kd(self, logits: Tensor, teacher: Tensor | tuple[Tensor, Tensor], mask: Tensor | None) -> Tensor:
+        """The KD term against full teacher logits or their top-k."""
+        if isinstance(teacher, tuple):
+            return top_k_kd_loss(logits, *teacher, self.temperature, mask)
+        return kd_loss(logits, teacher, self.temperature, mask)
+
+    def _next_tokens(self, logits: Tensor, targets: Tensor, inputs: Any) -> tuple[Tensor, Tensor, Tensor]:
+        """A causal LM's shifted logits ``(B, T-1, V)``, targets ``(B, T-1)`` and the mask of real targets."""
+        logits, targets = next_token_targets(logits, targets, token_mask(inputs))
+        return logits, targets, targets != IGNORE_INDEX
 
     def losses(self, batch: Any) -> dict[str, Tensor]:
         """``{"loss", "kd", "ce"(, "hidden")}`` for one training batch."""
@@ -394,10 +508,18 @@ class DistillationModule(pl.LightningModule):
         if self.hidden_loss:
             logits, h_s = self._with_hidden(self.student, inputs, list(self.layer_map))
             with torch.no_grad():
-                t_logits, h_t = self._with_hidden(self.teacher, inputs, sorted(set(self.layer_map.values())))
+                t_inputs = self._teacher_inputs(inputs)
+                t_logits, h_t = self._with_hidden(self.teacher, t_inputs, sorted(set(self.layer_map.values())))
+            teacher = top_k_logits(t_logits, self.top_k) if self.top_k else t_logits
         else:
-            logits, t_logits = self(inputs), self._teacher_logits(inputs)
-        out = {"kd": kd_loss(logits, t_logits, self.temperature), "ce": F.cross_entropy(logits.float(), targets)}
+            logits, teacher = self(inputs), self._teacher_targets(inputs)
+        mask = None
+        if self.causal:  # token t predicts token t + 1: every real next token is a sample
+            shift = logits.shape[1] - 1
+            logits, targets, mask = self._next_tokens(logits, targets, inputs)
+            teacher = tuple(t[:, :shift] for t in teacher) if isinstance(teacher, tuple) else teacher[:, :shift]
+        ce = F.cross_entropy(logits.float().flatten(0, -2), targets.flatten(), ignore_index=IGNORE_INDEX)
+        out = {"kd": self._kd(logits, teacher, mask), "ce": ce}
         out["loss"] = self.alpha * out["kd"] + (1 - self.alpha) * out["ce"]
         if self.hidden_loss:
             mask = token_mask(inputs)
@@ -447,6 +569,13 @@ class DistillationModule(pl.LightningModule):
     def _evaluate(self, batch: Any, stage: str, metric: torchmetrics.Metric) -> None:
         inputs, targets = self.split_batch(batch)
         logits = self(inputs)
+        if self.causal:
+            loss, logits, targets = next_token_loss(logits, targets, token_mask(inputs))
+            ppl = self.val_ppl if stage == "val" else self.test_ppl
+            ppl(logits.float(), targets)
+            self.log(f"{stage}/loss", loss, sync_dist=True)
+            self.log(f"{stage}/perplexity", ppl, prog_bar=stage == "val")
+            return
         metric(logits.argmax(dim=-1), targets)
         self.log(f"{stage}/loss", F.cross_entropy(logits.float(), targets), sync_dist=True)
         self.log(f"{stage}/acc", metric, prog_bar=stage == "val")
@@ -483,11 +612,8 @@ class DistillationModule(pl.LightningModule):
     def _adamw(self) -> dict[str, Any]:
         """AdamW over every trainable parameter at ``lr``, linear warmup then linear decay, stepped per batch."""
         params = [p for p in self.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
         total = max(int(self.trainer.estimated_stepping_batches), 1)
-        warmup = int(self.warmup_fraction * total)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: linear_warmup_decay(step, warmup, total))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return adamw_warmup_decay(params, self.lr, self.weight_decay, self.warmup_fraction, total)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Store the student's own weight keys; the projections go to ``checkpoint["distillation"]``. Under an FSDP

@@ -29,6 +29,31 @@ def _logits(output: Any) -> Tensor:
     return logits
 
 
+def next_token_targets(logits: Tensor, labels: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """A causal LM's predictions and what they predict: position ``t`` of ``logits`` scores token ``t + 1``.
+
+    Shapes: ``(B, T, V)`` logits and ``(B, T)`` labels (the input ids, Hugging Face's ``labels`` convention, with
+    ``IGNORE_INDEX`` where no loss is wanted) -> ``logits[:, :-1]`` ``(B, T-1, V)`` and ``labels[:, 1:]`` ``(B, T-1)``
+    with ``IGNORE_INDEX`` wherever ``mask`` (an attention mask, ``(B, T)``) marks padding.
+    """
+    if logits.dim() != 3 or labels.shape != logits.shape[:2]:
+        raise ValueError(
+            f"expected (B, T, V) logits and (B, T) labels, got {tuple(logits.shape)} and {tuple(labels.shape)}"
+        )
+    targets = labels[:, 1:]
+    if mask is not None:
+        targets = targets.masked_fill(~mask[:, 1:].to(device=targets.device, dtype=torch.bool), IGNORE_INDEX)
+    return logits[:, :-1], targets
+
+
+def next_token_loss(logits: Tensor, labels: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """A causal LM's mean next-token cross-entropy over its real targets (float32), with the shifted logits and
+    targets of :func:`next_token_targets` it was computed from: ``(loss, (B, T-1, V), (B, T-1))``."""
+    logits, targets = next_token_targets(logits, labels, mask)
+    loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+    return loss, logits, targets
+
+
 @torch.no_grad()
 def perplexity(model: nn.Module, batches: Iterable[Any]) -> float:
     """Perplexity ``exp(sum NLL / n)`` of a causal language model over ``batches``, every real token weighted alike.
@@ -49,12 +74,8 @@ def perplexity(model: nn.Module, batches: Iterable[Any]) -> float:
             ids = inputs["input_ids"] if isinstance(inputs, dict) else inputs
             if not isinstance(ids, Tensor) or ids.dim() != 2:
                 raise TypeError(f"batches must hold (B, T) input_ids, got {type(ids).__name__}")
-            logits = _logits(call_model(model, inputs))
-            mask = token_mask(inputs)
-            targets = ids.to(device).clone()
-            if mask is not None:
-                targets[~mask.to(device)] = IGNORE_INDEX
-            metric.update(logits[:, :-1].float().cpu(), targets[:, 1:].cpu())
+            logits, targets = next_token_targets(_logits(call_model(model, inputs)), ids.to(device), token_mask(inputs))
+            metric.update(logits.float().cpu(), targets.cpu())
     if int(metric.count) == 0:
         raise ValueError("batches hold no token to predict (each sequence needs at least two real tokens)")
     return float(metric.compute())

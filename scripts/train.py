@@ -4,6 +4,7 @@ python scripts/train.py                          # default model on the bundled 
 python scripts/train.py +compress=NAME           # add a recipe from conf/compress/
 python scripts/train.py ckpt_path=PATH/last.ckpt # resume where a run stopped
 python scripts/train.py experiment=distill_minilm  # fine-tune a BERT teacher, then distill a 3-layer student
+python scripts/train.py experiment=qat_smollm2     # GPTQ int4 SmolLM2, refined by QAT + distillation from FP32
 """
 
 from __future__ import annotations
@@ -22,15 +23,17 @@ from lightning_compress.summary import compression_summary
 
 def fit_teacher(cfg: DictConfig, teacher: pl.LightningModule, datamodule: pl.LightningDataModule) -> pl.LightningModule:
     """Fine-tune the teacher for ``cfg.teacher.max_epochs`` (or load ``cfg.teacher.ckpt_path`` when it exists) and
-    print its test metrics; the checkpoint is written to ``cfg.teacher.ckpt_path``."""
-    path = Path(cfg.teacher.ckpt_path)
-    trainer = instantiate(cfg.trainer, max_epochs=cfg.teacher.max_epochs, callbacks=[], logger=False,
+    print its test metrics; the checkpoint is written to ``cfg.teacher.ckpt_path``. ``max_epochs: 0`` keeps the
+    teacher as it is (a pretrained model teaching its own quantized copy)."""
+    path = Path(cfg.teacher.ckpt_path) if cfg.teacher.get("ckpt_path") else None
+    trainer = instantiate(cfg.trainer, max_epochs=cfg.teacher.max_epochs, max_steps=-1, callbacks=[], logger=False,
                           enable_checkpointing=False)  # fmt: skip
-    if path.is_file():
+    if cfg.teacher.max_epochs > 0 and path is not None and path.is_file():
         teacher.load_state_dict(torch.load(path, map_location="cpu", weights_only=True)["state_dict"])
-    else:
+    elif cfg.teacher.max_epochs > 0:
         trainer.fit(teacher, datamodule=datamodule)
-        trainer.save_checkpoint(path)
+        if path is not None:
+            trainer.save_checkpoint(path)
     metrics = trainer.test(teacher, datamodule=datamodule, verbose=False)[0] if cfg.test else {}
     if trainer.is_global_zero:
         for key, value in metrics.items():

@@ -82,3 +82,19 @@ def test_distill_minilm_experiment_runs_end_to_end(tmp_path):
     student_model = student_from_teacher(TextClassifier("all-MiniLM-L6-v2", num_labels=2), [0, 2, 4])
     ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     student_model.load_state_dict(ckpt["state_dict"], strict=True)  # the checkpoint is the student alone
+
+
+@pytest.mark.slow
+def test_qat_smollm2_experiment_runs_end_to_end_and_reports_perplexity_before_and_after(tmp_path):
+    proc = run_train(tmp_path, "experiment=qat_smollm2", "trainer.max_steps=1", "trainer.limit_val_batches=1",
+                     "trainer.val_check_interval=2", "data.train_sequences=8", "data.val_sequences=1",
+                     "data.test_sequences=2", "callbacks.qat.init_from.num_batches=1")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    before = float(next(ln for ln in lines if ln.startswith("teacher test/perplexity:")).split(":")[1])
+    after = float(next(ln for ln in lines if ln.startswith("test/perplexity:")).split(":")[1])
+    assert 1 < before < after < 10 * before  # int4 after one step: worse than FP32, not broken
+    quantized = [ln for ln in lines if ln.startswith("| student.model.model.layers.") and "FakeQuantLinear" in ln]
+    assert len(quantized) == 210 and all(r.split("|")[7].strip() == "4" for r in quantized)
+    assert "| student.model.lm_head | Linear |" in proc.stdout  # the tied output embeddings stay FP32
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()

@@ -67,13 +67,19 @@ def describe(inputs: Any) -> str:
 
 
 def head(batch: Any, n: int) -> Any:
-    """The first ``n`` samples of a calibration batch: every Tensor sharing the first Tensor's leading size is cut."""
+    """The first ``n`` samples of a calibration batch (:func:`rows` ``0 .. n``)."""
+    return rows(batch, 0, n)
+
+
+def rows(batch: Any, start: int, stop: int) -> Any:
+    """Samples ``start .. stop - 1`` of a batch (a Tensor, tuple / list or dict): every Tensor sharing the first
+    Tensor's leading size is cut, anything else is kept as it is."""
     items = batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, (tuple, list)) else [batch]
     tensors = [t for t in items if isinstance(t, Tensor)]
     size = tensors[0].shape[0] if tensors and tensors[0].dim() else None
 
     def cut(t: Any) -> Any:
-        return t[:n] if isinstance(t, Tensor) and t.dim() and t.shape[0] == size else t
+        return t[start:stop] if isinstance(t, Tensor) and t.dim() and t.shape[0] == size else t
 
     if isinstance(batch, Mapping):
         return {k: cut(v) for k, v in batch.items()}

@@ -97,8 +97,11 @@ class CalibrationCallback(pl.Callback, abc.ABC):
 
     def calibration_batches(self, trainer: pl.Trainer) -> list[Any]:
         """The first ``num_batches`` batches of ``calibration_data`` or the train dataloader, as they are (:meth:`apply`
-        turns them into model inputs)."""
+        turns them into model inputs); at fit start, before the fit loop has loaded it, the train dataloader is asked
+        of the datamodule or the LightningModule that Lightning would ask."""
         source = self.calibration_data if self.calibration_data is not None else trainer.train_dataloader
+        if source is None and trainer.fit_loop._data_source.is_defined():
+            source = trainer.fit_loop._data_source.dataloader()
         if source is None:
             raise RuntimeError(f"{type(self).__name__}: no calibration_data and the Trainer has no train dataloader")
         return list(itertools.islice(source, self.num_batches))

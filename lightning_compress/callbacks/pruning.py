@@ -132,6 +132,7 @@ class IterativePruning(pl.Callback):
 
         trainer = L.Trainer(callbacks=[IterativePruning(sparsity=0.9, schedule="cubic")])
         trainer = L.Trainer(callbacks=[IterativePruning(method="nm", pattern="2:4")])  # skips widths % 4 != 0
+        IterativePruning(init_from=SparseGPTPrune(pattern="2:4"))  # SparseGPT's 2:4 masks, held while fine-tuning
 
     Args:
         sparsity: target fraction pruned per unit (weights, rows or heads), in ``[0, 1)``; None for 0.5. N:M
@@ -158,6 +159,11 @@ class IterativePruning(pl.Callback):
             to their values at the start of fit (``"init"``) or after optimizer step ``k`` (an int), and
             clear their optimizer state.
         log_sparsity: log per-unit and global sparsity at every epoch end.
+        init_from: a one-shot pruner (:class:`~lightning_compress.callbacks.sparsegpt.SparseGPTPrune` without
+            ``bits``, :class:`~lightning_compress.callbacks.wanda.WandaPrune`) run at fit start on its
+            ``num_batches`` training batches; its masks (and SparseGPT's updated weights) are the start, held
+            through training (``schedule="oneshot"``; its ``targets`` / ``ignore`` choose the layers, so leave
+            these None). A resumed run keeps the checkpoint's masks.
     """
 
     def __init__(
@@ -178,7 +184,10 @@ class IterativePruning(pl.Callback):
         initial_sparsity: float = 0.0,
         rewind: str | int | None = None,
         log_sparsity: bool = True,
+        init_from: Any = None,
     ) -> None:
+        check_pruning_start(init_from, schedule, targets, ignore, plan)
+        self.init_from = init_from
         self.method = check_choice("method", method, METHODS)
         self.schedule = check_choice("schedule", schedule, SCHEDULES)
         if scope is None:
@@ -262,6 +271,9 @@ class IterativePruning(pl.Callback):
 
     def units(self, model: nn.Module) -> list[_Unit]:
         """The pruning units of ``model`` for this configuration; raises ValueError on anything invalid."""
+        if self.init_from is not None:
+            return [_Unit(name, [_part(f"{name}.weight", layer.weight)]) for name, layer in
+                    self.init_from.select(model).items()]  # fmt: skip
         if self.method == "heads":
             found = select_layers(
                 model,
@@ -404,12 +416,22 @@ class IterativePruning(pl.Callback):
         fresh = not self.masks
         if fresh and self.rewind == 0:
             self.snapshot = self._whole_weights()
-        if fresh and self.schedule == "oneshot":
+        if fresh and self.init_from is not None:
+            self.start_from_pruner(trainer, pl_module)
+        elif fresh and self.schedule == "oneshot":
             self.prune_to(trainer, self.target)
         elif not fresh:
             self.masks = {k: m.to(self._params[k].device) for k, m in self.masks.items()}
             self.apply_masks()
         self._register_hooks(trainer)
+
+    def start_from_pruner(self, trainer: pl.Trainer, model: nn.Module) -> None:
+        """Run ``init_from`` on ``model`` and hold its masks (every rank holds rank 0's)."""
+        found = self.init_from.apply(model, self.init_from.calibration_batches(trainer))
+        masks = {f"{name}.weight": broadcast_(mask.contiguous()) for name, mask in found.items()}
+        self.masks = {k: m.to(self._params[k].device) for k, m in masks.items()}
+        self.apply_masks(trainer)
+        log.info("%s's masks: global sparsity %.4f", type(self.init_from).__name__, self.global_sparsity())
 
     def _register_hooks(self, trainer: pl.Trainer) -> None:
         self._remove_hooks()
@@ -534,6 +556,24 @@ class IterativePruning(pl.Callback):
         self.round = int(state_dict["round"])
         self.snapshot = dict(state_dict["snapshot"])
         self._end_step = state_dict.get("end_step", self.end_step)
+
+
+def check_pruning_start(init_from: Any, schedule: str, targets: Any, ignore: Any, plan: Any) -> None:
+    """Raise TypeError / ValueError unless ``init_from`` (None, or a one-shot pruner) can start IterativePruning."""
+    if init_from is None:
+        return
+    from lightning_compress.callbacks.base import OneShotPruning
+
+    if not isinstance(init_from, OneShotPruning) or getattr(init_from, "bits", None) is not None:
+        raise TypeError(
+            f"init_from={init_from!r} cannot start IterativePruning; allowed: None, or a one-shot pruner that only "
+            "prunes (SparseGPTPrune without bits, WandaPrune)"
+        )
+    if schedule != "oneshot" or targets is not None or ignore is not None or plan is not None:
+        raise ValueError(
+            f"init_from holds the pruner's masks: schedule={schedule!r}, targets={targets!r}, ignore={ignore!r}, "
+            f"plan={plan!r}; allowed: schedule='oneshot' and targets, ignore, plan None (the pruner selects the layers)"
+        )
 
 
 def _unwrapped(name: str) -> str:

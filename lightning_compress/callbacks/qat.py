@@ -48,6 +48,14 @@ class QATFakeQuant(pl.Callback):
     state (learned scales, codebooks, observer ranges, freeze state) is this callback's checkpoint state, so resume
     and ``Trainer.test(ckpt_path=...)`` restore it.
 
+    From a PTQ start (``init_from=GPTQFinalize(...)`` or ``AWQCalibrate(...)``, the same bits, group size and symmetry):
+    at fit start that one-shot algorithm quantizes the selected layers on the first ``num_batches`` training batches,
+    and QAT begins on its result (its weights, its scales as the learned scales' starting point with ``lsq``, else
+    frozen; its zero-points fixed), so the first step computes the PTQ model exactly and training refines the best
+    one-shot grid instead of round-to-nearest (a resumed run restores the trained state instead). The layers are
+    then the PTQ callback's selection (``targets`` / ``ignore`` of its own; a language model's output embeddings left
+    out by default).
+
     Under FSDP2 (Lightning's ``ModelParallelStrategy``, ``fully_shard`` applied in ``configure_model``) the swap
     happens first: Lightning runs callbacks' ``setup`` before ``configure_model``, so the fake-quant layers are the ones
     sharded (a layer already sharded is an error). Observer ranges are all-reduced as under DDP, conversion works on
@@ -66,6 +74,7 @@ class QATFakeQuant(pl.Callback):
 
         trainer = L.Trainer(callbacks=[QATFakeQuant(bits=8, act_bits=8, observer=PercentileObserver(99.99))])
         trainer = L.Trainer(callbacks=[IterativePruning(method="nm"), QATFakeQuant(bits=8)])  # 2:4 + int8
+        QATFakeQuant(bits=3, symmetric=False, lsq=True, init_from=GPTQFinalize(bits=3))  # QAT refines GPTQ
 
     Args:
         bits: weight code width, 2..8 (k-means: ``log2`` of the codebook size).
@@ -84,7 +93,9 @@ class QATFakeQuant(pl.Callback):
         freeze_observers_step: freeze activation ranges after this many optimizer steps (None: never).
         start_epoch: quantize from this epoch on (full precision before it, e.g. while pruning finishes).
         convert: put weights on their grid at fit end.
-        targets, ignore: regexes over layer names.
+        init_from: a :class:`~lightning_compress.GPTQFinalize` or :class:`~lightning_compress.AWQCalibrate` whose
+            result QAT starts from (see above); None starts from min-max round-to-nearest.
+        targets, ignore: regexes over layer names (None with ``init_from``, whose own select the layers).
     """
 
     def __init__(
@@ -101,10 +112,12 @@ class QATFakeQuant(pl.Callback):
         freeze_observers_step: int | None = None,
         start_epoch: int = 0,
         convert: bool = True,
+        init_from: Any = None,
         targets: str | Sequence[str] | None = None,
         ignore: str | Sequence[str] | None = None,
     ) -> None:
         check_weight_quant(bits, symmetric, group_size, method, lsq, kmeans_init, scale_dtype)
+        check_ptq_start(init_from, bits, group_size, symmetric, method, lsq, targets, ignore)
         check_patterns("targets", targets), check_patterns("ignore", ignore)
         self.bits = bits
         self.act_bits = None if act_bits is None else check_bits(act_bits, "act_bits")
@@ -124,8 +137,9 @@ class QATFakeQuant(pl.Callback):
         self.weight_kwargs = dict(bits=bits, symmetric=symmetric, group_size=group_size, method=method, lsq=lsq)
         self.weight_kwargs.update(kmeans_init=kmeans_init, scale_dtype=scale_dtype)
         self.freeze_observers_step, self.start_epoch, self.convert = freeze_observers_step, start_epoch, convert
-        self.targets, self.ignore = targets, ignore
+        self.targets, self.ignore, self.init_from = targets, ignore, init_from
         self.layers: dict[str, nn.Module] = {}
+        self.restored = False  # the quantizer state came from a checkpoint (no PTQ start then)
         self.quantized: dict[str, QuantizedLayer] = {}
         self.step = 0
         self.converted = False
@@ -170,19 +184,25 @@ class QATFakeQuant(pl.Callback):
     def _check_no_overlap(self, trainer: pl.Trainer, model: nn.Module) -> None:
         """Raise ValueError before any layer is swapped when another QATFakeQuant of this Trainer selects the same
         layers (each layer can be fake-quantized once)."""
-        mine = set(select_layers(model, self.targets, self.ignore))
+        mine = set(self.select(model))
         for other in trainer.callbacks:
             if isinstance(other, QATFakeQuant) and other is not self:
-                shared = mine & set(select_layers(model, other.targets, other.ignore))
+                shared = mine & set(other.select(model))
                 if shared:
                     raise ValueError(
                         f"two QATFakeQuant callbacks select the same layers {sorted(shared)[:5]}; allowed: one "
                         "QATFakeQuant per layer (give them disjoint targets / ignore)"
                     )
 
+    def select(self, model: nn.Module) -> dict[str, nn.Module]:
+        """The layers to fake-quantize: ``targets`` / ``ignore``, or the PTQ start's selection."""
+        if self.init_from is not None:
+            return self.init_from.select(model)
+        return select_layers(model, self.targets, self.ignore)
+
     def swap(self, model: nn.Module) -> dict[str, nn.Module]:
         """Replace the selected layers of ``model`` in place; returns ``{name: fake-quant layer}``."""
-        chosen = select_layers(model, self.targets, self.ignore)
+        chosen = self.select(model)
         built = {}
         for name, layer in chosen.items():
             if is_fake_quant(layer):
@@ -211,6 +231,25 @@ class QATFakeQuant(pl.Callback):
         return built
 
     # ------------------------------------------------------------------------------------------ hooks
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.init_from is not None and not self.restored:
+            self.start_from_ptq(pl_module, self.init_from.calibration_batches(trainer))
+
+    @torch.no_grad()
+    def start_from_ptq(self, model: nn.Module, batches: Any) -> dict[str, QuantizedLayer]:
+        """Run ``init_from`` on ``model``'s swapped layers (put back to plain layers for it, the same Parameters) and
+        start every quantizer from its result; returns the PTQ result ``{name: QuantizedLayer}``. If the PTQ run
+        fails, the model's weights and the fake-quant layers are as they were."""
+        replace_layers(model, {name: layer.to_module() for name, layer in self.layers.items()})
+        try:
+            results = self.init_from.apply(model, batches)
+        finally:
+            replace_layers(model, self.layers)  # the QAT layers, whose Parameters the PTQ run wrote in place
+        for name, layer in self.layers.items():
+            layer.weight_quantizer.start_from(results[name].weight)
+        log.info("QATFakeQuant: %d layers start from %s's grid", len(results), type(self.init_from).__name__)
+        return results
+
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         for layer in self.layers.values():
             layer.enabled = self.converted or trainer.current_epoch >= self.start_epoch
@@ -277,6 +316,7 @@ class QATFakeQuant(pl.Callback):
             if "act" in entry and self.observed:
                 layer.act_quantizer.observer.load_observer_state(entry["act"])
         self.step, self.converted = int(state["step"]), bool(state["converted"])
+        self.restored = True
         if self.converted:
             for layer in self.layers.values():
                 layer.enabled = True
@@ -292,3 +332,46 @@ def _whole_parameters(trainer: pl.Trainer) -> contextlib.AbstractContextManager[
 
         return FullyShardedDataParallel.summon_full_params(trainer.strategy.model, writeback=True)
     return contextlib.nullcontext()
+
+
+def check_ptq_start(
+    init_from: Any,
+    bits: int,
+    group_size: int | None,
+    symmetric: bool,
+    method: str,
+    lsq: bool,
+    targets: Any,
+    ignore: Any,
+) -> None:
+    """Raise TypeError / ValueError unless ``init_from`` (None, or a PTQ callback) can start this QAT grid."""
+    if init_from is None:
+        return
+    from lightning_compress.callbacks.awq import AWQCalibrate
+    from lightning_compress.callbacks.gptq import GPTQFinalize
+
+    if not isinstance(init_from, (GPTQFinalize, AWQCalibrate)):
+        raise TypeError(
+            f"init_from={type(init_from).__name__} cannot start QAT; allowed: None, GPTQFinalize or AWQCalibrate"
+        )
+    if isinstance(init_from, AWQCalibrate) and not init_from.quantize:
+        raise ValueError("init_from=AWQCalibrate(quantize=False) leaves float weights; allowed: quantize=True")
+    o = init_from.options
+    if method != "linear" or o.method != "linear":
+        raise ValueError(f"init_from needs integer grids: method='linear' here and there, got {method!r}, {o.method!r}")
+    if (o.bits, o.group_size, o.symmetric) != (bits, group_size, symmetric):
+        raise ValueError(
+            f"init_from={type(init_from).__name__}(bits={o.bits}, group_size={o.group_size}, symmetric={o.symmetric}) "
+            f"differs from QATFakeQuant(bits={bits}, group_size={group_size}, symmetric={symmetric}); allowed: the "
+            "same grid in both (QAT starts from the PTQ codes and scales)"
+        )
+    if lsq and o.group_size is not None and o.act_order and not o.static_groups:
+        raise ValueError(
+            "init_from=GPTQFinalize(act_order=True, static_groups=False) gives one scale per column, which LSQ cannot "
+            "learn; allowed: static_groups=True (the default) or act_order=False"
+        )
+    if targets is not None or ignore is not None:
+        raise ValueError(
+            f"targets={targets!r}, ignore={ignore!r} with init_from: the layers are the PTQ callback's selection; "
+            "allowed: targets=None and ignore=None here (set them on init_from)"
+        )

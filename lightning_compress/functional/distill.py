@@ -33,15 +33,19 @@ def softmax_with_temperature(logits: Tensor, temperature: float = 1.0) -> Tensor
     return torch.softmax(logits.float() / temperature, dim=-1)
 
 
-def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0) -> Tensor:
+def kd_loss(
+    student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0, mask: Tensor | None = None
+) -> Tensor:
     """``T² · KL(p_T(teacher) ‖ p_T(student))``, averaged over the samples (Hinton et al. 2015).
 
     Zero exactly when the two logit vectors agree up to a constant per sample. No gradient reaches the teacher.
+    For a language model every (real) token is a sample: ``(B, T, vocab)`` logits with a ``(B, T)`` ``mask``.
 
     Args:
         student_logits: ``(N, classes)`` or ``(..., classes)`` (flattened to samples).
         teacher_logits: same shape.
         temperature: ``T > 0``.
+        mask: optional bool ``(...)`` over the leading dims: only these samples count.
 
     Returns:
         0-dim float32 loss.
@@ -51,10 +55,66 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float =
         raise ValueError(
             f"student_logits {tuple(student_logits.shape)} and teacher_logits {tuple(teacher_logits.shape)} differ"
         )
-    classes = student_logits.shape[-1]
-    log_p_s = F.log_softmax(student_logits.float().reshape(-1, classes) / temperature, dim=-1)
-    log_p_t = F.log_softmax(teacher_logits.detach().float().reshape(-1, classes) / temperature, dim=-1)
+    student, teacher = _samples(student_logits, mask), _samples(teacher_logits.detach(), mask)
+    log_p_s = F.log_softmax(student.float() / temperature, dim=-1)
+    log_p_t = F.log_softmax(teacher.float() / temperature, dim=-1)
     return F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True) * temperature**2
+
+
+def _samples(logits: Tensor, mask: Tensor | None) -> Tensor:
+    """``(..., classes)`` logits as ``(N, classes)`` rows, only the rows ``mask`` keeps; ValueError for a mask of
+    another shape or one that keeps nothing."""
+    if mask is None:
+        return logits.reshape(-1, logits.shape[-1])
+    if mask.shape != logits.shape[:-1]:
+        raise ValueError(f"mask {tuple(mask.shape)} must have the logits' leading shape {tuple(logits.shape[:-1])}")
+    if not mask.any():
+        raise ValueError("mask keeps no sample")
+    return logits[mask.bool()]
+
+
+def top_k_logits(logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The ``k`` largest logits of each sample and their class indices: ``(..., k)`` float32 and int64."""
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= logits.shape[-1]:
+        raise ValueError(f"k must be an int in [1, {logits.shape[-1]}] (the number of classes), got {k!r}")
+    values, indices = logits.detach().float().topk(k, dim=-1)
+    return values, indices
+
+
+def top_k_kd_loss(
+    student_logits: Tensor,
+    teacher_values: Tensor,
+    teacher_indices: Tensor,
+    temperature: float = 1.0,
+    mask: Tensor | None = None,
+) -> Tensor:
+    """:func:`kd_loss` against a teacher kept as its ``k`` largest logits per sample (what a cache of top-k logits
+    holds): the teacher's distribution is ``softmax(values / T)`` renormalised over those ``k`` classes, so
+
+    ``L = T² · mean_samples Σ_{i ∈ top-k} p_t,i · (log p_t,i − log p_T(student)_i)``
+
+    with the student's full ``log_softmax(z / T)`` over every class. With ``k`` = every class it equals
+    :func:`kd_loss`.
+
+    Args:
+        student_logits: ``(..., classes)``.
+        teacher_values, teacher_indices: ``(..., k)`` from :func:`top_k_logits`.
+        temperature: ``T > 0``.
+        mask: optional bool ``(...)``: only these samples count.
+
+    Returns:
+        0-dim float32 loss.
+    """
+    _check_temperature(temperature)
+    if teacher_values.shape != teacher_indices.shape or teacher_values.shape[:-1] != student_logits.shape[:-1]:
+        raise ValueError(
+            f"teacher_values {tuple(teacher_values.shape)} and teacher_indices {tuple(teacher_indices.shape)} must be "
+            f"(..., k) with the student's leading shape {tuple(student_logits.shape[:-1])}"
+        )
+    log_p_s = F.log_softmax(_samples(student_logits, mask).float() / temperature, dim=-1)
+    log_p_t = F.log_softmax(_samples(teacher_values, mask).float() / temperature, dim=-1)
+    picked = log_p_s.gather(-1, _samples(teacher_indices, mask).to(log_p_s.device))
+    return (log_p_t.exp() * (log_p_t - picked)).sum(-1).mean() * temperature**2
 
 
 def hidden_state_loss(student: Tensor, teacher: Tensor, kind: str = "cosine", mask: Tensor | None = None) -> Tensor:

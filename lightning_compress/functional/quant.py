@@ -416,47 +416,51 @@ def reduce_to_params(t: Tensor, params_shape: tuple[int, ...] | torch.Size) -> T
 
 
 class _LSQ(torch.autograd.Function):
-    """Symmetric fake-quantization with a learned step size; exact forward, LSQ backward."""
+    """Fake-quantization with a learned step size and a fixed zero-point; exact forward, LSQ backward."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, scale: Tensor, bits: int, grad_scale: float) -> Tensor:  # type: ignore[override]
+    def forward(ctx, x: Tensor, scale: Tensor, zero_point: Tensor | None, bits: int, grad_scale: float) -> Tensor:  # type: ignore[override]
         qmin, qmax = quant_range(bits)
         s = expand_params(scale, x.shape)
-        v = x.float() / s
+        z = None if zero_point is None else expand_params(zero_point, x.shape)
+        v = x.float() / s if z is None else x.float() / s + z
         codes = torch.clamp(torch.round(v), qmin, qmax)
-        ctx.save_for_backward(v, codes)
+        ctx.save_for_backward(v, codes, z if z is not None else torch.zeros(()))
         ctx.meta = (qmin, qmax, grad_scale, tuple(scale.shape))
-        return (codes * s).to(x.dtype)
+        return ((codes if z is None else codes - z) * s).to(x.dtype)
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, None, None]:  # type: ignore[override]
-        v, codes = ctx.saved_tensors
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, None, None, None]:  # type: ignore[override]
+        v, codes, z = ctx.saved_tensors
         qmin, qmax, grad_scale, scale_shape = ctx.meta
         inside = (v >= qmin) & (v <= qmax)
-        dscale = torch.where(inside, codes - v, codes)  # round(v) - v inside; qmin / qmax where clipped
+        dscale = torch.where(inside, codes - v, codes - z)  # round(u) - u inside; qmin/qmax - Z where clipped
         grad_scale_t = reduce_to_params(grad.float() * dscale, scale_shape) * grad_scale
-        return grad * inside, grad_scale_t, None, None
+        return grad * inside, grad_scale_t, None, None, None
 
 
-def lsq_fake_quantize(x: Tensor, scale: Tensor, bits: int) -> Tensor:
-    """Learned step size quantization (LSQ, Esser et al. 2020), symmetric.
+def lsq_fake_quantize(x: Tensor, scale: Tensor, bits: int, zero_point: Tensor | None = None) -> Tensor:
+    """Learned step size quantization (LSQ, Esser et al. 2020), symmetric or with a fixed zero-point.
 
-    Forward: ``S * clamp(round(x / S), qmin, qmax)``, bit-for-bit ``dequantize(quantize(x, S, 0))``.
-    Backward: ``dL/dx`` straight through inside the range (0 where clipped); ``dL/dS`` per block is
-    ``g * sum(dL/dy * (round(x/S) - x/S))`` inside and ``qmin`` / ``qmax`` in place of the bracket where clipped,
-    with the LSQ gradient scale ``g = 1 / sqrt(n * qmax)``, ``n`` the number of values per scale.
+    With ``u = x / S + Z`` (``Z = 0`` when ``zero_point`` is None): forward ``S * (clamp(round(u), qmin, qmax) - Z)``,
+    bit-for-bit ``dequantize(quantize(x, S, Z))``. Backward: ``dL/dx`` straight through inside the range (0 where
+    clipped); ``dL/dS`` per block is ``g * sum(dL/dy * (round(u) - u))`` inside and ``qmin - Z`` / ``qmax - Z`` in
+    place of the bracket where clipped, with the LSQ gradient scale ``g = 1 / sqrt(n * qmax)``, ``n`` the number of
+    values per scale. The zero-point gets no gradient: it stays the integer it was given (a PTQ start's, or min-max's).
 
     Args:
         x: float tensor, any shape.
         scale: learnable block-shaped scales (see :func:`compute_qparams`), positive.
         bits: code width in ``[2, 8]``.
+        zero_point: integer-valued block-shaped zero-points of ``scale``'s shape, or None (symmetric).
 
     Returns:
         Tensor of ``x``'s shape and dtype on the quantization grid.
     """
     _, qmax = quant_range(bits)
     per_scale = x.numel() // scale.numel()
-    return _LSQ.apply(x, scale, bits, 1.0 / math.sqrt(per_scale * qmax))
+    zero = None if zero_point is None else zero_point.detach()
+    return _LSQ.apply(x, scale, zero, bits, 1.0 / math.sqrt(per_scale * qmax))
 
 
 def sqnr_db(x: Tensor, y: Tensor) -> float:

@@ -60,8 +60,8 @@ def check_weight_quant(
     check_choice("method", method, METHODS)
     if method == "fp8":
         check_method(method, bits, symmetric)
-    if lsq and (not symmetric or method != "linear"):
-        raise ValueError("lsq=True needs method='linear' and symmetric=True (LSQ learns a symmetric step size)")
+    if lsq and method != "linear":
+        raise ValueError(f"lsq=True needs method='linear' (LSQ learns the integer grid's step size), got {method!r}")
     if lsq and scale_dtype is not None:
         raise ValueError(f"scale_dtype={scale_dtype!r} rounds min-max scales; allowed with lsq=True: None")
     check_choice("kmeans_init", kmeans_init, KMEANS_INITS)
@@ -82,7 +82,8 @@ class WeightQuantizer(_StatelessInStateDict):
 
     ``method="linear"``: signed ``bits``-bit codes, per output channel (``group_size=None``) or per group of
     ``group_size`` inputs, symmetric or asymmetric; min-max scales recomputed from the weight at every step, or
-    learned (``lsq=True``, symmetric, initialised from min-max). ``method="kmeans"``: ``2^bits`` shared centroids
+    learned (``lsq=True``, initialised from min-max; asymmetric grids keep their min-max zero-points fixed, or a PTQ
+    start's, :meth:`from_quantized`). ``method="kmeans"``: ``2^bits`` shared centroids
     (Han et al., Deep Compression); each weight is an index into the codebook, zeros (pruned weights) stay zero,
     and each centroid's gradient is the sum of its members' gradients. After :meth:`convert` the scales are frozen
     and the weight sits exactly on its grid. ``method="fp8"``: FP8 E4M3 values (``bits=8``, symmetric) with min-max
@@ -108,8 +109,11 @@ class WeightQuantizer(_StatelessInStateDict):
         self.method, self.lsq, self.kmeans_init, self.scale_dtype = method, lsq, kmeans_init, scale_dtype
         self.frozen: QParams | None = None
         self.scale: nn.Parameter | None = None
+        self.register_buffer("zero", None, persistent=False)  # LSQ, asymmetric: the fixed integer zero-points
         if lsq:
-            self.scale = nn.Parameter(self._minmax(weight).scale)
+            start = self._minmax(weight)
+            self.scale = nn.Parameter(start.scale)
+            self.zero = None if symmetric else start.zero_point
         # k-means: the codebook exists from the start so the optimizer sees it; cluster() fills it in place
         self.centroids = nn.Parameter(torch.zeros(2**bits, device=weight.device)) if method == "kmeans" else None
         self.clustered = False
@@ -135,7 +139,8 @@ class WeightQuantizer(_StatelessInStateDict):
         if self.frozen is not None:
             return self.frozen
         if self.scale is not None:
-            return QParams(self.scale.detach().abs(), torch.zeros_like(self.scale.detach()))
+            scale = self.scale.detach().abs()
+            return QParams(scale, torch.zeros_like(scale) if self.zero is None else self.zero)
         return self._minmax(weight)
 
     @torch.no_grad()
@@ -166,7 +171,7 @@ class WeightQuantizer(_StatelessInStateDict):
                 self.cluster(weight)
             return (self.centroids[self.indices] * self.nonzero).to(weight.dtype)
         if self.scale is not None and self.frozen is None:
-            return lsq_fake_quantize(weight, self.scale.abs(), self.bits)
+            return lsq_fake_quantize(weight, self.scale.abs(), self.bits, self.zero)
         if (fused := self.fused_arguments()) is not None:  # min-max and fake-quantize in one kernel
             return minmax_fake_quantize(weight, *fused)
         s, z = self.qparams(weight)
@@ -211,24 +216,69 @@ class WeightQuantizer(_StatelessInStateDict):
         return quantized
 
     @classmethod
+    @torch.no_grad()
     def from_quantized(
-        cls, weight: Tensor, quantized: QuantizedWeight, pruned: Tensor | None = None
+        cls, weight: Tensor, quantized: QuantizedWeight, pruned: Tensor | None = None, lsq: bool = False
     ) -> WeightQuantizer:
-        """A linear quantizer frozen at ``quantized``'s scales (e.g. GPTQ's), for a weight already on that grid;
-        ``pruned`` marks the weights that were zero before quantization (see :attr:`pruned`)."""
+        """A linear quantizer at ``quantized``'s grid (e.g. GPTQ's or AWQ's), for a weight already on that grid:
+        frozen there, or (``lsq=True``) with those scales as LSQ's learned starting point and its zero-points fixed,
+        so training refines the PTQ result (the first forward equals it exactly); ``pruned`` marks the weights that
+        were zero before quantization (see :attr:`pruned`).
+
+        Raises:
+            ValueError: ``lsq=True`` for an FP8 grid or one whose scales do not have min-max's block shape (GPTQ's
+                act-order groups without ``static_groups``).
+        """
         method = "fp8" if quantized.format == "fp8" else "linear"
-        quantizer = cls(weight, quantized.bits, quantized.symmetric, quantized.group_size, method)
-        scale = quantized.scale.to(weight.device)
-        zero = torch.zeros_like(scale) if quantized.zero_point is None else quantized.zero_point.to(weight.device)
-        quantizer.frozen = QParams(scale, zero)
+        quantizer = cls(weight, quantized.bits, quantized.symmetric, quantized.group_size, method, lsq=lsq)
+        quantizer.start_from(quantized, weight.device)
         quantizer.pruned = None if pruned is None else pruned.to(device=weight.device, dtype=torch.bool)
         return quantizer
+
+    @torch.no_grad()
+    def start_from(self, quantized: QuantizedWeight, device: torch.device | None = None) -> None:
+        """Take ``quantized``'s grid (a PTQ result of this quantizer's bits, group size and symmetry) in place: LSQ's
+        learned scales start at its scales (the same Parameter, so an optimizer holding it keeps it) with its
+        zero-points fixed; any other linear quantizer is frozen at it (its tensors moved to ``device``, or to the
+        learned scales' device).
+
+        Raises:
+            ValueError: a grid of other bits / group size / symmetry, or (LSQ) scales not of min-max's block shape
+                (GPTQ's act-order groups without ``static_groups``).
+        """
+        mine = (self.bits, self.group_size, self.symmetric, self.grid)
+        theirs = (
+            quantized.bits,
+            quantized.group_size,
+            quantized.symmetric,
+            {"int": "linear"}.get(quantized.format, quantized.format),
+        )
+        if mine != theirs:
+            raise ValueError(
+                f"a grid of (bits, group_size, symmetric, format) = {theirs} cannot start this quantizer's {mine}"
+            )
+        device = device if device is not None else self.scale.device if self.scale is not None else None
+        scale = quantized.scale.to(device)
+        zero = torch.zeros_like(scale) if quantized.zero_point is None else quantized.zero_point.to(scale.device)
+        if self.scale is None:
+            self.frozen = QParams(scale, zero)
+            return
+        if self.scale.shape != scale.shape:
+            raise ValueError(
+                f"scales of shape {tuple(scale.shape)} cannot start LSQ, whose scales are {tuple(self.scale.shape)} "
+                "(one per channel or per group); allowed: a PTQ grid of contiguous groups "
+                "(GPTQFinalize(static_groups=True), the default, or act_order=False)"
+            )
+        self.scale.copy_(scale.to(self.scale.device))
+        self.zero = None if quantized.symmetric else zero.to(self.scale.device).clone()
 
     def quant_state(self) -> dict[str, Any]:
         """Everything needed to resume: learned scales, codebook, frozen parameters."""
         state: dict[str, Any] = {"frozen": None if self.frozen is None else tuple(t.cpu() for t in self.frozen)}
         if self.scale is not None:  # whole (a sharded learned scale is all-gathered), as every tensor here
             state["scale"] = full_tensor(self.scale.detach()).cpu()
+        if self.zero is not None:
+            state["zero"] = self.zero.cpu()
         if self.clustered:
             centroids = full_tensor(self.centroids.detach()).cpu()
             state.update(centroids=centroids, indices=self.indices.cpu(), nonzero=self.nonzero.cpu())
@@ -244,6 +294,8 @@ class WeightQuantizer(_StatelessInStateDict):
             self.frozen = QParams(*(t.to(device) if device else t for t in state["frozen"]))
         if "scale" in state and self.scale is not None:
             self.scale.copy_(local_like(state["scale"].to(self.scale.device), self.scale))
+        if "zero" in state:
+            self.zero = state["zero"].to(device)
         if "centroids" in state:
             self.centroids.copy_(local_like(state["centroids"].to(self.centroids.device), self.centroids))
             self.indices, self.nonzero = state["indices"].clone(), state["nonzero"].clone()

@@ -78,13 +78,17 @@ def select_layers(
 
 
 def output_embeddings(model: nn.Module) -> nn.Module | None:
-    """A language model's output embedding layer (Hugging Face's ``get_output_embeddings()``), or None."""
-    get = getattr(model, "get_output_embeddings", None)
-    try:
-        head = get() if callable(get) else None
-    except (NotImplementedError, AttributeError):
-        return None
-    return head if isinstance(head, nn.Module) else None
+    """A language model's output embedding layer (Hugging Face's ``get_output_embeddings()`` of ``model`` or of the
+    first submodule that has one, as when a LightningModule wraps the language model), or None."""
+    for module in model.modules():
+        get = getattr(module, "get_output_embeddings", None)
+        try:
+            head = get() if callable(get) else None
+        except (NotImplementedError, AttributeError):
+            continue
+        if isinstance(head, nn.Module):
+            return head
+    return None
 
 
 def retyped(module: nn.Module, cls: type[nn.Module]) -> nn.Module:

@@ -197,6 +197,29 @@ def test_lsq_forward_is_exact_and_scale_gradient_matches_the_formula(gran):
     assert (scale.grad != 0).all()
 
 
+@pytest.mark.parametrize("gran", [(0, None), (None, 8)])
+def test_lsq_with_a_zero_point_is_exact_and_its_scale_gradient_is_autograds_of_the_ste_formula(gran):
+    torch.manual_seed(0)
+    x = (torch.randn(6, 16) + 0.7).requires_grad_()
+    scale, zero = compute_qparams(x.detach(), 3, symmetric=False, axis=gran[0], group_size=gran[1])
+    scale = (scale * 0.8).requires_grad_()  # some values clip at either end
+    y = lsq_fake_quantize(x, scale, 3, zero)
+    assert torch.equal(y, dequantize(quantize(x.detach(), scale.detach(), zero, 3), scale.detach(), zero))
+    upstream = torch.randn_like(y)
+    y.backward(upstream)
+    # reference: autograd through S * (round_ste(clamp(x / S + Z)) - Z), scaled by LSQ's g (LSQ clips u, unrounded)
+    x_ref, s_ref = x.detach().clone().requires_grad_(), scale.detach().clone().requires_grad_()
+    u = x_ref / expand_params(s_ref, x.shape) + expand_params(zero, x.shape)
+    c = torch.clamp(u, -4, 3)
+    q = c + (c.round() - c).detach()
+    g = 1 / (x.numel() / scale.numel() * 3) ** 0.5
+    ref = expand_params(s_ref, x.shape) * (q - expand_params(zero, x.shape))
+    (ref * upstream).sum().backward()
+    assert torch.allclose(scale.grad, s_ref.grad * g, atol=1e-5)
+    assert torch.allclose(x.grad, x_ref.grad, atol=1e-6)
+    assert (zero != 0).any() and (scale.grad != 0).all()
+
+
 def test_zero_dim_params_are_per_tensor():
     x = torch.randn(3, 5)
     scale, zp = torch.tensor(0.05), torch.tensor(3.0)

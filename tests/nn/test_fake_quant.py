@@ -12,6 +12,7 @@ from lightning_compress.nn.fake_quant import (
     fake_quant_class,
 )
 from lightning_compress.nn.observers import MinMaxObserver
+from lightning_compress.nn.quantized import QuantizedWeight
 
 
 def make_linear(**kwargs):
@@ -112,7 +113,36 @@ def test_bad_weight_quantizer_arguments():
         WeightQuantizer(w, bits=9)
     with pytest.raises(ValueError, match="group_size=4 does not divide the input dimension 9"):
         WeightQuantizer(w, group_size=4)
-    with pytest.raises(ValueError, match="lsq=True needs"):
-        WeightQuantizer(w, lsq=True, symmetric=False)
+    with pytest.raises(ValueError, match="lsq=True needs method='linear'"):
+        WeightQuantizer(w, lsq=True, method="kmeans", bits=3)
     with pytest.raises(TypeError, match="Embedding has no fake-quant version"):
         fake_quant_class(nn.Embedding(3, 4))
+
+
+@pytest.mark.parametrize("group_size", [None, 8])
+def test_lsq_from_a_ptq_grid_starts_exactly_there_learns_its_scales_and_keeps_its_zero_points(group_size):
+    torch.manual_seed(0)
+    w = torch.randn(6, 16) + 0.3
+    scale, zero = compute_qparams(w, 3, symmetric=False, axis=None if group_size else 0, group_size=group_size)
+    start = QuantizedWeight(quantize(w, scale * 0.9, zero, 3), scale * 0.9, zero, 3, group_size)
+    weight = nn.Parameter(start.dequantize())  # a PTQ result: the weight sits on its grid
+    wq = WeightQuantizer.from_quantized(weight, start, lsq=True)
+    assert torch.equal(wq(weight), start.dequantize())
+    (wq(weight) * torch.randn(6, 16)).sum().backward()
+    assert wq.scale.grad is not None and (wq.scale.grad != 0).any() and weight.grad is not None
+    with torch.no_grad():
+        wq.scale.mul_(1.1)
+    converted = wq.convert(weight)
+    assert torch.equal(converted.zero_point, zero) and torch.allclose(converted.scale, scale * 0.99)
+    assert torch.equal(weight.detach(), converted.dequantize())
+    restored = WeightQuantizer(weight, 3, False, group_size, lsq=True)
+    restored.load_quant_state(wq.quant_state())
+    assert torch.equal(restored.qparams(weight).zero_point, zero)
+
+
+def test_lsq_cannot_start_from_per_column_act_order_scales():
+    w = torch.randn(4, 8)
+    scale, zero = torch.rand(4, 8) + 0.1, torch.zeros(4, 8)
+    start = QuantizedWeight(quantize(w, scale, zero, 4), scale, zero, 4)
+    with pytest.raises(ValueError, match="static_groups=True"):
+        WeightQuantizer.from_quantized(nn.Parameter(start.dequantize()), start, lsq=True)
