@@ -35,6 +35,7 @@ from lightning_compress.functional.quant import (
     compute_qparams,
     expand_params,
     fake_quantize_and_mask,
+    lsq_fake_quantize,
     qparams_from_range,
     quant_range,
     token_scale,
@@ -171,6 +172,41 @@ def _group(w: Tensor, group_size: int | None) -> int:
     if not row or row % group:
         raise ValueError(f"group_size={group_size} must divide the weight's row length {row} (shape {tuple(w.shape)})")
     return group
+
+
+class _FusedLSQ(torch.autograd.Function):
+    """LSQ in one C++ pass each way (``lsq_forward`` / ``lsq_backward``); the backward recomputes ``x / S + Z`` from
+    the weight instead of saving it."""
+
+    @staticmethod
+    def forward(ctx, w: Tensor, scale: Tensor, zero: Tensor | None, bits: int, group: int, grad_scale: float) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(w, scale, *(() if zero is None else (zero,)))
+        ctx.meta = (bits, group, grad_scale)
+        return _extension().lsq_forward(w, scale, zero, bits, group)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        w, scale, *zero = ctx.saved_tensors
+        bits, group, grad_scale = ctx.meta
+        dx, ds = _extension().lsq_backward(grad, w, scale, zero[0] if zero else None, bits, group, grad_scale)
+        return dx, ds, None, None, None, None
+
+
+def fused_lsq_fake_quantize(w: Tensor, scale: Tensor, bits: int, zero_point: Tensor | None = None) -> Tensor:
+    """:func:`~lightning_compress.functional.quant.lsq_fake_quantize` of a weight ``(out, in, ...)`` with one scale per
+    output channel or per group of inputs (``scale`` ``(out, in / group_size)``), in one C++ pass forward and one
+    backward on CPU: the same forward bit for bit, the same gradients (the scale's summed in float64). Other devices,
+    scale shapes, or no C++ build: the eager function."""
+    quant_range(bits)  # validates bits
+    row = w.numel() // w.shape[0] if w.dim() >= 2 and w.shape[0] else 0
+    blocked = scale.dim() == 2 and scale.shape[0] == w.shape[0] and row and row % scale.shape[1] == 0
+    if not blocked or w.device.type != "cpu" or _extension() is None:
+        return lsq_fake_quantize(w, scale, bits, zero_point)
+    _, qmax = quant_range(bits)
+    zero = None if zero_point is None else zero_point.detach()
+    return _FusedLSQ.apply(
+        w, scale, zero, bits, row // scale.shape[1], 1.0 / (w.numel() // scale.numel() * qmax) ** 0.5
+    )
 
 
 class _InputAndWeight(torch.autograd.Function):

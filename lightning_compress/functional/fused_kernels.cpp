@@ -208,7 +208,80 @@ torch::Tensor scale_rows(torch::Tensor y, torch::Tensor scale, c10::optional<tor
   return out;
 }
 
+// LSQ (functional.quant.lsq_fake_quantize) on a weight viewed as rows of `group` values, one learned scale (and a
+// fixed zero-point, or none) per row: u = x / S + Z, c = clamp(round(u)), y = (c - Z) * S. Nothing is saved: the
+// backward recomputes u from the weight.
+torch::Tensor lsq_forward(torch::Tensor w, torch::Tensor scale, c10::optional<torch::Tensor> zero, int64_t bits,
+                          int64_t group) {
+  TORCH_CHECK(w.device().is_cpu() && w.numel() == scale.numel() * group, "CPU weight of scale.numel() * group values");
+  w = w.contiguous();
+  auto s = scale.to(torch::kFloat).contiguous();
+  torch::Tensor z = zero.has_value() && zero->defined() ? zero->to(torch::kFloat).contiguous() : torch::Tensor();
+  const float qmin = -static_cast<float>(int64_t{1} << (bits - 1)), qmax = -qmin - 1;
+  auto y = torch::empty_like(w);
+  const float* sp = s.data_ptr<float>();
+  const float* zp = z.defined() ? z.data_ptr<float>() : nullptr;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "lsq_forward", [&] {
+    const scalar_t* wp = w.data_ptr<scalar_t>();
+    scalar_t* yp = y.data_ptr<scalar_t>();
+    at::parallel_for(0, s.numel(), std::max<int64_t>(1, kGrain / group), [&](int64_t begin, int64_t end) {
+      for (int64_t g = begin; g < end; ++g) {
+        const float scl = sp[g];
+        for (int64_t i = g * group; i < (g + 1) * group; ++i) {
+          float u = static_cast<float>(wp[i]) / scl;
+          if (zp) u = u + zp[g];
+          const float c = clampf(std::nearbyint(u), qmin, qmax);
+          yp[i] = static_cast<scalar_t>(zp ? (c - zp[g]) * scl : c * scl);
+        }
+      }
+    });
+  });
+  return y;
+}
+
+// Its backward: dL/dx = grad where qmin <= u <= qmax (0 where clipped), and per row
+// dL/dS = grad_scale * sum(grad * (round(u) - u)) inside, (c - Z) where clipped (summed in double).
+std::tuple<torch::Tensor, torch::Tensor> lsq_backward(torch::Tensor grad, torch::Tensor w, torch::Tensor scale,
+                                                      c10::optional<torch::Tensor> zero, int64_t bits, int64_t group,
+                                                      double grad_scale) {
+  TORCH_CHECK(grad.sizes() == w.sizes() && w.numel() == scale.numel() * group, "gradient of the weight's shape");
+  w = w.contiguous();
+  grad = grad.to(w.scalar_type()).contiguous();
+  auto s = scale.to(torch::kFloat).contiguous();
+  torch::Tensor z = zero.has_value() && zero->defined() ? zero->to(torch::kFloat).contiguous() : torch::Tensor();
+  const float qmin = -static_cast<float>(int64_t{1} << (bits - 1)), qmax = -qmin - 1;
+  auto dx = torch::empty_like(w);
+  auto ds = torch::empty({s.numel()}, s.options().dtype(torch::kDouble));
+  const float* sp = s.data_ptr<float>();
+  const float* zp = z.defined() ? z.data_ptr<float>() : nullptr;
+  double* dsp = ds.data_ptr<double>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "lsq_backward", [&] {
+    const scalar_t* wp = w.data_ptr<scalar_t>();
+    const scalar_t* gp = grad.data_ptr<scalar_t>();
+    scalar_t* dxp = dx.data_ptr<scalar_t>();
+    at::parallel_for(0, s.numel(), std::max<int64_t>(1, kGrain / group), [&](int64_t begin, int64_t end) {
+      for (int64_t g = begin; g < end; ++g) {
+        const float scl = sp[g], zr = zp ? zp[g] : 0.0f;
+        double acc = 0.0;
+        for (int64_t i = g * group; i < (g + 1) * group; ++i) {
+          float u = static_cast<float>(wp[i]) / scl;
+          if (zp) u = u + zr;
+          const float gi = static_cast<float>(gp[i]);
+          const bool inside = u >= qmin && u <= qmax;
+          const float c = clampf(std::nearbyint(u), qmin, qmax);
+          acc += static_cast<double>(gi) * static_cast<double>(inside ? c - u : c - zr);
+          dxp[i] = inside ? gp[i] : scalar_t(0);
+        }
+        dsp[g] = acc * grad_scale;
+      }
+    });
+  });
+  return {dx, ds.to(torch::kFloat).view(scale.sizes())};
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("lsq_forward", &lsq_forward, "LSQ fake-quantize per row / group, learned scale, fixed zero-point");
+  m.def("lsq_backward", &lsq_backward, "LSQ's straight-through weight gradient and per-row scale gradient");
   m.def("straight_through_backward", &straight_through_backward, "grad masked by the values not clipped");
   m.def("observe_fake_quantize", &observe_fake_quantize, "observer update + asymmetric per-tensor fake-quantize");
   m.def("minmax_fake_quantize", &minmax_fake_quantize, "min-max per-row / per-group fake-quantize");

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from lightning_compress.functional.checks import check_choice, check_positive_int
 from lightning_compress.functional.fused import (
+    fused_lsq_fake_quantize,
     minmax_fake_quantize,
     observe_fake_quantize,
     observe_fake_quantize_input_and_weight,
@@ -30,7 +31,6 @@ from lightning_compress.functional.quant import (
     compute_qparams,
     fake_quantize,
     group_shape,
-    lsq_fake_quantize,
     quantize,
     token_scale,
 )
@@ -171,7 +171,7 @@ class WeightQuantizer(_StatelessInStateDict):
                 self.cluster(weight)
             return (self.centroids[self.indices] * self.nonzero).to(weight.dtype)
         if self.scale is not None and self.frozen is None:
-            return lsq_fake_quantize(weight, self.scale.abs(), self.bits, self.zero)
+            return fused_lsq_fake_quantize(weight, self.scale.abs(), self.bits, self.zero)
         if (fused := self.fused_arguments()) is not None:  # min-max and fake-quantize in one kernel
             return minmax_fake_quantize(weight, *fused)
         s, z = self.qparams(weight)

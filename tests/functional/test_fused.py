@@ -135,3 +135,34 @@ def test_row_quantization_and_rescale_equal_their_eager_compositions(monkeypatch
     xs = x if smooth is None else x / smooth.to(dtype)
     s = xs.float().abs().amax(-1, keepdim=True).clamp_min(1e-8) / qmax
     assert torch.equal(eager[0][0], (torch.round(xs.float() / s).clamp(-qmax - 1, qmax) + 128).to(torch.uint8))
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("group_size", [None, 8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_lsq_equals_the_eager_lsq_forward_bit_for_bit_and_its_gradients(symmetric, group_size, dtype):
+    from lightning_compress.functional.fused import fused_lsq_fake_quantize
+    from lightning_compress.functional.quant import expand_params, lsq_fake_quantize
+
+    torch.manual_seed(0)
+    w = torch.randn(6, 32) + (0 if symmetric else 0.4)
+    scale, zero = compute_qparams(w, 3, symmetric, axis=None if group_size else 0, group_size=group_size)
+    scale = scale * 0.8  # some values clip
+    z = None if symmetric else zero
+    # a few weights exactly at (and one ulp around) a rounding boundary (k + 0.5 - Z) * S of their block
+    s_full, z_full = expand_params(scale, w.shape), expand_params(zero if z is not None else torch.zeros(()), w.shape)
+    edge = (torch.randint(-3, 3, w.shape).float() + 0.5 - z_full) * s_full
+    pick = torch.rand(w.shape) < 0.1
+    w = torch.where(pick, edge, w)
+    w[:, :2] = w[:, :2].nextafter(torch.tensor(math.inf))
+    w = w.to(dtype)
+    upstream = torch.randn(w.shape).to(dtype)
+    results = []
+    for fn in (fused_lsq_fake_quantize, lsq_fake_quantize):
+        x, s = w.clone().requires_grad_(), scale.clone().requires_grad_()
+        y = fn(x, s, 3, z)
+        y.backward(upstream)
+        results.append((y, x.grad, s.grad))
+    (y_f, gx_f, gs_f), (y_e, gx_e, gs_e) = results
+    assert torch.equal(y_f, y_e) and torch.equal(gx_f, gx_e)
+    assert torch.allclose(gs_f, gs_e, rtol=1e-4, atol=1e-5) and (gs_f != 0).any()
