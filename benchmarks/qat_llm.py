@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import os
 import tempfile
 import time
 
@@ -39,9 +40,9 @@ class StartPerplexity(pl.Callback):
         self.value = perplexity(self.model, self.batches)
 
 
-def _trainer(callbacks: list[pl.Callback]) -> pl.Trainer:
+def _trainer(callbacks: list[pl.Callback], steps: int = STEPS) -> pl.Trainer:
     return pl.Trainer(
-        accelerator="cpu", max_steps=STEPS, accumulate_grad_batches=ACCUMULATE, precision="bf16-mixed",
+        accelerator="cpu", max_steps=steps, accumulate_grad_batches=ACCUMULATE, precision="bf16-mixed",
         limit_val_batches=0, callbacks=callbacks, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False,
     )  # fmt: skip
@@ -106,11 +107,57 @@ def _recovered(ptq: float, tuned: float, fp32: float, fp32_tuned: float) -> str:
     return f"{100 * (ptq - tuned) / (ptq - fp32):.0f}% ({100 * (ptq - tuned) / (ptq - fp32_tuned):.0f}%)"
 
 
+SPEED_STEPS, SPEED_REPEATS = 6, 2
+
+
+def partial() -> str | None:
+    """``QAT_LLM_ONLY=speed`` runs the interleaved step-time table alone (the accuracy table is kept)."""
+    only = os.environ.get("QAT_LLM_ONLY", "").strip()
+    return f'QAT_LLM_ONLY="{only}"' if only else None
+
+
+def _speed(fp: torch.nn.Module, dm: pl.LightningDataModule) -> Table:
+    """Median optimizer-step seconds of plain bf16-mixed fine-tuning, QAT (LSQ int4) and QAT + distillation, fits
+    of SPEED_STEPS steps interleaved (A, B, C, A, B, C), the first two steps of each skipped."""
+    runs = {
+        "plain bf16-mixed fine-tuning": ([], False),
+        "QAT (LSQ int4 per channel, 210 Linears)": ([lambda: QATFakeQuant(bits=4, symmetric=False, lsq=True)], False),
+        "QAT + distillation (bf16 teacher)": ([lambda: QATFakeQuant(bits=4, symmetric=False, lsq=True)], True),
+    }
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(SPEED_REPEATS):
+        for name, (makers, distil) in runs.items():
+            pl.seed_everything(0)
+            student = CausalLMModule(model=copy.deepcopy(fp), lr=LR)
+            module = DistillationModule(student, copy.deepcopy(fp), **KD) if distil else student
+            timer = StepTimer()
+            trainer = _trainer([*(m() for m in makers), timer], SPEED_STEPS)
+            trainer.fit(module, dm)
+            steps = [sum(timer.times[i : i + ACCUMULATE]) for i in range(0, len(timer.times), ACCUMULATE)]
+            times[name] += steps[2:]
+            del module, student, trainer
+            gc.collect()
+    medians = {name: sorted(t)[len(t) // 2] for name, t in times.items()}
+    base = medians["plain bf16-mixed fine-tuning"]
+    rows = [[name, f"{m:.2f} s", f"{m / base:.2f}×"] for name, m in medians.items()]
+    return Table(
+        f"SmolLM2-135M step time, 8 × {SEQ} tokens (2 micro-batches of 4), bf16-mixed, interleaved fits",
+        ["run", "median step", "× plain (target QAT ≤ 1.3×)"],
+        rows,
+        [
+            f"{SPEED_REPEATS} rounds of {SPEED_STEPS}-step fits in turn, first two steps of each fit skipped; LSQ runs "
+            "as one C++ pass each way (`functional.fused.fused_lsq_fake_quantize`)."
+        ],  # fmt: skip
+    )
+
+
 def run() -> list[Table]:
     quiet()
     fp, _ = load_pretrained("smollm2", task="causal_lm")
     dm = BrownLMDataModule(batch_size=BATCH, seq_len=SEQ)
     dm.setup()
+    if partial():
+        return [_speed(fp, dm)]
     test = [dm.splits["test"][i : i + 8] for i in range(0, len(dm.splits["test"]), 8)]
     test = [{k: v for k, v in b.items() if k != "labels"} for b in test]
     fp32 = perplexity(fp, test)
@@ -177,4 +224,4 @@ def run() -> list[Table]:
             "warm-up steps; QAT + distillation adds the bf16 teacher's forward.",
         ],
     )
-    return [table, Table("Targets", ["target"], [[t] for t in targets])]
+    return [table, Table("Targets", ["target"], [[t] for t in targets]), _speed(fp, dm)]

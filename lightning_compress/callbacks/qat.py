@@ -82,7 +82,7 @@ class QATFakeQuant(pl.Callback):
         group_size: one scale per ``group_size`` inputs of each row instead of one per row.
         method: ``"linear"``, ``"kmeans"`` or ``"fp8"`` (FP8 E4M3 weights, ``bits=8``, symmetric; with
             ``act_bits=8`` its activations are FP8 too, dynamic per token as FP8 kernels serve them).
-        lsq: learn the weight scales (LSQ); symmetric linear only.
+        lsq: learn the weight scales (LSQ; linear only; asymmetric grids keep their zero-points fixed).
         kmeans_init: k-means initialisation, ``"linear"``, ``"kmeans++"`` or ``"density"``.
         scale_dtype: round min-max weight scales to ``"float16"`` / ``"bfloat16"`` as they are made (GGUF stores
             fp16 block scales: with it and ``group_size=32`` a GGUF file holds the trained grid exactly).

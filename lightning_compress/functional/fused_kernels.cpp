@@ -209,8 +209,17 @@ torch::Tensor scale_rows(torch::Tensor y, torch::Tensor scale, c10::optional<tor
 }
 
 // LSQ (functional.quant.lsq_fake_quantize) on a weight viewed as rows of `group` values, one learned scale (and a
-// fixed zero-point, or none) per row: u = x / S + Z, c = clamp(round(u)), y = (c - Z) * S. Nothing is saved: the
-// backward recomputes u from the weight.
+// fixed zero-point, or none: Z = 0 changes no value) per row: u = x / S + Z, c = clamp(round(u)), y = (c - Z) * S.
+// Nothing is saved: the backward recomputes u from the weight. The loops are branch-free so that they vectorize.
+template <typename scalar_t>
+inline void lsq_forward_run(const scalar_t* x, scalar_t* y, int64_t n, float scale, float zero, float qmin,
+                            float qmax) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float c = clampf(std::rint(static_cast<float>(x[i]) / scale + zero), qmin, qmax);
+    y[i] = static_cast<scalar_t>((c - zero) * scale);
+  }
+}
+
 torch::Tensor lsq_forward(torch::Tensor w, torch::Tensor scale, c10::optional<torch::Tensor> zero, int64_t bits,
                           int64_t group) {
   TORCH_CHECK(w.device().is_cpu() && w.numel() == scale.numel() * group, "CPU weight of scale.numel() * group values");
@@ -226,21 +235,43 @@ torch::Tensor lsq_forward(torch::Tensor w, torch::Tensor scale, c10::optional<to
     scalar_t* yp = y.data_ptr<scalar_t>();
     at::parallel_for(0, s.numel(), std::max<int64_t>(1, kGrain / group), [&](int64_t begin, int64_t end) {
       for (int64_t g = begin; g < end; ++g) {
-        const float scl = sp[g];
-        for (int64_t i = g * group; i < (g + 1) * group; ++i) {
-          float u = static_cast<float>(wp[i]) / scl;
-          if (zp) u = u + zp[g];
-          const float c = clampf(std::nearbyint(u), qmin, qmax);
-          yp[i] = static_cast<scalar_t>(zp ? (c - zp[g]) * scl : c * scl);
-        }
+        lsq_forward_run(wp + g * group, yp + g * group, group, sp[g], zp ? zp[g] : 0.0f, qmin, qmax);
       }
     });
   });
   return y;
 }
 
-// Its backward: dL/dx = grad where qmin <= u <= qmax (0 where clipped), and per row
-// dL/dS = grad_scale * sum(grad * (round(u) - u)) inside, (c - Z) where clipped (summed in double).
+// Its backward on one row: dL/dx = grad where qmin <= u <= qmax (0 where clipped); returns
+// sum(grad * (round(u) - u)) inside, (c - Z) where clipped, in 16 float partial sums added in double.
+template <typename scalar_t>
+inline double lsq_backward_run(const scalar_t* x, const scalar_t* g, scalar_t* dx, int64_t n, float scale, float zero,
+                               float qmin, float qmax) {
+  constexpr int kLanes = 16;
+  float acc[kLanes] = {0.0f};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int j = 0; j < kLanes; ++j) {
+      const float u = static_cast<float>(x[i + j]) / scale + zero;
+      const float c = clampf(std::rint(u), qmin, qmax);
+      const bool inside = u >= qmin && u <= qmax;
+      const float gi = static_cast<float>(g[i + j]);
+      acc[j] += gi * (inside ? c - u : c - zero);
+      dx[i + j] = inside ? g[i + j] : scalar_t(0);
+    }
+  }
+  double total = 0.0;
+  for (; i < n; ++i) {
+    const float u = static_cast<float>(x[i]) / scale + zero;
+    const float c = clampf(std::rint(u), qmin, qmax);
+    const bool inside = u >= qmin && u <= qmax;
+    total += static_cast<double>(g[i]) * static_cast<double>(inside ? c - u : c - zero);
+    dx[i] = inside ? g[i] : scalar_t(0);
+  }
+  for (int j = 0; j < kLanes; ++j) total += acc[j];
+  return total;
+}
+
 std::tuple<torch::Tensor, torch::Tensor> lsq_backward(torch::Tensor grad, torch::Tensor w, torch::Tensor scale,
                                                       c10::optional<torch::Tensor> zero, int64_t bits, int64_t group,
                                                       double grad_scale) {
@@ -261,18 +292,8 @@ std::tuple<torch::Tensor, torch::Tensor> lsq_backward(torch::Tensor grad, torch:
     scalar_t* dxp = dx.data_ptr<scalar_t>();
     at::parallel_for(0, s.numel(), std::max<int64_t>(1, kGrain / group), [&](int64_t begin, int64_t end) {
       for (int64_t g = begin; g < end; ++g) {
-        const float scl = sp[g], zr = zp ? zp[g] : 0.0f;
-        double acc = 0.0;
-        for (int64_t i = g * group; i < (g + 1) * group; ++i) {
-          float u = static_cast<float>(wp[i]) / scl;
-          if (zp) u = u + zr;
-          const float gi = static_cast<float>(gp[i]);
-          const bool inside = u >= qmin && u <= qmax;
-          const float c = clampf(std::nearbyint(u), qmin, qmax);
-          acc += static_cast<double>(gi) * static_cast<double>(inside ? c - u : c - zr);
-          dxp[i] = inside ? gp[i] : scalar_t(0);
-        }
-        dsp[g] = acc * grad_scale;
+        const int64_t at = g * group;
+        dsp[g] = grad_scale * lsq_backward_run(wp + at, gp + at, dxp + at, group, sp[g], zp ? zp[g] : 0.0f, qmin, qmax);
       }
     });
   });
