@@ -6,6 +6,7 @@ text, and the step time of each against plain bf16-mixed fine-tuning."""
 from __future__ import annotations
 
 import copy
+import datetime
 import gc
 import os
 import tempfile
@@ -14,7 +15,7 @@ import time
 import lightning.pytorch as pl
 import torch
 
-from benchmarks import StepTimer, Table, quiet
+from benchmarks import StepTimer, Table, machine, quiet
 from lightning_compress import DistillationModule, GPTQFinalize, IterativePruning, QATFakeQuant
 from lightning_compress.callbacks.sparsegpt import SparseGPTPrune
 from lightning_compress.evaluation import perplexity
@@ -207,6 +208,7 @@ def run() -> list[Table]:
         ["model", "perplexity at fine-tune start", "held-out perplexity", "of the PTQ loss recovered", "step time"],
         rows,
         [
+            f"Measured {datetime.date.today().isoformat()} on {machine()}.",
             f"Budget: {STEPS} AdamW steps (lr {LR:g}, 10% warmup then linear decay) of 8 windows × {SEQ} tokens "
             f"({STEPS * 8 * SEQ:,} tokens), micro-batches of {BATCH}, of the even Brown documents; perplexity on the "
             f"first 64 windows of {SEQ} tokens of the odd documents (as `scripts/ptq.py lm=smollm2`), in FP32.",
