@@ -1,7 +1,7 @@
 """lightning_compress: pruning, quantization and distillation for PyTorch Lightning.
 
-Public API: :class:`IterativePruning`, :class:`QATFakeQuant`, :class:`SmoothQuantCalibrate`, :class:`GPTQFinalize`,
-:class:`AWQCalibrate`, :class:`WandaPrune`, :class:`SparseGPTPrune`, :class:`CompressionReport`,
+Public API: :class:`AutoCompress`, :class:`IterativePruning`, :class:`QATFakeQuant`, :class:`SmoothQuantCalibrate`,
+:class:`GPTQFinalize`, :class:`AWQCalibrate`, :class:`WandaPrune`, :class:`SparseGPTPrune`, :class:`CompressionReport`,
 :func:`compression_summary`, :class:`DistillationModule`, :func:`export_for_inference`, :func:`save_exported`,
 :func:`load_exported`. Each is imported on first use (PEP 562), so tools that need none of them
 (``python -m lightning_compress.size``) start without importing Lightning.
@@ -13,6 +13,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from lightning_compress.callbacks.auto import AutoCompress
     from lightning_compress.callbacks.awq import AWQCalibrate
     from lightning_compress.callbacks.gptq import GPTQFinalize
     from lightning_compress.callbacks.pruning import IterativePruning
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
     from lightning_compress.summary import CompressionSummary, compression_summary
 
 _HOMES = {
+    "AutoCompress": "lightning_compress.callbacks.auto",
     "AWQCalibrate": "lightning_compress.callbacks.awq",
     "CompressionReport": "lightning_compress.callbacks.report",
     "CompressionSummary": "lightning_compress.summary",
@@ -43,6 +45,7 @@ _HOMES = {
     "save_exported": "lightning_compress.export.io",
 }
 __all__ = [  # the keys of _HOMES, spelled out for linters and readers
+    "AutoCompress",
     "AWQCalibrate",
     "CompressionReport",
     "CompressionSummary",

@@ -35,7 +35,7 @@ from torchmetrics.text import Perplexity
 
 from lightning_compress.calibration.batches import LABEL_KEYS, call_args, first_tensor, rows, split_batch, token_mask
 from lightning_compress.calibration.capture import find_blocks
-from lightning_compress.evaluation import IGNORE_INDEX, next_token_loss, next_token_targets
+from lightning_compress.evaluation import IGNORE_INDEX, is_causal_lm, next_token_loss, next_token_targets
 from lightning_compress.functional.distill import HIDDEN_LOSSES, hidden_state_loss, kd_loss, top_k_kd_loss, top_k_logits
 from lightning_compress.functional.schedules import linear_warmup_decay
 
@@ -50,14 +50,6 @@ def logits_of(output: Any) -> Tensor:
 
 
 TEACHER_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def is_causal_lm(model: nn.Module) -> bool:
-    """Whether ``model`` is (or wraps) a causal language model: a Hugging Face ``*ForCausalLM`` among its modules, or
-    a module that says so with a ``causal_lm = True`` attribute (:class:`~lightning_compress.examples.causal_lm.
-    CausalLMModule`)."""
-    return any(type(m).__name__.endswith("ForCausalLM") or getattr(m, "causal_lm", False) is True
-               for m in model.modules())  # fmt: skip
 
 
 def adamw_warmup_decay(

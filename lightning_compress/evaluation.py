@@ -29,6 +29,14 @@ def _logits(output: Any) -> Tensor:
     return logits
 
 
+def is_causal_lm(model: nn.Module) -> bool:
+    """Whether ``model`` is (or wraps) a causal language model: a Hugging Face ``*ForCausalLM`` among its modules, or
+    a module that says so with a ``causal_lm = True`` attribute (:class:`~lightning_compress.examples.causal_lm.
+    CausalLMModule`)."""
+    return any(type(m).__name__.endswith("ForCausalLM") or getattr(m, "causal_lm", False) is True
+               for m in model.modules())  # fmt: skip
+
+
 def next_token_targets(logits: Tensor, labels: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """A causal LM's predictions and what they predict: position ``t`` of ``logits`` scores token ``t + 1``.
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -119,6 +120,40 @@ def _pattern_colors(patterns: Iterable[str]) -> dict[str, str]:
 def _short(name: str) -> str:
     """``name`` cut from the left to ``MAX_NAME`` characters (the tail says which layer)."""
     return name if len(name) <= MAX_NAME else "…" + name[-(MAX_NAME - 1) :]
+
+
+# ------------------------------------------------------------------------------------------------------- plan
+
+
+def plan_bars(plan: Any, path: str | Path) -> Path:
+    """Write a PNG of a :class:`~lightning_compress.budget.CompressionPlan`: see :func:`plan_figure`."""
+    return save_png(plan_figure(plan), path)
+
+
+def plan_figure(plan: Any) -> Figure:
+    """Vertical bars, one per layer in model order: its megabytes under the plan, coloured by its option, with the
+    plan's total and predicted loss increase in the title.
+
+    Raises:
+        ValueError: the plan has no layer bytes.
+    """
+    names = list(plan.layers)
+    if not plan.layer_bytes or set(plan.layer_bytes) != set(names):
+        raise ValueError("the plan has no per-layer bytes to plot (plans made by OptionScan.plan have them)")
+    colors = _pattern_colors(plan.layers.values())
+    fig = Figure(figsize=(max(FIGSIZE[0], len(names) * 0.05), FIGSIZE[1]), layout="constrained")
+    ax = fig.add_subplot()
+    x = np.arange(len(names))
+    ax.bar(x, [plan.layer_bytes[n] / 1e6 for n in names], color=[colors[plan.layers[n]] for n in names], width=0.9)
+    step = max(1, len(names) // 20)
+    ax.set_xticks(x[::step], [_short(n) for n in names[::step]], rotation=90, fontsize=6)
+    ax.set(ylabel="MB under the plan", title=f"compression plan: {plan.total_bytes / 1e6:,.2f} MB, predicted loss "
+           f"+{plan.predicted_loss:.3g}")  # fmt: skip
+    ax.grid(axis="y", alpha=0.3)
+    counts = plan.counts()
+    handles = [Patch(color=c, label=f"{o} ({counts[o]})") for o, c in colors.items()]
+    ax.legend(handles=handles, title="option (layers)", fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    return fig
 
 
 # ------------------------------------------------------------------------------------------------ quantization

@@ -21,6 +21,7 @@ import yaml
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from lightning_compress.functional.knapsack import integer_costs, min_loss_choice
 from lightning_compress.functional.masks import check_sparsity, magnitude_mask, row_mask
 from lightning_compress.nn.select import select_layers
 
@@ -115,10 +116,10 @@ class SensitivityResult:
         """Per-layer ratios (0 or a scanned ratio) reaching ``target_sparsity`` at the least predicted loss.
 
         Minimises ``sum_i (baseline - metric_i(r_i))`` subject to ``sum_i r_i p_i >= target * sum_i p_i`` by a
-        multiple-choice knapsack over layers. Pruned counts are exact integers (ratios as fractions over a common
-        denominator, divided by their gcd), so the result is optimal whenever the requirement fits in
-        ``max_bins`` units; beyond that counts are floored to a coarser unit, which keeps the target met but may
-        cost a little optimality. Ties go to the lower ratio.
+        multiple-choice knapsack over layers (:mod:`~lightning_compress.functional.knapsack`). Kept counts are exact
+        integers (ratios as fractions over a common denominator, divided by their gcd), so the result is optimal
+        whenever the table fits in ``max_bins`` units; beyond that counts are rounded up to a coarser unit, which
+        keeps the target met but may cost a little optimality. Ties go to the lower ratio.
 
         Args:
             target_sparsity: global sparsity over the scanned layers, in ``[0, largest ratio]``.
@@ -132,12 +133,13 @@ class SensitivityResult:
         """
         target = check_sparsity(target_sparsity, "target_sparsity")
         names, options = list(self.metrics), (0.0, *self.ratios)
-        weights, need = _integer_weights(options, [self.params[n] for n in names], target, max_bins)
+        kept, capacity = _kept_counts(options, [self.params[n] for n in names], target)
         losses = torch.tensor(
             [[0.0, *(self.baseline - m for m in self.metrics[n])] for n in names], dtype=torch.float64
         )
-        picks = _knapsack(losses, weights, need)
-        if picks is None:  # only when coarsened: flooring lost the few units that separated the target from reach
+        binned = integer_costs(losses, kept, capacity, max_bins)
+        picks = min_loss_choice(losses, binned.costs, binned.capacity)
+        if picks is None:  # only when coarsened: rounding lost the few units that separated the target from reach
             log.warning("plan: coarse table cannot reach target %s; every layer gets the largest ratio", target)
             picks = [len(options) - 1] * len(names)
         plan = {n: options[k] for n, k in zip(names, picks, strict=True)}
@@ -150,53 +152,25 @@ class SensitivityResult:
         return plan
 
 
-def _integer_weights(
-    options: Sequence[float], params: Sequence[int], target: float, max_bins: int
-) -> tuple[Tensor, int]:
-    """Pruned counts of every (layer, option) as integers ``(L, K)`` and the count the target needs.
+def _kept_counts(options: Sequence[float], params: Sequence[int], target: float) -> tuple[Tensor, int]:
+    """Weights kept by every (layer, option) as exact integers ``(L, K)`` and the most the target allows.
 
-    Ratios become fractions over a common denominator ``D``, so ``r * p * D`` is an integer and ``>=`` is tested
-    exactly; dividing by the gcd keeps it exact. Only past ``max_bins`` units are counts floored to a coarser unit
-    (a plan meeting the floored need meets the real one).
+    Ratios become fractions over a common denominator ``D``, so ``(1 - r) * p * D`` is an integer and the target
+    ``sum kept <= (1 - target) * sum p * D`` is tested exactly.
 
     Raises:
         ValueError: even the largest option on every layer misses the target.
     """
     fracs = [Fraction(r).limit_denominator(10_000) for r in options]
     scale = math.lcm(*(f.denominator for f in fracs))
-    counts = torch.tensor([[int(f * scale) * p for f in fracs] for p in params], dtype=torch.long)
-    need = math.ceil(Fraction(target).limit_denominator(1_000_000) * scale * sum(params))
-    if need > int(counts[:, -1].sum()):
+    kept = torch.tensor([[int((1 - f) * scale) * p for f in fracs] for p in params], dtype=torch.long)
+    capacity = math.floor((1 - Fraction(target).limit_denominator(1_000_000)) * scale * sum(params))
+    if capacity < int(kept[:, -1].sum()):
         raise ValueError(
             f"target_sparsity={target} cannot be reached: the largest scanned ratio is {options[-1]}; "
             "scan higher ratios or lower the target"
         )
-    unit = math.gcd(*counts.flatten().tolist()) or 1  # 0 only when every option is 0 (then need is 0 too)
-    unit *= max(1, math.ceil(need / unit / max_bins))
-    return counts // unit, -(-need // unit)
-
-
-def _knapsack(losses: Tensor, weights: Tensor, need: int) -> list[int] | None:
-    """Multiple-choice knapsack: one option per row, total weight ``>= need``, least total loss; None if none.
-
-    ``best[j]`` is the least loss of the rows so far with weight at least ``j``:
-    ``best'[j] = min_k loss[k] + best[max(j - w[k], 0)]``. Shapes: ``losses, weights (L, K)``.
-    """
-    best = torch.full((need + 1,), math.inf, dtype=torch.float64)
-    best[0] = 0.0
-    steps = torch.arange(need + 1)
-    choices = []
-    for loss, weight in zip(losses, weights, strict=True):
-        candidates = best[(steps - weight[:, None]).clamp_min(0)] + loss[:, None]  # (K, need + 1)
-        best, pick = candidates.min(dim=0)
-        choices.append(pick)
-    if not math.isfinite(best[need]):
-        return None
-    picks, j = [], need
-    for weight, pick in zip(reversed(weights), reversed(choices), strict=True):
-        picks.append(int(pick[j]))
-        j = max(j - int(weight[picks[-1]]), 0)
-    return picks[::-1]
+    return kept, capacity
 
 
 def _pruned(weight: Tensor, bias: Tensor | None, ratio: float, method: str) -> tuple[Tensor, Tensor | None]:

@@ -4,6 +4,7 @@ python scripts/ptq.py +compress=gptq_int4              # GPTQ int4 on all-MiniLM
 python scripts/ptq.py +compress=[smoothquant_w8a8]     # SmoothQuant W8A8
 python scripts/ptq.py +compress=gptq_int3 pretrained=bert-base-uncased
 python scripts/ptq.py lm=smollm2 +compress=gptq_int4     # a causal LM: SmolLM2-135M, held-out perplexity
+python scripts/ptq.py lm=smollm2 +compress=auto budget=160MB   # each layer its own format, the model within 160 MB
 python scripts/ptq.py task=causal_lm pretrained=PATH_OR_HUB_NAME +compress=gptq_int4
 python scripts/ptq.py lm=smollm2 +compress=gptq_int4 save=compressed-tensors   # + a folder vLLM / transformers load
 python scripts/ptq.py lm=smollm2 +compress=gptq_gguf save=gguf   # + model.gguf for llama.cpp / Ollama
@@ -22,6 +23,7 @@ no quality is measured (that would need the whole model).
 from __future__ import annotations
 
 import copy
+import math
 import time
 from pathlib import Path
 
@@ -32,6 +34,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from safetensors.torch import save_file
 
+from lightning_compress.callbacks.auto import AutoCompress
 from lightning_compress.callbacks.report import stage_of, weight_snapshots, write_report
 from lightning_compress.evaluation import perplexity
 from lightning_compress.examples.brown import read_brown, split_documents
@@ -90,7 +93,7 @@ def main(cfg: DictConfig) -> dict[str, float]:
     if not callbacks or not all(hasattr(c, "apply") for c in callbacks):
         raise ValueError(
             "scripts/ptq.py needs post-training recipes (+compress=gptq_int4, gptq_int3, smoothquant_w8a8, "
-            f"wanda_24, sparsegpt_50, sparsegpt_24); got {[type(c).__name__ for c in callbacks]}"
+            f"wanda_24, sparsegpt_50, sparsegpt_24, auto); got {[type(c).__name__ for c in callbacks]}"
         )
     if cfg.task not in TASKS:
         raise ValueError(f"task={cfg.task!r} is not supported; allowed: {list(TASKS)}")
@@ -123,7 +126,15 @@ def main(cfg: DictConfig) -> dict[str, float]:
     out = Path(HydraConfig.get().runtime.output_dir)
     summary = compression_summary(model).to_markdown()
     stages = [stage_of(fp32, "FP32", before), stage_of(model, "quantized", after)]
-    write_report(model, out, stages, monitor=monitor, snapshots=snapshots)
+    auto = next((c for c in callbacks if isinstance(c, AutoCompress)), None)
+    if auto is not None:  # the plan's prediction against the loss measured on the calibration batches
+        metrics |= {"predicted_loss_increase": auto.plan.predicted_loss, "measured_loss_increase":
+                    auto.measured_loss_increase, "plan_bytes": auto.plan.total_bytes}  # fmt: skip
+        if cfg.task == "causal_lm":
+            metrics["held_out_log_perplexity_ratio"] = math.log(after / before)
+    write_report(model, out, stages, monitor=monitor, snapshots=snapshots,
+                 plan=None if auto is None else auto.plan,
+                 measured_loss_increase=None if auto is None else auto.measured_loss_increase)  # fmt: skip
     save_file(tensors, str(out / "quantized.safetensors"))
     if cfg.save is not None:
         written = save_for_serving(model, cfg.save, out / cfg.save, tokenizer, cfg.gguf_tokenizer_pre)

@@ -25,6 +25,7 @@ HOMES = {
     "plots": "tools",
     "size": "tools",
     "sensitivity": "tools",
+    "budget": "tools",
     "evaluation": "tools",
     "streaming": "tools",
     "callbacks": "lightning",

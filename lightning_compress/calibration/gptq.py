@@ -166,7 +166,7 @@ def gptq_model(
     model: nn.Module,
     layers: Mapping[str, nn.Module],
     batches: Sequence[Any],
-    options: GPTQOptions,
+    options: GPTQOptions | Mapping[str, GPTQOptions],
     true_sequential: bool = True,
     hessian_dtype: torch.dtype = torch.float64,
     finish: Callable[[dict[str, GPTQResult], dict[str, Tensor | None]], None] | None = None,
@@ -179,7 +179,8 @@ def gptq_model(
         layers: ``{qualified name: layer}``, Linear or Conv2d (see :func:`is_gptq_layer`).
         batches: calibration inputs, held in memory for the whole run.
         options: the per-layer solve (:class:`~lightning_compress.functional.gptq.GPTQOptions`: bits, group_size,
-            ...), the same for every layer; its ``group_size`` must divide every layer's input width.
+            ...), the same for every layer, or ``{name: GPTQOptions}`` per layer (a compression plan); a
+            ``group_size`` must divide its layer's input width.
         true_sequential: calibrate each group of layers on inputs from already-quantized predecessors; False
             gathers a whole block's Hessians in one pass (faster, slightly less accurate).
         hessian_dtype: accumulation dtype of the Hessian sums (float64, or float32 at half the memory and time).
@@ -196,8 +197,9 @@ def gptq_model(
     def solve(name: str, module: nn.Module, hessian: Tensor) -> tuple[GPTQResult, Tensor | None]:
         weight = weight_matrix(module)
         zeros = pruned_zeros(weight)  # a pruned weight stays exactly 0 (SparseGPT, Wanda, magnitude before GPTQ)
-        result = gptq_quantize(weight, solved_without_input(name, hessian, "GPTQ"), options, threads=gptq_threads,
-                               keep=None if zeros is None else ~zeros)  # fmt: skip
+        solve_options = options[name] if isinstance(options, Mapping) else options
+        result = gptq_quantize(weight, solved_without_input(name, hessian, "GPTQ"), solve_options,
+                               threads=gptq_threads, keep=None if zeros is None else ~zeros)  # fmt: skip
         return result, zeros
 
     def split(done: dict[str, tuple[GPTQResult, Tensor | None]]) -> None:

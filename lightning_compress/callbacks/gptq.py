@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from lightning_compress.budget import CompressionPlan, as_plan, exact_names
 from lightning_compress.calibration.gptq import gptq_model, is_gptq_layer, weight_matrix
 from lightning_compress.callbacks.base import CalibrationCallback, check_group_size
 from lightning_compress.functional.gptq import GPTQOptions, GPTQResult
@@ -82,6 +84,10 @@ class GPTQFinalize(CalibrationCallback):
             stores fp16 scales holds this grid exactly (GGUF Q4_0 / Q8_0 with ``group_size=32``); None: float32.
         num_batches, calibration_data, input_fn: calibration batches at fit end (see :class:`CalibrationCallback`).
         targets, ignore: regexes over layer names (default: every Linear and Conv2d).
+        plan: a compression plan (:class:`~lightning_compress.budget.CompressionPlan` or its YAML): quantize exactly
+            its layers whose option has bits, each at its option's bits, group size and symmetry (``bits``,
+            ``group_size`` and ``symmetric`` are then not used; the other solver arguments apply to every layer;
+            ``targets`` and ``ignore`` must stay unset). A layer the plan also prunes N:M keeps its zeros.
     """
 
     def __init__(
@@ -103,7 +109,15 @@ class GPTQFinalize(CalibrationCallback):
         input_fn: Any = None,
         targets: str | Sequence[str] | None = None,
         ignore: str | Sequence[str] | None = None,
+        plan: str | Path | CompressionPlan | None = None,
     ) -> None:
+        self.plan = None if plan is None else as_plan(plan)
+        if self.plan is not None:
+            if targets is not None or ignore is not None:
+                raise ValueError(f"plan= names the layers; targets={targets!r}, ignore={ignore!r} must stay None")
+            if not self.plan.quantized():
+                raise ValueError(f"plan quantizes no layer (its options: {sorted(self.plan.counts())})")
+            targets = exact_names(self.plan.quantized())
         super().__init__(num_batches, calibration_data, input_fn, targets, ignore)
         if symmetric is None:  # int4 and below: zero-points (weight-only kernels take them); 5-8 bits: int8 kernels
             symmetric = (isinstance(bits, int) and bits > 4) or method == "fp8"
@@ -115,6 +129,12 @@ class GPTQFinalize(CalibrationCallback):
         if hessian_dtype not in HESSIAN_DTYPES:
             raise ValueError(f"hessian_dtype={hessian_dtype!r} is not supported; allowed: {list(HESSIAN_DTYPES)}")
         self.true_sequential, self.hessian_dtype = true_sequential, HESSIAN_DTYPES[hessian_dtype]
+        self.layer_options = None if self.plan is None else {
+            n: o.gptq_options(self.options) for n, o in self.plan.quantized().items()}  # fmt: skip
+
+    def options_of(self, name: str) -> GPTQOptions:
+        """The solve of layer ``name``: its plan option's, or :attr:`options`."""
+        return self.options if self.layer_options is None else self.layer_options[name]
 
     def select(self, model: nn.Module) -> dict[str, nn.Module]:
         """The layers GPTQ will quantize; raises ValueError before anything changes when one cannot be."""
@@ -122,7 +142,11 @@ class GPTQFinalize(CalibrationCallback):
             model, self.targets, self.ignore, accept=lambda m: is_gptq_layer(m) and not is_fake_quant(m),
             kind="Linear / Conv2d (groups=1)",
         )  # fmt: skip
-        check_group_size({n: weight_matrix(m).shape[1] for n, m in layers.items()}, self.options.group_size)
+        if self.plan is not None and len(layers) != len(self.layer_options):
+            missing = sorted(set(self.layer_options) - set(layers))
+            raise ValueError(f"plan names layers this model has no quantizable Linear / Conv2d for: {missing}")
+        for name, module in layers.items():
+            check_group_size({name: weight_matrix(module).shape[1]}, self.options_of(name).group_size)
         return layers
 
     def apply(self, model: nn.Module, batches: Iterable[Any]) -> dict[str, QuantizedLayer]:
@@ -136,9 +160,11 @@ class GPTQFinalize(CalibrationCallback):
         with self.swapping(model, layers) as swap:
 
             def finish(results: dict[str, GPTQResult], pruned: dict[str, Tensor | None]) -> None:
-                swap({name: on_grid(layers[name], r.codes, r.scale, r.zero_point, self.options, pruned[name])
+                swap({name: on_grid(layers[name], r.codes, r.scale, r.zero_point, self.options_of(name), pruned[name])
                       for name, r in results.items()})  # fmt: skip
 
-            gptq_model(model, layers, batches, self.options, self.true_sequential, self.hessian_dtype, finish)
-        log.info("GPTQFinalize: %d layers at %d bits", len(swap.names), self.options.bits)
+            options = self.options if self.layer_options is None else self.layer_options
+            gptq_model(model, layers, batches, options, self.true_sequential, self.hessian_dtype, finish)
+        bits = sorted({self.options_of(n).bits for n in swap.names})
+        log.info("GPTQFinalize: %d layers at %s bits", len(swap.names), "/".join(map(str, bits)))
         return swap.result()

@@ -21,6 +21,8 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor, nn
 
 from lightning_compress import plots
+from lightning_compress.budget import CompressionPlan
+from lightning_compress.callbacks.auto import AutoCompress
 from lightning_compress.export.layer import ExportedLayer
 from lightning_compress.functional.quant import compute_qparams, fake_quantize
 from lightning_compress.functional.size import ratio
@@ -186,6 +188,8 @@ def write_report(
     histograms: int = 3,
     extra: str = "",
     sensitivity: SensitivityResult | None = None,
+    plan: CompressionPlan | None = None,
+    measured_loss_increase: float | None = None,
 ) -> list[Path]:
     """Write ``report.md`` and its PNG plots for ``model`` into ``dirpath``.
 
@@ -200,6 +204,8 @@ def write_report(
         histograms: how many layers get a weight histogram.
         extra: more markdown appended after the layer table.
         sensitivity: a pruning-sensitivity scan to plot (``sensitivity.png``, one curve per layer) and tabulate.
+        plan: a compression plan to chart (``plan.png``, each layer's bytes coloured by its option) and tabulate,
+            with ``measured_loss_increase``, the loss increase measured after applying it.
 
     Returns:
         The paths written: ``report.md`` first, then the plots.
@@ -220,6 +226,9 @@ def write_report(
     if sensitivity is not None:
         paths.append(sensitivity.plot(dirpath / "sensitivity.png"))
         extra = "\n\n".join(t for t in (extra, "## Sensitivity\n\n" + sensitivity.to_markdown()) if t)
+    if plan is not None:
+        paths.append(plan.plot(dirpath / "plan.png"))
+        extra = "\n\n".join(t for t in (extra, "## Plan\n\n" + plan.to_markdown(measured_loss_increase)) if t)
     report = dirpath / REPORT
     report.write_text(report_markdown(summary, stages, monitor, paths, scale_params, gpus, extra))
     log.info("compression report written to %s", report)
@@ -328,8 +337,12 @@ class CompressionReport(pl.Callback):
     @rank_zero_only
     def _write(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         extra = self._deep_compression_text() if self.deep_compression is not None else ""
+        done = [c for c in trainer.callbacks if isinstance(c, AutoCompress) and c.measured_loss_increase is not None]
+        auto = done[0] if done else None
         paths = write_report(pl_module, self.path(trainer).parent, self.stages, self.monitor, self.snapshots,
-                             self.scale_params, self.gpus, self.histograms, extra)  # fmt: skip
+                             self.scale_params, self.gpus, self.histograms, extra,
+                             plan=None if auto is None else auto.plan,
+                             measured_loss_increase=None if auto is None else auto.measured_loss_increase)  # fmt: skip
         summary = self.summary
         for logger in trainer.loggers:
             logger.log_metrics({"compression/ratio_vs_fp32": summary.ratio, "compression/sparsity": summary.sparsity},

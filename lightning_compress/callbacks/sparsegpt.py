@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
 from torch import nn
 
+from lightning_compress.budget import CompressionPlan, as_plan, exact_names
 from lightning_compress.calibration.sparsegpt import sparsegpt_model
 from lightning_compress.callbacks.base import OneShotPruning, Swap, check_group_size
 from lightning_compress.callbacks.gptq import HESSIAN_DTYPES, on_grid
@@ -54,6 +56,10 @@ class SparseGPTPrune(OneShotPruning):
         percdamp, block_size, true_sequential, hessian_dtype: as for :class:`~lightning_compress.GPTQFinalize`.
         num_batches, calibration_data, input_fn: calibration batches at fit end (see ``CalibrationCallback``).
         targets, ignore: regexes over Linear layer names.
+        plan: a compression plan (:class:`~lightning_compress.budget.CompressionPlan` or its YAML): prune exactly its
+            layers whose option has an N:M pattern, to that pattern, without quantizing (``GPTQFinalize(plan=...)``
+            then quantizes the kept weights of the ``N:M_int<b>`` ones, keeping every zero); ``sparsity``,
+            ``pattern``, ``bits``, ``targets`` and ``ignore`` must stay unset.
     """
 
     def __init__(
@@ -72,7 +78,21 @@ class SparseGPTPrune(OneShotPruning):
         input_fn: Any = None,
         targets: str | Sequence[str] | None = None,
         ignore: str | Sequence[str] | None = None,
+        plan: str | Path | CompressionPlan | None = None,
     ) -> None:
+        self.plan = None if plan is None else as_plan(plan)
+        if self.plan is not None:
+            given = {k: v for k, v in {"sparsity": sparsity, "pattern": pattern, "bits": bits, "targets": targets,
+                                       "ignore": ignore}.items() if v is not None}  # fmt: skip
+            if given:
+                raise ValueError(f"plan= sets the layers and their pattern; {given} must stay None")
+            sparse = self.plan.sparse()
+            if not sparse:
+                raise ValueError(f"plan prunes no layer (its options: {sorted(self.plan.counts())})")
+            patterns = sorted({f"{o.nm[0]}:{o.nm[1]}" for o in sparse.values() if o.nm})
+            if len(patterns) > 1:
+                raise ValueError(f"plan uses N:M patterns {patterns}; SparseGPTPrune(plan=...) takes one")
+            pattern, targets = patterns[0], exact_names(sparse)
         super().__init__(sparsity, pattern, num_batches, calibration_data, input_fn, targets, ignore)
         if bits is None and (group_size is not None or symmetric is not True):
             raise ValueError(

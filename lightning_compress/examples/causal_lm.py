@@ -52,7 +52,7 @@ class CausalLMModule(pl.LightningModule):
         ValueError: neither ``pretrained`` nor ``model``, or a bad optimizer setting.
     """
 
-    causal_lm = True  # DistillationModule distils it token by token (distillation.is_causal_lm)
+    causal_lm = True  # DistillationModule distils it token by token (evaluation.is_causal_lm)
 
     def __init__(
         self,
