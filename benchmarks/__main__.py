@@ -12,7 +12,7 @@ from benchmarks import machine
 # Module names under benchmarks/, in the order their tables appear.
 REGISTRY = [
     "size_accounting", "pruning", "pruning_defaults", "physical_pruning", "qat_speed", "qat", "gptq_speed",
-    "ptq_minilm", "llm", "serving", "distill", "qat_llm", "export_speed", "gpu_export", "streaming",
+    "ptq_minilm", "llm", "serving", "distill", "qat_llm", "budget", "export_speed", "gpu_export", "streaming",
 ]  # fmt: skip
 RESULTS = Path(__file__).with_name("RESULTS.md")
 

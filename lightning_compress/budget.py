@@ -416,6 +416,7 @@ class OptionScan:
         fixed_bits: storage bits of every other parameter of the model (embeddings, norms, biases), counted once.
         base_loss: the mean calibration loss of the model as scanned.
         seconds: how long the scan took.
+        weights: ``{layer: weight count}``.
     """
 
     options: tuple[str, ...]
@@ -425,6 +426,7 @@ class OptionScan:
     fixed_bits: int
     base_loss: float = math.nan
     seconds: float = 0.0
+    weights: dict[str, int] = field(default_factory=dict)
 
     def layer_bytes(self, plan: Mapping[str, str]) -> dict[str, float]:
         """``{layer: bytes of its weight}`` under ``plan``."""
@@ -433,6 +435,11 @@ class OptionScan:
     def total_bytes(self, plan: Mapping[str, str]) -> float:
         """Bytes of the whole model's weights under ``plan``."""
         return (self.fixed_bits + sum(self.bits[n][self.options.index(o)] for n, o in plan.items())) / 8
+
+    def bits_per_weight(self, plan: Mapping[str, str]) -> float:
+        """Average storage bits per weight of the planned layers under ``plan`` (scales, zero-points and N:M
+        positions included)."""
+        return sum(self.bits[n][self.options.index(o)] for n, o in plan.items()) / sum(self.weights[n] for n in plan)
 
     def predicted_loss(self, plan: Mapping[str, str]) -> float:
         """Sum over layers of the predicted loss increase of each layer's option (assumed additive)."""
@@ -612,8 +619,9 @@ def option_scan(
         bits[name] = tuple(o.weight_bits(layer.weight.shape, stored_bits(layer.weight)) for o in parsed)
     if not tie_shared_inputs:
         groups = [[n] for n in layers]
+    weights = {n: m.weight.numel() for n, m in layers.items()}
     return OptionScan(tuple(o.name for o in parsed), losses, bits, groups, _fixed_bits(model, layers), base_loss,
-                      time.perf_counter() - started)  # fmt: skip
+                      time.perf_counter() - started, weights)  # fmt: skip
 
 
 def plan_compression(
