@@ -57,9 +57,9 @@ def expected_error(
     The grid is the one GPTQ uses (:func:`~lightning_compress.functional.quant.compute_qparams`), with the clipping
     search when ``clip_search`` at 2-4 bits, where it matters, on a 4× coarser grid of shrink factors. On SmolLM2's
     layers the estimate is 0.8-1.3× the solved error at 3 bits, 1.0-1.5× at 4 and 0.3-1.0× at 2 (the 2-bit solve
-    clamps more than round-to-nearest shows); 0.7-1.0× for 2:4. The N:M mask is SparseGPT's first choice, made on the original weights. Weights
-    the mask drops pay their OBS cost, the kept ones their rounding noise; N:M layers keep their natural column
-    order (SparseGPT has no act order).
+    clamps more than round-to-nearest shows); 0.7-1.0× for 2:4. The N:M mask is SparseGPT's first choice, made on
+    the original weights. Weights the mask drops pay their OBS cost, the kept ones their rounding noise; N:M layers
+    keep their natural column order (SparseGPT has no act order).
     """
     out, width = weight.shape
     cost, order = column_costs(hessian, act_order and nm is None, percdamp)
