@@ -11,7 +11,7 @@ import yaml
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_compress import AutoCompress, CompressionReport, GPTQFinalize, SparseGPTPrune
+from lightning_compress import AutoCompress, CompressionReport, GPTQFinalize, QATFakeQuant, SparseGPTPrune
 from lightning_compress.budget import (
     CompressionPlan,
     OptionScan,
@@ -340,3 +340,39 @@ def test_auto_compress_at_fit_end_writes_the_plan_and_the_report_shows_it(tmp_pa
     assert (tmp_path / "plan.png").stat().st_size > 1000
     accuracy = float((model(x).argmax(1) == y).float().mean())
     assert accuracy > 0.8  # still a classifier at a fifth of the bytes
+
+
+def test_qat_takes_a_plan_layer_by_layer():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(128, 16, generator=g)
+    loader = DataLoader(TensorDataset(x, x[:, :4].argmax(dim=1)), batch_size=32)
+    plan = CompressionPlan({"net.0": "int4_g8", "net.2": "int8", "net.4": "keep"})
+    qat = QATFakeQuant(plan=plan)
+    model = _Classifier()
+    pl.Trainer(accelerator="cpu", max_epochs=1, callbacks=[qat], logger=False, enable_checkpointing=False,
+               enable_progress_bar=False, enable_model_summary=False).fit(model, loader)  # fmt: skip
+    assert set(qat.quantized) == {"net.0", "net.2"} and not is_fake_quant(model.net[4])
+    w0, w2 = qat.quantized["net.0"].weight, qat.quantized["net.2"].weight
+    assert (w0.bits, w0.group_size, w0.zero_point is None) == (4, 8, False)
+    assert (w2.bits, w2.group_size, w2.zero_point is None) == (8, None, True)
+    with pytest.raises(ValueError, match="must stay None"):
+        QATFakeQuant(plan=plan, targets=["net.0"])
+    with pytest.raises(ValueError, match="lacks: \\['net.9'\\]"):
+        QATFakeQuant(plan=CompressionPlan({"net.0": "int4", "net.9": "int4"})).select(_Classifier())
+
+
+@pytest.mark.slow
+def test_ptq_script_searches_applies_and_reports_a_plan(tmp_path):
+    from tests.test_ptq_script import _metric, run_causal_lm
+
+    # a random model's bytes are mostly its embeddings: a loss budget rather than a size
+    proc = run_causal_lm(tmp_path, "+compress=auto", "budget=null", "+callbacks.auto.max_loss_increase=0.05")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "run"
+    plan = CompressionPlan.load(run / "plan.yaml")
+    assert plan.total_bytes == pytest.approx(_metric(proc.stdout, "plan_bytes"), abs=1e-3)
+    assert math.isfinite(_metric(proc.stdout, "measured_loss_increase"))
+    assert _metric(proc.stdout, "predicted_loss_increase") == pytest.approx(
+        plan.predicted_loss, abs=1e-4
+    )  # printed .4f
+    assert "## Plan" in (run / "report.md").read_text() and (run / "plan.png").exists()

@@ -6,6 +6,7 @@ import contextlib
 import copy
 import logging
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -13,6 +14,7 @@ import torch
 from lightning.pytorch.strategies import FSDPStrategy
 from torch import nn
 
+from lightning_compress.budget import CompressionPlan, as_plan, exact_names
 from lightning_compress.functional.checks import check_patterns
 from lightning_compress.functional.quant import check_bits
 from lightning_compress.nn.distributed import is_sharded
@@ -96,6 +98,10 @@ class QATFakeQuant(pl.Callback):
         init_from: a :class:`~lightning_compress.GPTQFinalize` or :class:`~lightning_compress.AWQCalibrate` whose
             result QAT starts from (see above); None starts from min-max round-to-nearest.
         targets, ignore: regexes over layer names (None with ``init_from``, whose own select the layers).
+        plan: a compression plan (:class:`~lightning_compress.budget.CompressionPlan` or its YAML): fake-quantize
+            exactly its layers whose option has bits, each at its option's bits, group size and symmetry (``bits``,
+            ``group_size``, ``symmetric`` are then not used; ``targets``, ``ignore`` and ``init_from`` stay unset).
+            Its N:M options are not QAT's: hold them with ``IterativePruning``.
     """
 
     def __init__(
@@ -115,7 +121,15 @@ class QATFakeQuant(pl.Callback):
         init_from: Any = None,
         targets: str | Sequence[str] | None = None,
         ignore: str | Sequence[str] | None = None,
+        plan: str | Path | CompressionPlan | None = None,
     ) -> None:
+        self.plan = None if plan is None else as_plan(plan)
+        if self.plan is not None:
+            if targets is not None or ignore is not None or init_from is not None:
+                raise ValueError(f"plan= names the layers and grids; targets={targets!r}, ignore={ignore!r}, "
+                                 f"init_from={init_from!r} must stay None")  # fmt: skip
+            if not self.plan.quantized():
+                raise ValueError(f"plan quantizes no layer (its options: {sorted(self.plan.counts())})")
         check_weight_quant(bits, symmetric, group_size, method, lsq, kmeans_init, scale_dtype)
         check_ptq_start(init_from, bits, group_size, symmetric, method, lsq, targets, ignore)
         check_patterns("targets", targets), check_patterns("ignore", ignore)
@@ -198,7 +212,22 @@ class QATFakeQuant(pl.Callback):
         """The layers to fake-quantize: ``targets`` / ``ignore``, or the PTQ start's selection."""
         if self.init_from is not None:
             return self.init_from.select(model)
+        if self.plan is not None:
+            wanted = self.plan.quantized()
+            layers = select_layers(model, exact_names(wanted), None)
+            if len(layers) != len(wanted):
+                raise ValueError(f"plan names layers this model lacks: {sorted(set(wanted) - set(layers))}")
+            return layers
         return select_layers(model, self.targets, self.ignore)
+
+    def weight_options(self, name: str) -> dict[str, Any]:
+        """The :class:`~lightning_compress.nn.fake_quant.WeightQuantizer` arguments of layer ``name``: the plan
+        option's bits, group size and symmetry, or the callback's."""
+        if self.plan is None:
+            return self.weight_kwargs
+        option = self.plan.option(name)
+        return {**self.weight_kwargs, "bits": option.bits, "group_size": option.group_size,
+                "symmetric": option.symmetric}  # fmt: skip
 
     def swap(self, model: nn.Module) -> dict[str, nn.Module]:
         """Replace the selected layers of ``model`` in place; returns ``{name: fake-quant layer}``."""
@@ -216,7 +245,7 @@ class QATFakeQuant(pl.Callback):
                     "fully_shard in the LightningModule's configure_model, not in __init__)"
                 )
             try:
-                wq = WeightQuantizer(layer.weight, **self.weight_kwargs)
+                wq = WeightQuantizer(layer.weight, **self.weight_options(name))
             except ValueError as err:
                 raise ValueError(f"layer {name!r}: {err}") from None
             aq = None
@@ -227,7 +256,8 @@ class QATFakeQuant(pl.Callback):
             built[name] = fake_quant_class(layer).from_module(layer, wq, aq)
             built[name].enabled = self.start_epoch == 0
         replace_layers(model, built)
-        log.info("QATFakeQuant: %d layers fake-quantized at %d bits", len(built), self.bits)
+        bits = sorted({self.weight_options(n)["bits"] for n in built})
+        log.info("QATFakeQuant: %d layers fake-quantized at %s bits", len(built), "/".join(map(str, bits)))
         return built
 
     # ------------------------------------------------------------------------------------------ hooks
