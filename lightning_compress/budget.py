@@ -39,7 +39,14 @@ import yaml
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from lightning_compress.calibration.batches import call_model, first_tensor, rows, split_batch, token_mask
+from lightning_compress.calibration.batches import (
+    call_model,
+    first_tensor,
+    real_tokens,
+    rows,
+    split_batch,
+    token_mask,
+)
 from lightning_compress.calibration.capture import eval_mode
 from lightning_compress.calibration.gptq import is_gptq_layer, layer_inputs, solved_without_input, weight_matrix
 from lightning_compress.calibration.threads import gptq_threads
@@ -251,12 +258,6 @@ def _statistics(
     held: list[Tensor] = []
     state: dict[str, Any] = {"mask": None}
 
-    def real(t: Tensor) -> Tensor:
-        mask = state["mask"]
-        if mask is not None and t.dim() == 3 and t.shape[:2] == mask.shape:
-            return t[mask.to(t.device)]
-        return t
-
     def hook(name: str) -> Callable[..., None]:
         def record(module: nn.Module, args: tuple[Any, ...], out: Tensor) -> None:
             x = args[0]
@@ -264,7 +265,7 @@ def _statistics(
                 owner[name] = first_readers.setdefault(id(x), name)
                 held.append(x)
             if owner[name] == name:
-                cols = layer_inputs(module, real(x).detach()).float()
+                cols = layer_inputs(module, real_tokens(x, state["mask"]).detach()).float()
                 stats[name].hessian.addmm_(cols.T, cols)
                 stats[name].tokens += cols.shape[0]
             outputs.append((name, out))
@@ -288,7 +289,7 @@ def _statistics(
                     grads = torch.autograd.grad(loss, [o for _, o in outputs], allow_unused=True)
                     for (name, out), g in zip(outputs, grads, strict=True):
                         if g is not None:
-                            g = real(g) if out.dim() == 3 else g.movedim(1, -1) if out.dim() == 4 else g
+                            g = g.movedim(1, -1) if out.dim() == 4 else real_tokens(g, state["mask"])  # conv: C last
                             stats[name].fisher += g.detach().to(torch.float64).pow(2).reshape(-1, g.shape[-1]).sum(0)
                     outputs.clear()
                     held.clear()

@@ -112,7 +112,7 @@ class AutoCompress(CalibrationCallback):
         self.gptq = GPTQOptions(act_order=act_order, static_groups=True, clip_search=clip_search, percdamp=percdamp)
         self.scan: OptionScan | None = None
         self.masks: dict[str, Any] = {}
-        self.loss_before = self.measured_loss_increase = None
+        self.measured_loss_increase: float | None = None
 
     def search(self, model: nn.Module, batches: Sequence[Any]) -> CompressionPlan:
         """The plan for ``model`` within the budget, from an option scan on ``batches`` (kept in :attr:`scan`)."""
